@@ -1,0 +1,512 @@
+//! Configuration: defaults < TOML file < `OUTBOX_RELAY_<SECTION>__<KEY>` environment.
+//!
+//! Every section is a plain serde struct that rejects unknown keys, so a typo
+//! is an error that names the key instead of a silently ignored setting.
+//! [`Config::validate`] checks what serde cannot (ranges, templates,
+//! identifiers) and names the bad key and the fix.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix; nesting uses `__`, e.g. `OUTBOX_RELAY_POSTGRES__URL`.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+
+/// A configuration that could not be loaded or does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, an environment variable or a key's type was wrong.
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    /// A value parsed but is not acceptable; names the key and the fix.
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid { key, problem: problem.into() }
+    }
+}
+
+/// The whole relay configuration, one field per TOML section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the outbox lives.
+    pub postgres: PostgresConfig,
+    /// How events are captured from the outbox.
+    pub source: SourceConfig,
+    /// Where events are published.
+    pub sink: SinkConfig,
+    /// What happens to a row once the broker acknowledged it.
+    pub published: PublishedConfig,
+    /// How the relay stops.
+    pub shutdown: ShutdownConfig,
+    /// Log level and format.
+    pub log: LogConfig,
+}
+
+/// Connection to the database that holds the outbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// libpq-style URL or key=value string, e.g. `postgres://relay@db:5432/app`.
+    pub url: String,
+    /// Give up on one connection attempt after this long (it is then retried).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { url: String::new(), connect_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Which capture mechanism reads the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceMode {
+    /// Claim batches of unpublished rows, woken by LISTEN/NOTIFY.
+    Poll,
+}
+
+/// The capture side: which table, how much at a time, how often.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Capture mechanism.
+    pub mode: SourceMode,
+    /// Outbox table, `schema.table` (or just `table` for the search path).
+    pub table: String,
+    /// Rows claimed per query; also the unit of marking.
+    pub batch_size: usize,
+    /// Fallback poll when no NOTIFY arrives (NOTIFY gives the low latency).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Batches published but not yet acknowledged; bounds memory and duplicates.
+    pub max_in_flight_batches: usize,
+    /// LISTEN channel the outbox trigger notifies.
+    pub notify_channel: String,
+    /// A row whose publish failed is retried no sooner than this.
+    #[serde(with = "humantime_serde")]
+    pub retry_failed_after: Duration,
+    /// Column names of the outbox table (change them for a Debezium-style table).
+    pub columns: ColumnMapping,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            mode: SourceMode::Poll,
+            table: "outbox.events".into(),
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            max_in_flight_batches: 4,
+            notify_channel: "outbox_events".into(),
+            retry_failed_after: Duration::from_secs(30),
+            columns: ColumnMapping::default(),
+        }
+    }
+}
+
+/// Outbox column names. Optional fields may be set to `""` when the table
+/// does not have the column; the relay then uses the documented fallback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ColumnMapping {
+    /// Integer column giving publication order (required).
+    pub position: String,
+    /// uuid column; absent: a uuid derived from table and position.
+    pub event_id: String,
+    /// Required.
+    pub aggregate_type: String,
+    /// Required; becomes the message key.
+    pub aggregate_id: String,
+    /// Required.
+    pub event_type: String,
+    /// Integer; absent: 1.
+    pub event_version: String,
+    /// json, jsonb or text holding JSON (required).
+    pub payload: String,
+    /// json/jsonb object; absent: `{}`.
+    pub headers: String,
+    /// Text; absent: null.
+    pub actor: String,
+    /// Text (W3C traceparent); absent: none.
+    pub traceparent: String,
+    /// Text, per-row topic override; absent: the template always applies.
+    pub topic: String,
+    /// timestamptz; absent: the time the relay read the row.
+    pub created_at: String,
+    /// timestamptz stamped in mark mode; absent: only delete mode works.
+    pub published_at: String,
+    /// Failure bookkeeping columns (attempts, last_error, failed_at); absent:
+    /// failures are logged only.
+    pub attempts: String,
+    /// See `attempts`.
+    pub last_error: String,
+    /// See `attempts`.
+    pub failed_at: String,
+}
+
+impl Default for ColumnMapping {
+    fn default() -> Self {
+        Self {
+            position: "id".into(),
+            event_id: "event_id".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            event_version: "event_version".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+            actor: "actor".into(),
+            traceparent: "traceparent".into(),
+            topic: "topic".into(),
+            created_at: "created_at".into(),
+            published_at: "published_at".into(),
+            attempts: "attempts".into(),
+            last_error: "last_error".into(),
+            failed_at: "failed_at".into(),
+        }
+    }
+}
+
+/// Which broker the relay publishes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// Apache Kafka or any Kafka-protocol broker, through librdkafka.
+    Kafka,
+}
+
+/// The publishing side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Broker type.
+    pub kind: SinkKind,
+    /// Topic template; `{aggregate_type}` and `{event_type}` are replaced.
+    pub topic: String,
+    /// Kafka settings, used when `kind = "kafka"`.
+    pub kafka: KafkaConfig,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self { kind: SinkKind::Kafka, topic: "outbox.{aggregate_type}".into(), kafka: KafkaConfig::default() }
+    }
+}
+
+/// librdkafka producer settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, comma separated `host:port`.
+    pub brokers: String,
+    /// Any librdkafka producer property, passed through (TLS, SASL, compression...).
+    pub properties: BTreeMap<String, String>,
+}
+
+/// What "published" means for a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishedMode {
+    /// Stamp `published_at`; old stamped rows are deleted after `retention`.
+    Mark,
+    /// Delete the row once acknowledged.
+    Delete,
+}
+
+/// Marking and retention of published rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishedConfig {
+    /// Mark or delete.
+    pub mode: PublishedMode,
+    /// In mark mode, published rows older than this are deleted (`0s` keeps them).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the retention cleanup runs.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+    /// Rows deleted per cleanup statement, to keep locks and WAL bursts small.
+    pub cleanup_batch_size: usize,
+}
+
+impl Default for PublishedConfig {
+    fn default() -> Self {
+        Self {
+            mode: PublishedMode::Mark,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch_size: 1000,
+        }
+    }
+}
+
+/// Graceful stop on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long to wait for in-flight events to be acknowledged and marked.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { drain_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `outbox_relay=debug`; `RUST_LOG` wins.
+    pub level: String,
+    /// Text or JSON.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the file (if given), then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist (pass an existing file to --config)",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        let config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values serde accepted but the relay cannot work with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.postgres.url.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "postgres.url",
+                "is not set: set it in the config file or OUTBOX_RELAY_POSTGRES__URL, e.g. postgres://relay@localhost:5432/app",
+            ));
+        }
+        if self.postgres.url.parse::<tokio_postgres::Config>().is_err() {
+            return Err(ConfigError::invalid(
+                "postgres.url",
+                "is not a valid connection string: use postgres://user:password@host:port/database",
+            ));
+        }
+        crate::source::table::TableName::parse(&self.source.table)
+            .map_err(|problem| ConfigError::invalid("source.table", problem))?;
+        if !(1..=50_000).contains(&self.source.batch_size) {
+            return Err(ConfigError::invalid("source.batch_size", "must be between 1 and 50000"));
+        }
+        if !(1..=64).contains(&self.source.max_in_flight_batches) {
+            return Err(ConfigError::invalid("source.max_in_flight_batches", "must be between 1 and 64"));
+        }
+        if self.source.poll_interval < Duration::from_millis(10) {
+            return Err(ConfigError::invalid("source.poll_interval", "must be at least 10ms"));
+        }
+        if !is_identifier(&self.source.notify_channel) {
+            return Err(ConfigError::invalid(
+                "source.notify_channel",
+                "must be a plain identifier (letters, digits, underscore)",
+            ));
+        }
+        self.validate_columns()?;
+        crate::envelope::TopicTemplate::parse(&self.sink.topic)
+            .map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
+        if self.sink.kind == SinkKind::Kafka && self.sink.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "sink.kafka.brokers",
+                "is not set: list the bootstrap brokers, e.g. \"kafka-1:9092,kafka-2:9092\"",
+            ));
+        }
+        if self.published.mode == PublishedMode::Mark && self.source.columns.published_at.is_empty() {
+            return Err(ConfigError::invalid(
+                "published.mode",
+                "is \"mark\" but source.columns.published_at is empty: add a published_at timestamptz column or use mode = \"delete\"",
+            ));
+        }
+        if !(1..=100_000).contains(&self.published.cleanup_batch_size) {
+            return Err(ConfigError::invalid("published.cleanup_batch_size", "must be between 1 and 100000"));
+        }
+        if self.published.cleanup_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("published.cleanup_interval", "must be at least 1s"));
+        }
+        Ok(())
+    }
+
+    fn validate_columns(&self) -> Result<(), ConfigError> {
+        let c = &self.source.columns;
+        let required = [
+            ("source.columns.position", &c.position),
+            ("source.columns.aggregate_type", &c.aggregate_type),
+            ("source.columns.aggregate_id", &c.aggregate_id),
+            ("source.columns.event_type", &c.event_type),
+            ("source.columns.payload", &c.payload),
+        ];
+        for (key, name) in required {
+            if name.is_empty() {
+                return Err(ConfigError::invalid(key, "is required: name the outbox column that holds it"));
+            }
+        }
+        let all = [
+            ("source.columns.position", &c.position),
+            ("source.columns.event_id", &c.event_id),
+            ("source.columns.aggregate_type", &c.aggregate_type),
+            ("source.columns.aggregate_id", &c.aggregate_id),
+            ("source.columns.event_type", &c.event_type),
+            ("source.columns.event_version", &c.event_version),
+            ("source.columns.payload", &c.payload),
+            ("source.columns.headers", &c.headers),
+            ("source.columns.actor", &c.actor),
+            ("source.columns.traceparent", &c.traceparent),
+            ("source.columns.topic", &c.topic),
+            ("source.columns.created_at", &c.created_at),
+            ("source.columns.published_at", &c.published_at),
+            ("source.columns.attempts", &c.attempts),
+            ("source.columns.last_error", &c.last_error),
+            ("source.columns.failed_at", &c.failed_at),
+        ];
+        for (key, name) in all {
+            if !name.is_empty() && !is_identifier(name) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("\"{name}\" is not a plain column name (letters, digits, underscore)"),
+                ));
+            }
+        }
+        let failure = [&c.attempts, &c.last_error, &c.failed_at];
+        let set = failure.iter().filter(|n| !n.is_empty()).count();
+        if set != 0 && set != failure.len() {
+            return Err(ConfigError::invalid(
+                "source.columns.attempts",
+                "attempts, last_error and failed_at must be all set or all empty",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `true` for names we can splice into SQL unquoted-safe (we still quote them).
+pub fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
+}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    let mut parts = Vec::new();
+    for e in error {
+        let key = e.path.join(".");
+        let origin = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
+        let mut line = if key.is_empty() { e.kind.to_string() } else { format!("`{key}`: {}", e.kind) };
+        if !origin.is_empty() {
+            line.push_str(&format!(" (from {origin})"));
+        }
+        parts.push(line);
+    }
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        let mut c = Config::default();
+        c.postgres.url = "postgres://relay@localhost/app".into();
+        c.sink.kafka.brokers = "localhost:9092".into();
+        c
+    }
+
+    #[test]
+    fn defaults_plus_url_and_brokers_are_valid() {
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn missing_url_names_the_key_and_env_var() {
+        let mut c = valid();
+        c.postgres.url.clear();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("postgres.url"), "{msg}");
+        assert!(msg.contains("OUTBOX_RELAY_POSTGRES__URL"), "{msg}");
+    }
+
+    #[test]
+    fn batch_size_out_of_range_is_rejected() {
+        let mut c = valid();
+        c.source.batch_size = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("source.batch_size"));
+    }
+
+    #[test]
+    fn mark_mode_needs_published_at_column() {
+        let mut c = valid();
+        c.source.columns.published_at.clear();
+        assert!(c.validate().unwrap_err().to_string().contains("published.mode"));
+        c.published.mode = PublishedMode::Delete;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn column_names_must_be_identifiers() {
+        let mut c = valid();
+        c.source.columns.payload = "payload; drop table x".into();
+        assert!(c.validate().unwrap_err().to_string().contains("source.columns.payload"));
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "[source]\nbatch_sise = 10\n").unwrap();
+        let msg = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(msg.contains("batch_sise"), "{msg}");
+    }
+
+    #[test]
+    fn durations_parse_from_human_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "[postgres]\nurl = \"postgres://a@b/c\"\n[source]\npoll_interval = \"250ms\"\n[sink.kafka]\nbrokers = \"k:9092\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.source.poll_interval, Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,190 @@
+//! One captured outbox event, decoded and validated, independent of how it
+//! was captured (polling today, logical replication later).
+
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// An outbox row that is valid enough to publish.
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    /// Publication order within the outbox; what the checkpoint marks.
+    pub position: i64,
+    /// Stable id consumers deduplicate on.
+    pub event_id: Uuid,
+    /// E.g. "Order"; feeds the topic template.
+    pub aggregate_type: String,
+    /// Message key: all events of one aggregate land on one partition, in order.
+    pub aggregate_id: String,
+    /// E.g. "OrderPlaced".
+    pub event_type: String,
+    /// Schema version of the payload for this event type.
+    pub event_version: i32,
+    /// The application's JSON, kept as text so it is never re-serialized.
+    pub payload: Box<RawValue>,
+    /// Application headers, a JSON object.
+    pub headers: Option<Box<RawValue>>,
+    /// Who caused the event.
+    pub actor: Option<String>,
+    /// W3C trace context, passed through unchanged.
+    pub traceparent: Option<String>,
+    /// Per-row topic override.
+    pub topic: Option<String>,
+    /// When the row was written.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A row that can never become a valid event as it stands; it is recorded on
+/// the row and reported, never silently dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Which row.
+    pub position: i64,
+    /// Why, in words an operator can act on.
+    pub reason: String,
+}
+
+/// Fields of a captured row before validation; every column may be NULL or
+/// malformed because the table is written by applications, not by us.
+#[derive(Debug, Default, Clone)]
+pub struct RawRow {
+    /// See [`OutboxEvent::position`].
+    pub position: i64,
+    /// Text form of the event id column, if the table has one.
+    pub event_id: Option<String>,
+    /// See [`OutboxEvent::aggregate_type`].
+    pub aggregate_type: Option<String>,
+    /// See [`OutboxEvent::aggregate_id`].
+    pub aggregate_id: Option<String>,
+    /// See [`OutboxEvent::event_type`].
+    pub event_type: Option<String>,
+    /// See [`OutboxEvent::event_version`].
+    pub event_version: Option<i32>,
+    /// Payload as text (json, jsonb or text column).
+    pub payload: Option<String>,
+    /// Headers as text.
+    pub headers: Option<String>,
+    /// See [`OutboxEvent::actor`].
+    pub actor: Option<String>,
+    /// See [`OutboxEvent::traceparent`].
+    pub traceparent: Option<String>,
+    /// See [`OutboxEvent::topic`].
+    pub topic: Option<String>,
+    /// See [`OutboxEvent::created_at`].
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// Namespace for event ids derived from positions when the table has no
+/// event id column, so the same row always gets the same id.
+const DERIVED_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f75_7462_6f78_2d72_656c_6179_0000_0001);
+
+impl RawRow {
+    /// Validates the row; `table` seeds derived event ids.
+    pub fn into_event(self, table: &str) -> Result<OutboxEvent, Rejected> {
+        let position = self.position;
+        let reject = |reason: String| Rejected { position, reason };
+        let required = |value: Option<String>, what: &str| match value {
+            Some(v) if !v.is_empty() => Ok(v),
+            Some(_) => Err(reject(format!("{what} is empty"))),
+            None => Err(reject(format!("{what} is NULL"))),
+        };
+        let aggregate_type = required(self.aggregate_type, "aggregate_type")?;
+        let aggregate_id = required(self.aggregate_id, "aggregate_id")?;
+        let event_type = required(self.event_type, "event_type")?;
+        let payload_text = self.payload.ok_or_else(|| reject("payload is NULL".into()))?;
+        let payload = RawValue::from_string(payload_text)
+            .map_err(|e| reject(format!("payload is not valid JSON: {e}")))?;
+        let headers = match self.headers {
+            None => None,
+            Some(text) => {
+                let raw = RawValue::from_string(text)
+                    .map_err(|e| reject(format!("headers are not valid JSON: {e}")))?;
+                if !raw.get().trim_start().starts_with('{') {
+                    return Err(reject("headers must be a JSON object".into()));
+                }
+                Some(raw)
+            }
+        };
+        let event_id = match self.event_id {
+            Some(text) => Uuid::parse_str(&text)
+                .map_err(|e| reject(format!("event_id {text:?} is not a UUID: {e}")))?,
+            None => Uuid::new_v5(&DERIVED_ID_NAMESPACE, format!("{table}:{position}").as_bytes()),
+        };
+        let event_version = self.event_version.unwrap_or(1);
+        if event_version < 1 {
+            return Err(reject(format!("event_version {event_version} must be at least 1")));
+        }
+        Ok(OutboxEvent {
+            position,
+            event_id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            event_version,
+            payload,
+            headers,
+            actor: self.actor,
+            traceparent: self.traceparent.filter(|t| !t.is_empty()),
+            topic: self.topic.filter(|t| !t.is_empty()),
+            created_at: self.created_at.unwrap_or_else(Utc::now),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> RawRow {
+        RawRow {
+            position: 7,
+            event_id: Some("6a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11".into()),
+            aggregate_type: Some("Order".into()),
+            aggregate_id: Some("42".into()),
+            event_type: Some("OrderPlaced".into()),
+            event_version: Some(2),
+            payload: Some(r#"{"total":10}"#.into()),
+            headers: Some("{}".into()),
+            ..RawRow::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_row_becomes_an_event() {
+        let event = row().into_event("outbox.events").unwrap();
+        assert_eq!(event.aggregate_id, "42");
+        assert_eq!(event.payload.get(), r#"{"total":10}"#);
+        assert_eq!(event.event_version, 2);
+    }
+
+    #[test]
+    fn null_aggregate_id_is_rejected_with_its_position() {
+        let mut r = row();
+        r.aggregate_id = None;
+        let rejected = r.into_event("t").unwrap_err();
+        assert_eq!(rejected, Rejected { position: 7, reason: "aggregate_id is NULL".into() });
+    }
+
+    #[test]
+    fn text_payload_that_is_not_json_is_rejected() {
+        let mut r = row();
+        r.payload = Some("{not json".into());
+        let rejected = r.into_event("t").unwrap_err();
+        assert!(rejected.reason.starts_with("payload is not valid JSON"), "{}", rejected.reason);
+    }
+
+    #[test]
+    fn headers_must_be_an_object() {
+        let mut r = row();
+        r.headers = Some("[1]".into());
+        assert!(r.into_event("t").is_err());
+    }
+
+    #[test]
+    fn missing_event_id_column_gives_a_stable_derived_id() {
+        let mut a = row();
+        a.event_id = None;
+        let b = a.clone();
+        assert_eq!(a.into_event("t").unwrap().event_id, b.into_event("t").unwrap().event_id);
+    }
+}

@@ -1,0 +1,35 @@
+//! outbox-relay: publishes a Postgres transactional outbox to Kafka, at
+//! least once, in per-aggregate order.
+//!
+//! # Layout
+//! ```text
+//! source/     capture: poll.rs claims unpublished rows (table.rs: safe names)
+//! event       a captured row, validated (RawRow -> OutboxEvent | Rejected)
+//! envelope    OutboxEvent -> message: topic template, key, headers, v1 JSON
+//! sink/       brokers: kafka.rs (idempotent librdkafka producer)
+//! pipeline    publish stage: enqueue batches, return outcomes in claim order
+//! relay       sessions: claim -> publish -> checkpoint, reconnect, drain
+//! retention   deletes published rows past retention (mark mode)
+//! migrate     applies sql/ migrations
+//! postgres    connections, NOTIFY, operator-friendly errors
+//! config      figment: defaults < TOML < OUTBOX_RELAY_* env, validation
+//! metrics     Prometheus counters and gauges
+//! shutdown    SIGTERM/SIGINT -> one watch channel
+//! cli         subcommands: run, migrate, demo
+//! demo/       zero-setup demo: throwaway Postgres + librdkafka mock cluster
+//! ```
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod envelope;
+pub mod event;
+pub mod metrics;
+pub mod migrate;
+pub mod pipeline;
+pub mod postgres;
+pub mod relay;
+pub mod retention;
+pub mod shutdown;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,288 @@
+//! The relay: sessions of claim → publish → checkpoint, reconnecting with
+//! backoff when Postgres goes away.
+//!
+//! # Progress tracking
+//! A session claims batches in position order and keeps at most
+//! `max_in_flight_batches` of them unacknowledged. Outcomes return in claim
+//! order; delivered rows are marked (or deleted) on the same connection that
+//! holds the outbox lock, failed rows are recorded and parked for a retry.
+//! Nothing is marked before the broker acknowledged it, so a crash at any
+//! point re-publishes at most the in-flight window and never loses an event.
+//!
+//! # Error handling
+//! A lost connection or failed statement ends the session: the publish
+//! stage finishes what it had enqueued (those acks are discarded, the rows
+//! stay unmarked), then a new session reconnects after an exponential
+//! backoff with jitter. Shutdown stops claiming and waits up to
+//! `shutdown.drain_timeout` for in-flight events to be acknowledged and marked.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::mpsc;
+use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, PublishedMode};
+use crate::envelope::{EnvelopeMapper, TopicTemplate};
+use crate::metrics::Metrics;
+use crate::pipeline::{publish_stage, BatchOutcome};
+use crate::postgres::{self, PostgresError};
+use crate::retention;
+use crate::shutdown::Shutdown;
+use crate::sink::Sink;
+use crate::source::poll::{Claim, Parked, PollSource};
+
+/// How often a standby relay asks for the outbox lock again.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+
+/// Errors that end a relay session (the relay itself reconnects).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Postgres failed; reconnecting may help.
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    /// The sink configuration cannot work (bad template).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The publish stage ended unexpectedly.
+    #[error("the publish stage stopped unexpectedly")]
+    StageStopped,
+}
+
+/// Relays one outbox to one sink until shutdown.
+pub struct Relay<S: Sink> {
+    config: Config,
+    sink: Arc<S>,
+    mapper: EnvelopeMapper,
+    metrics: Metrics,
+    shutdown: Shutdown,
+}
+
+/// Batches claimed and not yet acknowledged, oldest first.
+#[derive(Debug, Default)]
+struct InFlight {
+    batches: VecDeque<(u64, i64, usize)>,
+    rows: usize,
+}
+
+impl InFlight {
+    fn push(&mut self, sequence: u64, last_position: i64, rows: usize) {
+        self.batches.push_back((sequence, last_position, rows));
+        self.rows += rows;
+    }
+
+    fn complete(&mut self, sequence: u64) {
+        if let Some((first, _, rows)) = self.batches.front().copied() {
+            debug_assert_eq!(first, sequence, "outcomes arrive in claim order");
+            self.batches.pop_front();
+            self.rows -= rows;
+        }
+    }
+
+    fn top(&self) -> Option<i64> {
+        self.batches.back().map(|(_, last, _)| *last)
+    }
+
+    fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+/// Why a session ended without error.
+enum SessionEnd {
+    Stopped,
+}
+
+impl<S: Sink> Relay<S> {
+    /// A relay over `sink`; validates the topic template.
+    pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, shutdown: Shutdown) -> Result<Self, RelayError> {
+        let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
+        Ok(Relay { config, sink, mapper: EnvelopeMapper::new(template), metrics, shutdown })
+    }
+
+    /// Runs sessions until shutdown; errors are logged and retried.
+    pub async fn run(mut self) -> Result<(), RelayError> {
+        let mut backoff = reconnect_backoff();
+        loop {
+            if self.shutdown.is_triggered() {
+                return Ok(());
+            }
+            match self.session(&mut backoff).await {
+                Ok(SessionEnd::Stopped) => return Ok(()),
+                Err(RelayError::Config(message)) => return Err(RelayError::Config(message)),
+                Err(error) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    error!(%error, retry_in = ?delay, "relay session failed; reconnecting");
+                    tokio::select! {
+                        _ = self.shutdown.wait() => return Ok(()),
+                        _ = sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self, backoff: &mut backon::ExponentialBackoff) -> Result<SessionEnd, RelayError> {
+        let connection = postgres::connect(&self.config.postgres, "outbox-relay").await?;
+        let mut source = PollSource::prepare(connection, &self.config.source, self.config.published.mode).await?;
+        let mut announced = false;
+        while !source.try_lock().await? {
+            if !announced {
+                info!(table = %self.config.source.table, "another relay is publishing this outbox; standing by");
+                announced = true;
+            }
+            *backoff = reconnect_backoff();
+            tokio::select! {
+                _ = self.shutdown.wait() => return Ok(SessionEnd::Stopped),
+                _ = sleep(STANDBY_RETRY) => {}
+            }
+        }
+        info!(table = %self.config.source.table, "relaying: holding the outbox lock");
+        *backoff = reconnect_backoff();
+
+        let retention = (self.config.published.mode == PublishedMode::Mark && !self.config.published.retention.is_zero())
+            .then(|| tokio::spawn(retention::run(self.config.clone(), self.shutdown.clone())));
+        let max_in_flight = self.config.source.max_in_flight_batches;
+        let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
+        let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
+        let stage = tokio::spawn(publish_stage(self.sink.clone(), self.mapper.clone(), batch_rx, outcome_tx, max_in_flight));
+
+        let result = self.claim_loop(&mut source, batch_tx, &mut outcome_rx).await;
+
+        // Whatever is still enqueued finishes first, so the next session
+        // cannot overtake it; its acknowledgements are dropped (rows stay
+        // unmarked and are claimed again).
+        let mut abandoned = 0usize;
+        while let Some(outcome) = outcome_rx.recv().await {
+            abandoned += outcome.delivered.len();
+        }
+        let _ = stage.await;
+        if abandoned > 0 {
+            warn!(events = abandoned, "acknowledged events left unmarked; they will be published again");
+        }
+        if let Some(task) = retention {
+            task.abort();
+        }
+        self.metrics.events_in_flight.set(0);
+        result
+    }
+
+    async fn claim_loop(
+        &mut self,
+        source: &mut PollSource,
+        batches: mpsc::Sender<crate::source::ClaimedBatch>,
+        outcomes: &mut mpsc::Receiver<BatchOutcome>,
+    ) -> Result<SessionEnd, RelayError> {
+        let max_in_flight = self.config.source.max_in_flight_batches;
+        let batch_size = self.config.source.batch_size;
+        let notify = source.notifications();
+        let mut poll = interval(self.config.source.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut in_flight = InFlight::default();
+        let mut parked = Parked::default();
+        let mut resync = false;
+        let mut want_claim = true;
+        let mut drain_deadline: Option<Instant> = None;
+        let mut shutdown = self.shutdown.clone();
+
+        loop {
+            let stopping = drain_deadline.is_some();
+            if stopping && in_flight.is_empty() {
+                return Ok(SessionEnd::Stopped);
+            }
+            if source.is_closed() {
+                return Err(PostgresError::Query("the outbox connection closed".into()).into());
+            }
+            let can_claim = !stopping && in_flight.len() < max_in_flight && !(resync && !in_flight.is_empty());
+            if can_claim && want_claim {
+                let top = if resync { None } else { in_flight.top() };
+                match source.claim(top, in_flight.rows, &parked.current()).await? {
+                    Claim::Resync => {
+                        debug!("rows appeared behind the in-flight window; draining before claiming from the start");
+                        resync = true;
+                    }
+                    Claim::Batch(batch) => {
+                        resync = false;
+                        want_claim = batch.len() >= batch_size;
+                        if !batch.is_empty() {
+                            self.metrics.batches_claimed.inc();
+                            self.metrics.events_in_flight.add(batch.len() as i64);
+                            in_flight.push(batch.sequence, batch.last_position, batch.len());
+                            batches.send(batch).await.map_err(|_| RelayError::StageStopped)?;
+                        }
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.wait(), if !stopping => {
+                    drain_deadline = Some(Instant::now() + self.config.shutdown.drain_timeout);
+                    info!(in_flight = in_flight.rows, "draining in-flight events");
+                }
+                _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if stopping => {
+                    warn!(in_flight = in_flight.rows, "drain timeout passed; unacknowledged events stay unmarked and will be published again");
+                    return Ok(SessionEnd::Stopped);
+                }
+                outcome = outcomes.recv() => {
+                    let outcome = outcome.ok_or(RelayError::StageStopped)?;
+                    self.apply(source, &outcome, &mut parked).await?;
+                    in_flight.complete(outcome.sequence);
+                    if resync && in_flight.is_empty() {
+                        want_claim = true;
+                    }
+                }
+                _ = notify.notified(), if !stopping => want_claim = true,
+                _ = poll.tick(), if !stopping => want_claim = true,
+            }
+        }
+    }
+
+    /// Checkpoints one outcome: mark delivered rows, record and park failed ones.
+    async fn apply(&self, source: &PollSource, outcome: &BatchOutcome, parked: &mut Parked) -> Result<(), RelayError> {
+        source.checkpoint(&outcome.delivered).await?;
+        let published = outcome.delivered.len();
+        self.metrics.events_published.inc_by(published as u64);
+        self.metrics.events_in_flight.sub((published + outcome.failed.len()) as i64);
+        if published > 0 {
+            self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
+        }
+        if outcome.failed.is_empty() {
+            return Ok(());
+        }
+        let retry_after = self.config.source.retry_failed_after;
+        for failure in &outcome.failed {
+            let kind = if failure.permanent { "permanent" } else { "transient" };
+            self.metrics.publish_failures.with_label_values(&[kind]).inc();
+            error!(
+                position = failure.row.position,
+                reason = %failure.row.reason,
+                kind,
+                retry_in = ?retry_after,
+                "event not published; the row stays unpublished and will be retried"
+            );
+            parked.park(failure.row.position, retry_after);
+        }
+        let rows: Vec<_> = outcome.failed.iter().map(|f| f.row.clone()).collect();
+        source.record_failures(&rows).await?;
+        Ok(())
+    }
+}
+
+/// Exponential backoff with jitter, 0.5 s to 30 s, never giving up: what
+/// every reconnect loop uses.
+pub fn reconnect_backoff() -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

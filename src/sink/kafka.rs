@@ -1,0 +1,172 @@
+//! Kafka sink on librdkafka's idempotent producer.
+//!
+//! Ordering: one key always maps to one partition, and the idempotent
+//! producer (`enable.idempotence=true`, `acks=all`) keeps a partition's
+//! messages in order across its internal retries. Messages never time out
+//! by default (`message.timeout.ms=0`): while the broker is away they wait in
+//! librdkafka's bounded queue, the relay stops claiming, and nothing is
+//! reordered by a give-up-and-retry cycle.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use super::{OutgoingMessage, PendingDelivery, PublishError, Sink};
+use crate::config::KafkaConfig;
+
+/// Kafka producer failures at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSinkError {
+    /// librdkafka rejected the configuration.
+    #[error("invalid Kafka producer configuration: {0} (check sink.kafka.properties)")]
+    Config(KafkaError),
+    /// No broker answered a metadata request.
+    #[error("cannot reach Kafka brokers {brokers}: {source} (check sink.kafka.brokers and network access)")]
+    Unreachable { brokers: String, source: KafkaError },
+}
+
+/// Publishes to Kafka.
+pub struct KafkaSink {
+    producer: FutureProducer,
+    brokers: String,
+}
+
+impl KafkaSink {
+    /// Builds the producer; `queue_capacity` must cover every in-flight message.
+    pub fn new(config: &KafkaConfig, queue_capacity: usize) -> Result<KafkaSink, KafkaSinkError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", queue_capacity.max(100_000).to_string())
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("partitioner", "murmur2_random");
+        for (key, value) in &config.properties {
+            client.set(key, value);
+        }
+        let producer: FutureProducer = client.create().map_err(KafkaSinkError::Config)?;
+        Ok(KafkaSink { producer, brokers: config.brokers.clone() })
+    }
+
+    /// Asks the cluster for metadata, proving at least one broker answers.
+    pub async fn check_reachable(&self, timeout: Duration) -> Result<(), KafkaSinkError> {
+        let producer = self.producer.clone();
+        let result = match tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map(|_| ())
+        })
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(KafkaError::Canceled),
+        };
+        result.map_err(|source| KafkaSinkError::Unreachable { brokers: self.brokers.clone(), source })
+    }
+}
+
+impl Sink for KafkaSink {
+    async fn enqueue(&self, messages: Vec<OutgoingMessage>) -> PendingDelivery {
+        let mut slots = Vec::with_capacity(messages.len());
+        for message in &messages {
+            slots.push(self.enqueue_one(message).await);
+        }
+        async move {
+            let mut results = Vec::with_capacity(slots.len());
+            // Deliveries complete roughly in order, so awaiting them in order costs nothing.
+            for slot in slots {
+                results.push(match slot {
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((error, _))) => Err(classify(&error)),
+                        Err(_canceled) => Err(PublishError {
+                            reason: "the Kafka producer was shut down before the broker answered".into(),
+                            permanent: false,
+                        }),
+                    },
+                    Err(failure) => Err(failure),
+                });
+            }
+            results
+        }
+        .boxed()
+    }
+
+    async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+    }
+}
+
+impl KafkaSink {
+    /// Enqueues one message, waiting while librdkafka's queue is full.
+    async fn enqueue_one(&self, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+        for (name, value) in &message.headers {
+            headers = headers.insert(Header { key: name, value: Some(value.as_slice()) });
+        }
+        let mut record = FutureRecord::to(&message.topic)
+            .key(message.key.as_bytes())
+            .payload(message.value.as_slice())
+            .headers(headers);
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    // Backpressure: librdkafka's queue is full until deliveries complete.
+                    record = returned;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                Err((error, _)) => return Err(classify(&error)),
+            }
+        }
+    }
+}
+
+/// Splits Kafka errors into ones a later retry may fix and ones it cannot.
+fn classify(error: &KafkaError) -> PublishError {
+    let permanent = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessage
+        )
+    );
+    PublishError { reason: error.to_string(), permanent }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_too_large_is_permanent_and_timeouts_are_not() {
+        let big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert!(classify(&big).permanent);
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert!(!classify(&timeout).permanent);
+    }
+
+    #[test]
+    fn invalid_property_is_a_config_error_naming_the_section() {
+        let config = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            properties: [("no.such.property".to_string(), "1".to_string())].into(),
+        };
+        let err = KafkaSink::new(&config, 1000).err().expect("must fail").to_string();
+        assert!(err.contains("sink.kafka.properties"), "{err}");
+    }
+}

@@ -1,0 +1,48 @@
+//! Sinks publish messages and report, per message, whether the broker
+//! acknowledged it. Nothing downstream of a sink may treat an event as
+//! published until that report says so.
+
+pub mod kafka;
+
+use std::future::Future;
+
+use futures::future::BoxFuture;
+
+/// One message ready for the broker.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// Outbox position of the event, so acknowledgements can be matched back.
+    pub position: i64,
+    /// Destination topic.
+    pub topic: String,
+    /// Partitioning key (the aggregate id), which keeps an aggregate in order.
+    pub key: String,
+    /// Encoded envelope.
+    pub value: Vec<u8>,
+    /// Message headers (name, value).
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Why one message was not acknowledged.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{reason}")]
+pub struct PublishError {
+    /// What the broker or client said, for logs and the row's last_error.
+    pub reason: String,
+    /// Retrying the same message cannot succeed (too large, not authorized...).
+    pub permanent: bool,
+}
+
+/// Per-message results of one enqueued batch, in the batch's order.
+pub type PendingDelivery = BoxFuture<'static, Vec<Result<(), PublishError>>>;
+
+/// A broker the relay can publish to.
+pub trait Sink: Send + Sync + 'static {
+    /// Hands the messages to the broker client in order and returns a future
+    /// of their acknowledgements. Waits (backpressure) while the client's own
+    /// queue is full; never drops a message.
+    fn enqueue(&self, messages: Vec<OutgoingMessage>) -> impl Future<Output = PendingDelivery> + Send;
+
+    /// Waits up to `timeout` for everything enqueued to be acknowledged.
+    fn flush(&self, timeout: std::time::Duration) -> impl Future<Output = ()> + Send;
+}

@@ -1,0 +1,337 @@
+//! Polling capture: claim unpublished rows in position order.
+//!
+//! # Claiming without skipping or reordering
+//!
+//! Identity values are handed out at insert but become visible at commit, so
+//! a reader that remembers "the last id I saw" can skip a row whose
+//! transaction committed late. We never rely on such a high-water mark for
+//! correctness. Each claim asks, in a single statement (one snapshot):
+//!
+//! * `behind`: how many unpublished rows sit at or below the highest position
+//!   still in flight, and
+//! * `next`: the next unpublished rows above that position.
+//!
+//! If `behind` equals the number of rows in flight, nothing new appeared
+//! below the window, and `next` continues in order. Otherwise a row committed
+//! late (or a failed row is due for retry): the relay stops claiming, lets
+//! the in-flight batches finish, and claims again from the lowest
+//! unpublished row, so that row goes out before anything after it.
+//!
+//! Only one relay claims from an outbox at a time: it holds a session-level
+//! advisory lock on the same connection it claims and marks with; the
+//! others stand by until the lock frees up (the scale-out issue turns this
+//! into lanes).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
+
+use super::table::{quote_ident, TableName};
+use super::ClaimedBatch;
+use crate::config::{ColumnMapping, PublishedMode, SourceConfig};
+use crate::event::{RawRow, Rejected};
+use crate::postgres::{Connection, PostgresError};
+
+/// Most rows kept out of claims at once after a failed publish; past this,
+/// rows are simply retried sooner.
+const MAX_PARKED: usize = 10_000;
+
+/// SQL text for one outbox table and column mapping, built once.
+#[derive(Debug, Clone)]
+pub struct PollQueries {
+    claim: String,
+    checkpoint: String,
+    record_failures: Option<String>,
+    lock_key: String,
+}
+
+impl PollQueries {
+    /// Builds the statements; names were validated by `Config::validate`.
+    pub fn new(table: &TableName, columns: &ColumnMapping, published: PublishedMode) -> PollQueries {
+        let col = |name: &str, cast: &str| -> String {
+            if name.is_empty() {
+                format!("NULL::{cast}")
+            } else {
+                format!("{}::{cast}", quote_ident(name))
+            }
+        };
+        let position = quote_ident(&columns.position);
+        let unpublished = if columns.published_at.is_empty() {
+            "true".to_owned()
+        } else {
+            format!("{} IS NULL", quote_ident(&columns.published_at))
+        };
+        let select_list = [
+            format!("{position}::int8"),
+            col(&columns.event_id, "text"),
+            col(&columns.aggregate_type, "text"),
+            col(&columns.aggregate_id, "text"),
+            col(&columns.event_type, "text"),
+            col(&columns.event_version, "int4"),
+            col(&columns.payload, "text"),
+            col(&columns.headers, "text"),
+            col(&columns.actor, "text"),
+            col(&columns.traceparent, "text"),
+            col(&columns.topic, "text"),
+            col(&columns.created_at, "timestamptz"),
+        ]
+        .join(", ");
+        // $1: highest in-flight position, $2: batch size, $3: parked positions.
+        let claim = format!(
+            "WITH behind AS ( \
+               SELECT count(*) AS n FROM {table} \
+               WHERE {unpublished} AND {position} <= $1::int8 AND NOT ({position} = ANY($3::int8[])) \
+             ), next AS ( \
+               SELECT {select_list} FROM {table} \
+               WHERE {unpublished} AND {position} > $1::int8 AND NOT ({position} = ANY($3::int8[])) \
+               ORDER BY {position} LIMIT $2::int8 \
+             ) \
+             SELECT behind.n, next.* FROM behind LEFT JOIN next ON true ORDER BY 2"
+        );
+        let checkpoint = match published {
+            PublishedMode::Mark => format!(
+                "UPDATE {table} SET {} = now() WHERE {position} = ANY($1::int8[])",
+                quote_ident(&columns.published_at)
+            ),
+            PublishedMode::Delete => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
+        };
+        let record_failures = (!columns.attempts.is_empty()).then(|| {
+            let attempts = quote_ident(&columns.attempts);
+            format!(
+                "UPDATE {table} AS o SET {attempts} = o.{attempts} + 1, {} = f.error, {} = now() \
+                 FROM unnest($1::int8[], $2::text[]) AS f(position, error) WHERE o.{position} = f.position",
+                quote_ident(&columns.last_error),
+                quote_ident(&columns.failed_at),
+            )
+        });
+        let lock_key = format!("outbox-relay:{table}");
+        PollQueries { claim, checkpoint, record_failures, lock_key }
+    }
+}
+
+/// What one claim found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The next rows in order (possibly none).
+    Batch(ClaimedBatch),
+    /// Rows appeared below the in-flight window: drain, then claim from the start.
+    Resync,
+}
+
+/// Rows kept out of claims until their retry time, after a failed publish.
+#[derive(Debug, Default)]
+pub struct Parked {
+    until: HashMap<i64, Instant>,
+}
+
+impl Parked {
+    /// Keeps `position` out of claims for `delay`.
+    pub fn park(&mut self, position: i64, delay: Duration) {
+        if self.until.len() < MAX_PARKED {
+            self.until.insert(position, Instant::now() + delay);
+        }
+    }
+
+    /// Positions still parked now, forgetting the expired ones.
+    pub fn current(&mut self) -> Vec<i64> {
+        let now = Instant::now();
+        self.until.retain(|_, until| *until > now);
+        self.until.keys().copied().collect()
+    }
+}
+
+/// A polling connection to one outbox table.
+pub struct PollSource {
+    connection: Connection,
+    table_label: String,
+    queries: PollQueries,
+    claim: Statement,
+    checkpoint: Statement,
+    record_failures: Option<Statement>,
+    batch_size: i64,
+    next_sequence: u64,
+}
+
+impl PollSource {
+    /// Prepares statements on `connection` and LISTENs on the channel.
+    /// A missing table, column or privilege fails here with the fix.
+    pub async fn prepare(connection: Connection, config: &SourceConfig, published: PublishedMode) -> Result<PollSource, PostgresError> {
+        let table = TableName::parse(&config.table).map_err(PostgresError::Query)?;
+        let queries = PollQueries::new(&table, &config.columns, published);
+        let client = &connection.client;
+        let context = format!("outbox table {}", config.table);
+        let claim = client.prepare(&queries.claim).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let checkpoint =
+            client.prepare(&queries.checkpoint).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let record_failures = match &queries.record_failures {
+            Some(sql) => Some(client.prepare(sql).await.map_err(|e| PostgresError::query(&context, &e))?),
+            None => None,
+        };
+        client
+            .batch_execute(&format!("LISTEN {}", quote_ident(&config.notify_channel)))
+            .await
+            .map_err(|e| PostgresError::query("LISTEN", &e))?;
+        Ok(PollSource {
+            connection,
+            table_label: config.table.clone(),
+            queries,
+            claim,
+            checkpoint,
+            record_failures,
+            batch_size: config.batch_size as i64,
+            next_sequence: 0,
+        })
+    }
+
+    /// Takes the outbox's advisory lock if free; the holder is the only claimer.
+    pub async fn try_lock(&self) -> Result<bool, PostgresError> {
+        let row = self
+            .connection
+            .client
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&self.queries.lock_key])
+            .await
+            .map_err(|e| PostgresError::query("taking the outbox advisory lock", &e))?;
+        row.try_get(0).map_err(|e| PostgresError::query("taking the outbox advisory lock", &e))
+    }
+
+    /// Signalled when the outbox trigger sends NOTIFY.
+    pub fn notifications(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.connection.notifications.clone()
+    }
+
+    /// Claims the next rows above `in_flight_top` (None: from the start),
+    /// given that `in_flight_rows` rows at or below it are still in flight.
+    pub async fn claim(&mut self, in_flight_top: Option<i64>, in_flight_rows: usize, parked: &[i64]) -> Result<Claim, PostgresError> {
+        let top = in_flight_top.unwrap_or(i64::MIN);
+        let params: [&(dyn ToSql + Sync); 3] = [&top, &self.batch_size, &parked];
+        let rows = self
+            .connection
+            .client
+            .query(&self.claim, &params)
+            .await
+            .map_err(|e| PostgresError::query("claiming outbox rows", &e))?;
+        let behind: i64 = match rows.first() {
+            Some(row) => row.try_get(0).map_err(|e| PostgresError::query("reading the claim", &e))?,
+            None => 0,
+        };
+        if behind != in_flight_rows as i64 {
+            return Ok(Claim::Resync);
+        }
+        let mut batch = ClaimedBatch {
+            sequence: self.next_sequence,
+            events: Vec::with_capacity(rows.len()),
+            ..ClaimedBatch::default()
+        };
+        for row in &rows {
+            // The LEFT JOIN yields one row of NULLs when nothing is unpublished.
+            let Some(raw) = decode(row)? else { continue };
+            batch.last_position = raw.position;
+            match raw.into_event(&self.table_label) {
+                Ok(event) => batch.events.push(event),
+                Err(rejected) => batch.rejected.push(rejected),
+            }
+        }
+        if !batch.is_empty() {
+            self.next_sequence += 1;
+        }
+        Ok(Claim::Batch(batch))
+    }
+
+    /// Marks or deletes acknowledged rows, per `published.mode`.
+    pub async fn checkpoint(&self, positions: &[i64]) -> Result<u64, PostgresError> {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        self.connection
+            .client
+            .execute(&self.checkpoint, &[&positions])
+            .await
+            .map_err(|e| PostgresError::query("marking published rows", &e))
+    }
+
+    /// Records failed or rejected rows (attempts, last_error, failed_at).
+    pub async fn record_failures(&self, failures: &[Rejected]) -> Result<(), PostgresError> {
+        let Some(statement) = &self.record_failures else { return Ok(()) };
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let positions: Vec<i64> = failures.iter().map(|f| f.position).collect();
+        let reasons: Vec<&str> = failures.iter().map(|f| f.reason.as_str()).collect();
+        self.connection
+            .client
+            .execute(statement, &[&positions, &reasons])
+            .await
+            .map_err(|e| PostgresError::query("recording failed rows", &e))?;
+        Ok(())
+    }
+
+    /// True once the connection is gone; the session must end.
+    pub fn is_closed(&self) -> bool {
+        self.connection.client.is_closed()
+    }
+}
+
+fn decode(row: &Row) -> Result<Option<RawRow>, PostgresError> {
+    let get_err = |e: tokio_postgres::Error| PostgresError::query("decoding an outbox row", &e);
+    let Some(position) = row.try_get::<_, Option<i64>>(1).map_err(get_err)? else {
+        return Ok(None);
+    };
+    Ok(Some(RawRow {
+        position,
+        event_id: row.try_get(2).map_err(get_err)?,
+        aggregate_type: row.try_get(3).map_err(get_err)?,
+        aggregate_id: row.try_get(4).map_err(get_err)?,
+        event_type: row.try_get(5).map_err(get_err)?,
+        event_version: row.try_get(6).map_err(get_err)?,
+        payload: row.try_get(7).map_err(get_err)?,
+        headers: row.try_get(8).map_err(get_err)?,
+        actor: row.try_get(9).map_err(get_err)?,
+        traceparent: row.try_get(10).map_err(get_err)?,
+        topic: row.try_get(11).map_err(get_err)?,
+        created_at: row.try_get(12).map_err(get_err)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debezium_mapping_selects_nulls_for_absent_columns() {
+        let columns = ColumnMapping {
+            position: "id".into(),
+            event_id: "".into(),
+            aggregate_type: "aggregatetype".into(),
+            aggregate_id: "aggregateid".into(),
+            event_type: "type".into(),
+            event_version: "".into(),
+            payload: "payload".into(),
+            headers: "".into(),
+            actor: "".into(),
+            traceparent: "".into(),
+            topic: "".into(),
+            created_at: "".into(),
+            published_at: "".into(),
+            attempts: "".into(),
+            last_error: "".into(),
+            failed_at: "".into(),
+        };
+        let table = TableName::parse("public.outbox").unwrap();
+        let q = PollQueries::new(&table, &columns, PublishedMode::Delete);
+        assert!(q.claim.contains("\"aggregatetype\"::text"));
+        assert!(q.claim.contains("NULL::int4"));
+        assert!(q.claim.contains("WHERE true AND \"id\" > $1::int8"));
+        assert_eq!(q.checkpoint, "DELETE FROM \"public\".\"outbox\" WHERE \"id\" = ANY($1::int8[])");
+        assert!(q.record_failures.is_none());
+    }
+
+    #[test]
+    fn parked_rows_expire() {
+        let mut parked = Parked::default();
+        parked.park(5, Duration::from_secs(60));
+        parked.park(6, Duration::ZERO);
+        assert_eq!(parked.current(), vec![5]);
+    }
+}

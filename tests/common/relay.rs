@@ -1,0 +1,235 @@
+//! Running the real `outbox-relay` binary, writing events the way
+//! applications do, and checking what consumers received.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+use super::Consumed;
+
+/// The relay binary as a child process, its output in a log file.
+pub struct RelayProcess {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    /// Starts `outbox-relay <args>` with the given environment.
+    pub fn start(args: &[&str], env: &[(&str, String)]) -> RelayProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("relay.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("OUTBOX_RELAY_LOG__LEVEL", "info,outbox_relay=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("start outbox-relay");
+        RelayProcess { child: Some(child), log, _dir: dir }
+    }
+
+    /// SIGKILL: no chance to drain or mark anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal without waiting.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// Waits for exit up to `timeout`; None if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Some(status);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Everything the relay logged so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(&self.log) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Standard environment for a relay against `pg_url` and `brokers`.
+pub fn relay_env(pg_url: &str, brokers: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OUTBOX_RELAY_POSTGRES__URL", pg_url.to_owned()),
+        ("OUTBOX_RELAY_SINK__KAFKA__BROKERS", brokers.to_owned()),
+        ("OUTBOX_RELAY_SOURCE__POLL_INTERVAL", "200ms".to_owned()),
+        ("OUTBOX_RELAY_SHUTDOWN__DRAIN_TIMEOUT", "10s".to_owned()),
+    ]
+}
+
+/// Runs `outbox-relay migrate` and asserts it succeeded.
+pub fn migrate(pg_url: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .arg("migrate")
+        .env("OUTBOX_RELAY_POSTGRES__URL", pg_url)
+        .env("OUTBOX_RELAY_SINK__KAFKA__BROKERS", "127.0.0.1:9")
+        .output()
+        .expect("run migrate");
+    assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A connected client whose connection is driven in the background.
+pub async fn connect(pg_url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(pg_url, NoTls).await.expect("connect to test postgres");
+    tokio::spawn(connection);
+    client
+}
+
+/// Writes `per_aggregate` events for each of `aggregates` aggregates from
+/// `writers` concurrent connections. Writer `w` owns the aggregates whose
+/// number is `w` mod `writers`, so each aggregate's sequence numbers commit
+/// in order while different writers' transactions interleave and commit out
+/// of id order, as real applications do. `pause` slows writers down to make
+/// a steady stream.
+pub async fn write_events(pg_url: &str, aggregates: usize, per_aggregate: usize, writers: usize, pause: Duration) {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = pg_url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect(&url).await;
+            let owned: Vec<usize> = (0..aggregates).filter(|a| a % writers == w).collect();
+            let insert = client
+                .prepare(
+                    "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload, traceparent) \
+                     VALUES ('Order', $1, 'OrderUpdated', $2, $3)",
+                )
+                .await
+                .expect("prepare insert");
+            for seq in 1..=per_aggregate {
+                // A few aggregates per transaction, like a service handling a burst.
+                for chunk in owned.chunks(3) {
+                    let tx = client.transaction().await.expect("begin");
+                    for a in chunk {
+                        let payload = serde_json::json!({ "seq": seq, "aggregate": a, "pad": "x".repeat(64) });
+                        let traceparent = (seq % 10 == 0)
+                            .then(|| format!("00-{:032x}-{:016x}-01", a + 1, seq));
+                        tx.execute(&insert, &[&format!("order-{a}"), &payload, &traceparent])
+                            .await
+                            .expect("insert event");
+                    }
+                    tx.commit().await.expect("commit");
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer task");
+    }
+}
+
+/// Rows not yet published.
+pub async fn unpublished(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NULL", &[])
+        .await
+        .expect("count unpublished")
+        .get(0)
+}
+
+/// Waits until no row is unpublished; panics with the count after `timeout`.
+pub async fn wait_all_published(client: &Client, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = unpublished(client).await;
+        if left == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{left} events still unpublished after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What consumers received, checked against what was written.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Distinct events received.
+    pub unique: usize,
+    /// Extra copies (allowed after crashes, bounded by the in-flight window).
+    pub duplicates: usize,
+    /// Events written but never received.
+    pub lost: usize,
+    /// Times an aggregate's first-seen sequence did not follow its predecessor.
+    pub order_violations: usize,
+}
+
+/// Checks delivery: every `(aggregate, 1..=per_aggregate)` present, and each
+/// aggregate's events, first occurrences only, in sequence order.
+pub fn verify(consumed: &[Consumed], aggregates: usize, per_aggregate: usize) -> Verdict {
+    let mut messages: Vec<&Consumed> = consumed.iter().collect();
+    messages.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut verdict = Verdict::default();
+    for message in messages {
+        let value: serde_json::Value = serde_json::from_slice(&message.value).expect("envelope is JSON");
+        let key = String::from_utf8(message.key.clone().expect("message has a key")).expect("utf-8 key");
+        assert_eq!(value["aggregate_id"], key.as_str(), "key is the aggregate id");
+        let seq = value["payload"]["seq"].as_i64().expect("payload.seq");
+        if !seen.insert((key.clone(), seq)) {
+            verdict.duplicates += 1;
+            continue;
+        }
+        let previous = last.insert(key, seq).unwrap_or(0);
+        if seq != previous + 1 {
+            verdict.order_violations += 1;
+        }
+    }
+    verdict.unique = seen.len();
+    verdict.lost = aggregates * per_aggregate - seen.len().min(aggregates * per_aggregate);
+    verdict
+}
