@@ -213,3 +213,47 @@ async fn wait_for_count(client: &tokio_postgres::Client, sql: &str, want: i64) -
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn row_committed_late_with_a_lower_id_is_neither_skipped_nor_overtaken() {
+    // GIVEN a transaction that takes an id for aggregate X and stays open
+    let s = setup();
+    let relay = RelayProcess::start(&["run"], &relay_env(&s.pg.url(), &s.broker.bootstrap()));
+    let mut slow = connect(&s.pg.url()).await;
+    let slow_tx = slow.transaction().await.unwrap();
+    slow_tx
+        .execute(
+            "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('Order', 'X', 'OrderUpdated', '{\"seq\":1}')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    // AND later ids for other aggregates commit and get published first
+    write_events(&s.pg.url(), 20, 50, 2, Duration::ZERO).await;
+    let client = connect(&s.pg.url()).await;
+    wait_all_published(&client, Duration::from_secs(60)).await;
+
+    // WHEN the slow transaction commits and X's next event follows it
+    slow_tx.commit().await.unwrap();
+    client
+        .execute(
+            "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('Order', 'X', 'OrderUpdated', '{\"seq\":2}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_all_published(&client, Duration::from_secs(60)).await;
+
+    // THEN X's late row was published, and before X's later event
+    let consumed = consume(&s.broker.bootstrap(), &[TOPIC], 1_002, Duration::from_secs(30));
+    let x: Vec<i64> = consumed
+        .iter()
+        .filter(|m| m.key.as_deref() == Some(b"X"))
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["payload"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(x, [1, 2], "{}", relay.log());
+    assert_eq!(consumed.len(), 1_002);
+}
