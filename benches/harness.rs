@@ -1,0 +1,526 @@
+//! Benchmark harness: the relay against the raw limits of its own machine.
+//!
+//! `cargo bench --bench harness -- [--events N] [--reps R] [--rates 1000,5000,20000,max] [--quick]`
+//!
+//! Starts a private Postgres and a Kafka-protocol broker (tansu), then per
+//! repetition measures, in the same run:
+//! - raw broker limit: librdkafka producing pre-built envelopes (no database);
+//! - raw database limits: bulk INSERT rate, and a bare keyset `SELECT` of the
+//!   same columns the relay reads (no publishing);
+//! - backlog drain: the relay binary draining N pre-loaded events, in mark and
+//!   delete modes (time from process start to the last row marked);
+//! - live: writers committing single-row transactions at fixed rates while the
+//!   relay runs; latency from the writer's commit to the consumer receiving it.
+//! Relay peak RSS (VmHWM) and CPU seconds come from /proc. Results: medians
+//! with min-max over the repetitions, as a Markdown table on stdout and in
+//! `target/bench/results.md`.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::TestBroker;
+use outbox_relay::demo::postgres::ThrowawayPostgres;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_postgres::{Client, NoTls};
+
+const TOPIC: &str = "outbox.Order";
+const PARTITIONS: i32 = 8;
+const AGGREGATES: usize = 1000;
+
+struct Options {
+    events: usize,
+    reps: usize,
+    rates: Vec<Option<u64>>,
+    live_secs: u64,
+    modes: Vec<&'static str>,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let quick = args.iter().any(|a| a == "--quick");
+    let events = value("--events").and_then(|v| v.parse().ok()).unwrap_or(if quick { 100_000 } else { 1_000_000 });
+    let reps = value("--reps").and_then(|v| v.parse().ok()).unwrap_or(if quick { 1 } else { 3 });
+    let rates = value("--rates")
+        .unwrap_or_else(|| if quick { "5000".into() } else { "1000,5000,20000,max".into() })
+        .split(',')
+        .map(|r| if r == "max" { None } else { r.parse().ok() })
+        .collect();
+    let live_secs = value("--live-secs").and_then(|v| v.parse().ok()).unwrap_or(if quick { 5 } else { 10 });
+    let modes = match value("--modes").as_deref() {
+        Some("mark") => vec!["mark"],
+        Some("delete") => vec!["delete"],
+        _ => vec!["mark", "delete"],
+    };
+    Options { events, reps, rates, live_secs, modes }
+}
+
+fn main() {
+    let opts = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(run(opts));
+}
+
+/// Per-repetition numbers, keyed by row label.
+#[derive(Default)]
+struct Samples {
+    values: HashMap<String, Vec<f64>>,
+    order: Vec<String>,
+}
+
+impl Samples {
+    fn add(&mut self, label: &str, value: f64) {
+        if !self.values.contains_key(label) {
+            self.order.push(label.to_owned());
+        }
+        self.values.entry(label.to_owned()).or_default().push(value);
+    }
+
+    fn median(&self, label: &str) -> Option<f64> {
+        let mut v = self.values.get(label)?.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(v[v.len() / 2])
+    }
+
+    fn cell(&self, label: &str, digits: usize) -> String {
+        let Some(v) = self.values.get(label) else { return "-".into() };
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let median = self.median(label).unwrap_or(0.0);
+        if v.len() == 1 {
+            format!("{median:.digits$}")
+        } else {
+            format!("{median:.digits$} ({min:.digits$}-{max:.digits$})")
+        }
+    }
+}
+
+async fn run(opts: Options) {
+    let pg = ThrowawayPostgres::start().expect("postgres");
+    let mut broker = TestBroker::start();
+    migrate(&pg.url());
+    let client = connect(&pg.url()).await;
+    let mut samples = Samples::default();
+    eprintln!("bench: {} events, {} repetitions, machine: {}", opts.events, opts.reps, machine());
+    for rep in 0..opts.reps {
+        eprintln!("bench: repetition {}/{}", rep + 1, opts.reps);
+        // Raw database limits.
+        reset(&client).await;
+        let insert_rate = preload(&client, opts.events).await;
+        samples.add("raw: postgres bulk INSERT (events/s)", insert_rate);
+        let select_rate = bare_select(&client, opts.events).await;
+        samples.add("raw: postgres keyset SELECT (events/s)", select_rate);
+        // Raw broker limit.
+        restart_broker(&mut broker);
+        let produce_rate = raw_produce(&broker.bootstrap(), opts.events).await;
+        samples.add("raw: librdkafka produce (events/s)", produce_rate);
+        // Backlog drain in each published mode.
+        for mode in &opts.modes {
+            reset(&client).await;
+            preload(&client, opts.events).await;
+            restart_broker(&mut broker);
+            let drain = drain_backlog(&pg.url(), &broker.bootstrap(), &client, mode).await;
+            samples.add(&format!("poll/{mode} drain (events/s)"), opts.events as f64 / drain.seconds);
+            samples.add(&format!("poll/{mode} drain peak RSS (MiB)"), drain.peak_rss_mib);
+            samples.add(&format!("poll/{mode} drain CPU s per 1M events"), drain.cpu_seconds * 1e6 / opts.events as f64);
+            let limit = select_rate.min(produce_rate);
+            samples.add(&format!("poll/{mode} drain / tighter raw limit (%)"), 100.0 * opts.events as f64 / drain.seconds / limit);
+        }
+        // Live: fixed write rates.
+        for mode in &opts.modes {
+            for rate in &opts.rates {
+                reset(&client).await;
+                restart_broker(&mut broker);
+                let live = live(&pg.url(), &broker.bootstrap(), &client, mode, *rate, opts.live_secs).await;
+                let name = rate.map(|r| format!("{r}/s")).unwrap_or_else(|| "max".into());
+                samples.add(&format!("poll/{mode} live {name}: achieved write rate (events/s)"), live.write_rate);
+                samples.add(&format!("poll/{mode} live {name}: p50 latency (ms)"), live.p50_ms);
+                samples.add(&format!("poll/{mode} live {name}: p99 latency (ms)"), live.p99_ms);
+                samples.add(&format!("poll/{mode} live {name}: p99.9 latency (ms)"), live.p999_ms);
+                samples.add(&format!("poll/{mode} live {name}: backlog 1 s after writers stop"), live.backlog_after as f64);
+                samples.add(&format!("poll/{mode} live {name}: peak RSS (MiB)"), live.peak_rss_mib);
+                samples.add(&format!("poll/{mode} live {name}: CPU s per 1M events"), live.cpu_seconds * 1e6 / live.events.max(1) as f64);
+            }
+        }
+    }
+    let report = render(&opts, &samples);
+    println!("{report}");
+    let _ = std::fs::create_dir_all("target/bench");
+    let _ = std::fs::write("target/bench/results.md", &report);
+}
+
+fn render(opts: &Options, samples: &Samples) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Machine: {}. Events per backlog run: {}, payload ~300 B JSON, {} aggregates, {} partitions. Repetitions: {} (median, min-max).\n", machine(), opts.events, AGGREGATES, PARTITIONS, opts.reps);
+    let _ = writeln!(out, "| measurement | value |\n|---|---|");
+    for label in &samples.order {
+        let digits = if label.contains("latency") || label.contains("CPU") { 1 } else { 0 };
+        let _ = writeln!(out, "| {label} | {} |", samples.cell(label, digits));
+    }
+    out
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {:.0} GiB RAM", mem_kib as f64 / 1048576.0)
+}
+
+fn migrate(url: &str) {
+    let status = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .arg("migrate")
+        .env("OUTBOX_RELAY_POSTGRES__URL", url)
+        .env("OUTBOX_RELAY_SINK__KAFKA__BROKERS", "127.0.0.1:9")
+        .stdout(Stdio::null())
+        .status()
+        .expect("migrate");
+    assert!(status.success());
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+fn restart_broker(broker: &mut TestBroker) {
+    broker.stop();
+    broker.start_again();
+    broker.create_topic(TOPIC, PARTITIONS);
+    broker.create_topic("bench.raw", PARTITIONS);
+}
+
+async fn reset(client: &Client) {
+    client.batch_execute("TRUNCATE outbox.events").await.expect("truncate");
+    client.batch_execute("VACUUM ANALYZE outbox.events").await.expect("vacuum");
+}
+
+/// Loads `n` events with the bulk INSERT an application batch job would
+/// use; returns events/s (the raw write limit).
+async fn preload(client: &Client, n: usize) -> f64 {
+    let started = Instant::now();
+    let chunk = 100_000;
+    let mut done = 0;
+    while done < n {
+        let upto = (done + chunk).min(n);
+        client
+            .execute(
+                "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+                 SELECT 'Order', 'order-' || (g % $3::int8), 'OrderUpdated', \
+                        jsonb_build_object('seq', g / $3::int8, 'aggregate', g % $3::int8, 'sent_us', 0, 'pad', repeat('x', 220)) \
+                 FROM generate_series($1::int8, $2::int8) g",
+                &[&(done as i64 + 1), &(upto as i64), &(AGGREGATES as i64)],
+            )
+            .await
+            .expect("preload");
+        done = upto;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    client.batch_execute("VACUUM ANALYZE outbox.events").await.expect("vacuum");
+    rate
+}
+
+/// Reads every unpublished row with the relay's columns in keyset batches of
+/// 1000 and publishes nothing: how fast Postgres alone can hand rows out.
+async fn bare_select(client: &Client, n: usize) -> f64 {
+    let statement = client
+        .prepare(
+            "SELECT id::int8, event_id::text, aggregate_type::text, aggregate_id::text, event_type::text, \
+                    event_version::int4, payload::text, headers::text, actor::text, traceparent::text, topic::text, created_at \
+             FROM outbox.events WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT 1000",
+        )
+        .await
+        .expect("prepare select");
+    let started = Instant::now();
+    let mut last = 0i64;
+    let mut rows_read = 0usize;
+    loop {
+        let rows = client.query(&statement, &[&last]).await.expect("select");
+        if rows.is_empty() {
+            break;
+        }
+        rows_read += rows.len();
+        for row in &rows {
+            let payload: String = row.get(6);
+            std::hint::black_box(payload);
+        }
+        last = rows[rows.len() - 1].get(0);
+    }
+    assert_eq!(rows_read, n);
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// librdkafka alone: pre-built envelopes of the relay's size, same keys and
+/// producer settings as the relay; returns acknowledged events/s.
+async fn raw_produce(bootstrap: &str, n: usize) -> f64 {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .create()
+        .expect("producer");
+    let value = vec![b'x'; 560];
+    let keys: Vec<String> = (0..AGGREGATES).map(|a| format!("order-{a}")).collect();
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let record = FutureRecord::to("bench.raw").key(&keys[i % AGGREGATES]).payload(&value);
+        let mut record = record;
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((_, r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            for d in pending.drain(..) {
+                d.await.expect("delivery").expect("acked");
+            }
+        }
+    }
+    for d in pending.drain(..) {
+        d.await.expect("delivery").expect("acked");
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+struct RelayRun {
+    child: Child,
+    pid: u32,
+}
+
+impl RelayRun {
+    fn start(url: &str, bootstrap: &str, mode: &str) -> RelayRun {
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .arg("run")
+            .env_remove("RUST_LOG")
+            .env("OUTBOX_RELAY_POSTGRES__URL", url)
+            .env("OUTBOX_RELAY_SINK__KAFKA__BROKERS", bootstrap)
+            .env("OUTBOX_RELAY_PUBLISHED__MODE", mode)
+            .env("OUTBOX_RELAY_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start relay");
+        let pid = child.id();
+        RelayRun { child, pid }
+    }
+
+    /// Peak RSS in MiB (VmHWM).
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(0.0)
+    }
+
+    /// User + system CPU seconds so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / hz
+    }
+
+    fn stop(mut self) {
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+struct Drain {
+    seconds: f64,
+    peak_rss_mib: f64,
+    cpu_seconds: f64,
+}
+
+async fn remaining(client: &Client, mode: &str) -> bool {
+    let sql = if mode == "delete" {
+        "SELECT EXISTS (SELECT 1 FROM outbox.events)"
+    } else {
+        "SELECT EXISTS (SELECT 1 FROM outbox.events WHERE published_at IS NULL)"
+    };
+    client.query_one(sql, &[]).await.expect("remaining").get(0)
+}
+
+async fn drain_backlog(url: &str, bootstrap: &str, client: &Client, mode: &str) -> Drain {
+    let started = Instant::now();
+    let relay = RelayRun::start(url, bootstrap, mode);
+    while remaining(client, mode).await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(started.elapsed() < Duration::from_secs(900), "drain took over 15 minutes");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let drain = Drain { seconds, peak_rss_mib: relay.peak_rss_mib(), cpu_seconds: relay.cpu_seconds() };
+    relay.stop();
+    eprintln!("bench:   poll/{mode} drain {:.1} s, peak RSS {:.1} MiB", drain.seconds, drain.peak_rss_mib);
+    drain
+}
+
+struct Live {
+    write_rate: f64,
+    events: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    backlog_after: i64,
+    peak_rss_mib: f64,
+    cpu_seconds: f64,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// Writers commit single-row transactions at `rate` (None: as fast as 4
+/// connections can) for `secs`; a consumer timestamps arrivals.
+async fn live(url: &str, bootstrap: &str, client: &Client, mode: &str, rate: Option<u64>, secs: u64) -> Live {
+    let relay = RelayRun::start(url, bootstrap, mode);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop_consumer = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let bootstrap = bootstrap.to_owned();
+        let stop = stop_consumer.clone();
+        std::thread::spawn(move || consume_latencies(&bootstrap, stop))
+    };
+    let writers = 4usize;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&url).await;
+            let insert = client
+                .prepare(
+                    "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+                     VALUES ('Order', $1, 'OrderUpdated', jsonb_build_object('sent_us', $2::int8, 'pad', repeat('x', 220)))",
+                )
+                .await
+                .unwrap();
+            let per_writer = rate.map(|r| r as f64 / writers as f64);
+            let mut written = 0u64;
+            let mut i = w;
+            while Instant::now() < deadline {
+                if let Some(per) = per_writer {
+                    let due = started + Duration::from_secs_f64(written as f64 / per);
+                    if due > Instant::now() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                }
+                client.execute(&insert, &[&format!("order-{}", i % AGGREGATES), &now_us()]).await.unwrap();
+                written += 1;
+                i += writers;
+            }
+            written
+        }));
+    }
+    let mut written = 0u64;
+    for t in tasks {
+        written += t.await.unwrap();
+    }
+    let write_rate = written as f64 / started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let backlog_after: i64 = client
+        .query_one(
+            if mode == "delete" { "SELECT count(*) FROM outbox.events" } else { "SELECT count(*) FROM outbox.events WHERE published_at IS NULL" },
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let waited = Instant::now();
+    while remaining(client, mode).await && waited.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_consumer.store(true, Ordering::Relaxed);
+    let mut latencies = consumer.join().unwrap();
+    // Warm-up: drop the first second of samples.
+    let warm = (latencies.len() as f64 * (1.0 / secs as f64)) as usize;
+    let mut measured: Vec<f64> = latencies.drain(warm.min(latencies.len())..).collect();
+    measured.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| measured.get(((measured.len() as f64 * p) as usize).min(measured.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let result = Live {
+        write_rate,
+        events: written as usize,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        backlog_after,
+        peak_rss_mib: relay.peak_rss_mib(),
+        cpu_seconds: relay.cpu_seconds(),
+    };
+    relay.stop();
+    eprintln!(
+        "bench:   poll/{mode} live {:?}: {:.0}/s written, p50 {:.1} ms, p99 {:.1} ms, backlog after {}",
+        rate, result.write_rate, result.p50_ms, result.p99_ms, result.backlog_after
+    );
+    result
+}
+
+/// Consumes until told to stop; returns per-message latency in ms from the
+/// writer's commit (payload `sent_us`) to arrival here.
+fn consume_latencies(bootstrap: &str, stop: Arc<AtomicBool>) -> Vec<f64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.min.bytes", "1")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        assignment.add_partition_offset(TOPIC, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut latencies = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            let arrived = now_us();
+            if let Some(payload) = m.payload() {
+                if let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) {
+                    if let Some(sent) = value["payload"]["sent_us"].as_i64() {
+                        latencies.push((arrived - sent) as f64 / 1000.0);
+                    }
+                }
+            }
+        }
+    }
+    latencies
+}
