@@ -203,7 +203,10 @@ impl<S: Sink> Relay<S> {
             let can_claim = !stopping && in_flight.len() < max_in_flight && !(resync && !in_flight.is_empty());
             if can_claim && want_claim {
                 let top = if resync { None } else { in_flight.top() };
-                match source.claim(top, in_flight.rows, &parked.current()).await? {
+                let claim_started = std::time::Instant::now();
+                let claim = source.claim(top, in_flight.rows, &parked.current()).await?;
+                tracing::trace!(took_us = claim_started.elapsed().as_micros() as u64, "claim");
+                match claim {
                     Claim::Resync => {
                         debug!("rows appeared behind the in-flight window; draining before claiming from the start");
                         resync = true;
@@ -233,7 +236,9 @@ impl<S: Sink> Relay<S> {
                 }
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
+                    let apply_started = std::time::Instant::now();
                     self.apply(source, &outcome, &mut parked).await?;
+                    tracing::trace!(rows = outcome.delivered.len(), took_us = apply_started.elapsed().as_micros() as u64, "checkpoint");
                     in_flight.complete(outcome.sequence);
                     if resync && in_flight.is_empty() {
                         want_claim = true;

@@ -161,6 +161,14 @@ impl PollSource {
         let table = TableName::parse(&config.table).map_err(PostgresError::Query)?;
         let queries = PollQueries::new(&table, &config.columns, published);
         let client = &connection.client;
+        // The relay's statements are small and latency-bound: parallel
+        // workers and JIT only add start-up cost. A mark lost in a Postgres
+        // crash only means that event is published again, so the relay's own
+        // commits need not wait for the WAL flush.
+        client
+            .batch_execute("SET max_parallel_workers_per_gather = 0; SET jit = off; SET synchronous_commit = off")
+            .await
+            .map_err(|e| PostgresError::query("configuring the relay session", &e))?;
         let context = format!("outbox table {}", config.table);
         let claim = client.prepare(&queries.claim).await.map_err(|e| PostgresError::query(&context, &e))?;
         let checkpoint =
