@@ -325,6 +325,7 @@ impl RelayRun {
             .env("OUTBOX_RELAY_POSTGRES__URL", url)
             .env("OUTBOX_RELAY_SINK__KAFKA__BROKERS", bootstrap)
             .env("OUTBOX_RELAY_PUBLISHED__MODE", mode)
+            .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
             .env("OUTBOX_RELAY_LOG__LEVEL", std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, ConfigError, LogFormat};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayError};
 use crate::shutdown::{self, Shutdown};
@@ -43,6 +44,42 @@ pub enum Command {
         /// Number of sample events to enqueue.
         #[arg(long, default_value_t = 400)]
         events: usize,
+    },
+    /// Check config, Postgres, schema, privileges, broker and topics; exit 0 only if all pass.
+    Check {
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backlog, oldest unpublished event, recent throughput, and which relay publishes.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-publish already-published events (rows are not changed).
+    Replay {
+        /// Lowest id (position), inclusive.
+        #[arg(long)]
+        from_id: Option<i64>,
+        /// Highest id (position), inclusive.
+        #[arg(long)]
+        to_id: Option<i64>,
+        /// Written at or after: RFC 3339 time or a duration ago (e.g. 24h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Written before: RFC 3339 time or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this aggregate.
+        #[arg(long)]
+        aggregate_id: Option<String>,
+        /// Only this event type.
+        #[arg(long)]
+        event_type: Option<String>,
+        /// Only count what would be re-published.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -79,33 +116,132 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    if let Command::Demo { events } = cli.command {
+        let _ = init_logging("warn", LogFormat::Text);
+        return crate::demo::run(events).await.map_err(CliError::Runtime);
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    let reload = init_logging(&config.log.level, config.log.format);
     match cli.command {
-        Command::Demo { events } => {
-            init_logging("warn", LogFormat::Text);
-            crate::demo::run(events).await.map_err(CliError::Runtime)
-        }
-        Command::Run => {
-            let config = Config::load(cli.config.as_deref())?;
-            init_logging(&config.log.level, config.log.format);
-            run(config).await
-        }
-        Command::Migrate => {
-            let config = Config::load(cli.config.as_deref())?;
-            init_logging(&config.log.level, config.log.format);
-            migrate(&config).await.map_err(CliError::Runtime)
+        Command::Demo { .. } => Ok(()),
+        Command::Run => run(config, cli.config, reload).await,
+        Command::Migrate => migrate(&config).await.map_err(CliError::Runtime),
+        Command::Check { json } => check(&config, json).await,
+        Command::Status { json } => status(&config, json).await,
+        Command::Replay { from_id, to_id, since, until, aggregate_id, event_type, dry_run } => {
+            let parse = |flag: &'static str, value: Option<String>| -> Result<_, CliError> {
+                value
+                    .map(|v| crate::replay::parse_time(&v))
+                    .transpose()
+                    .map_err(|e| CliError::Config(ConfigError::Invalid { key: flag, problem: e }))
+            };
+            let selection = crate::replay::Selection {
+                from_id,
+                to_id,
+                since: parse("--since", since)?,
+                until: parse("--until", until)?,
+                aggregate_id,
+                event_type,
+            };
+            replay(&config, &selection, dry_run).await
         }
     }
 }
 
+/// Changes the log filter of a running process (SIGHUP).
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Installs the tracing subscriber; `RUST_LOG` overrides the configured level.
-pub fn init_logging(level: &str, format: LogFormat) {
+pub fn init_logging(level: &str, format: LogFormat) -> LogReload {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => registry.with(output.json().flatten_event(true)).try_init(),
+        LogFormat::Text => registry.with(output).try_init(),
     };
+    Box::new(move |level| handle.reload(EnvFilter::try_new(level).map_err(|e| e.to_string())?).map_err(|e| e.to_string()))
+}
+
+/// On SIGHUP, re-reads the configuration and applies its log level; other
+/// settings need a restart.
+fn reload_on_sighup(path: Option<PathBuf>, reload: LogReload) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match Config::load(path.as_deref()) {
+                Ok(config) => match reload(&config.log.level) {
+                    Ok(()) => info!(level = %config.log.level, "SIGHUP: log level reloaded (other settings need a restart)"),
+                    Err(e) => warn!(error = %e, "SIGHUP: log level not changed"),
+                },
+                Err(e) => warn!(error = %e, "SIGHUP: configuration not reloaded"),
+            }
+        }
+    });
+    Ok(())
+}
+
+fn kafka_sink(config: &Config) -> Result<KafkaSink, CliError> {
+    let queue = config.source.batch_size * (config.source.max_in_flight_batches + 1);
+    KafkaSink::new(&config.sink.kafka, queue).map_err(|e| match e {
+        KafkaSinkError::Config(_) | KafkaSinkError::SecretFile(_) => CliError::Config(ConfigError::Load(e.to_string())),
+        other => CliError::Runtime(other.into()),
+    })
+}
+
+async fn check(config: &Config, json: bool) -> Result<(), CliError> {
+    let sink = kafka_sink(config).ok();
+    let results = crate::check::run(config, sink.as_ref()).await;
+    let passed = if json {
+        println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+        results.iter().all(|r| r.verdict != crate::check::Verdict::Fail)
+    } else {
+        crate::check::print(&results)
+    };
+    if passed {
+        Ok(())
+    } else {
+        Err(CliError::Runtime(anyhow::anyhow!("some checks failed")))
+    }
+}
+
+async fn status(config: &Config, json: bool) -> Result<(), CliError> {
+    let status = crate::status::gather(config).await.map_err(|e| CliError::Runtime(e.into()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+    } else {
+        crate::status::print(&status);
+    }
+    Ok(())
+}
+
+async fn replay(config: &Config, selection: &crate::replay::Selection, dry_run: bool) -> Result<(), CliError> {
+    let runtime = |e: crate::replay::ReplayError| CliError::Runtime(e.into());
+    if dry_run {
+        let (count, first, last) = crate::replay::count(config, selection).await.map_err(runtime)?;
+        match (first, last) {
+            (Some(first), Some(last)) => println!("would re-publish {count} events (ids {first}..={last})"),
+            _ => println!("would re-publish 0 events: nothing matches"),
+        }
+        return Ok(());
+    }
+    let sink = kafka_sink(config)?;
+    sink.check_reachable(Duration::from_secs(10)).await.map_err(|e| CliError::Runtime(e.into()))?;
+    let started = std::time::Instant::now();
+    let summary = crate::replay::run(config, &sink, selection, |done, total| {
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-6);
+        eprint!("\rreplayed {done}/{total} ({rate:.0}/s)   ");
+    })
+    .await
+    .map_err(runtime)?;
+    eprintln!();
+    println!("re-published {} of {} matching events", summary.published, summary.matched);
+    Ok(())
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -119,30 +255,39 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config: Config) -> Result<(), CliError> {
+async fn run(config: Config, path: Option<PathBuf>, reload: LogReload) -> Result<(), CliError> {
     let (trigger, shutdown) = shutdown::channel();
     shutdown::on_signals(trigger).context("cannot install signal handlers")?;
-    let queue = config.source.batch_size * (config.source.max_in_flight_batches + 1);
-    let sink = Arc::new(KafkaSink::new(&config.sink.kafka, queue).map_err(|e| match e {
-        KafkaSinkError::Config(_) => CliError::Config(ConfigError::Load(e.to_string())),
-        other => CliError::Runtime(other.into()),
-    })?);
-    if !wait_for_broker(&sink, shutdown.clone()).await {
+    reload_on_sighup(path, reload).context("cannot install the SIGHUP handler")?;
+    let metrics = Metrics::new();
+    let health = Health::new();
+    health.beat();
+    crate::http::serve(&config.http.listen, metrics.clone(), health.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("cannot serve http.listen {} (set http.listen to a free address)", config.http.listen))?;
+    let sink = Arc::new(kafka_sink(&config)?);
+    if !wait_for_broker(&sink, &health, shutdown.clone()).await {
         return Ok(());
     }
+    health.set_broker(true);
+    tokio::spawn(crate::monitor::watch_broker(sink.clone(), health.clone(), shutdown.clone()));
+    tokio::spawn(crate::monitor::watch_backlog(config.clone(), metrics.clone(), shutdown.clone()));
     let drain = config.shutdown.drain_timeout;
-    let relay = Relay::new(config, sink.clone(), Metrics::new(), shutdown).map_err(|e| match e {
+    let relay = Relay::new(config, sink.clone(), metrics, health, shutdown).map_err(|e| match e {
         RelayError::Config(m) => CliError::Config(ConfigError::Load(m)),
         other => CliError::Runtime(other.into()),
     })?;
-    relay.run().await.map_err(|e| CliError::Runtime(e.into()))?;
+    crate::systemd::notify("READY=1");
+    let result = relay.run().await;
+    crate::systemd::notify("STOPPING=1");
+    result.map_err(|e| CliError::Runtime(e.into()))?;
     sink.flush(drain).await;
     info!("stopped");
     Ok(())
 }
 
 /// Retries the broker until it answers; false if asked to stop first.
-async fn wait_for_broker(sink: &KafkaSink, mut shutdown: Shutdown) -> bool {
+async fn wait_for_broker(sink: &KafkaSink, health: &Health, mut shutdown: Shutdown) -> bool {
     let mut backoff = crate::relay::reconnect_backoff();
     loop {
         match sink.check_reachable(Duration::from_secs(5)).await {
@@ -150,6 +295,7 @@ async fn wait_for_broker(sink: &KafkaSink, mut shutdown: Shutdown) -> bool {
             Err(error) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 warn!(%error, retry_in = ?delay, "Kafka is not reachable yet");
+                health.beat();
                 tokio::select! {
                     _ = shutdown.wait() => return false,
                     _ = tokio::time::sleep(delay) => {}

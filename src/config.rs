@@ -49,6 +49,22 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Log level and format.
     pub log: LogConfig,
+    /// The operations endpoint (metrics, health).
+    pub http: HttpConfig,
+}
+
+/// Where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port`; port 0 picks a free port (logged). Containers use `0.0.0.0:9187`.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9187".into() }
+    }
 }
 
 /// Connection to the database that holds the outbox.
@@ -57,6 +73,8 @@ pub struct Config {
 pub struct PostgresConfig {
     /// libpq-style URL or key=value string, e.g. `postgres://relay@db:5432/app`.
     pub url: String,
+    /// File holding the password (Kubernetes/systemd credentials); overrides the URL's.
+    pub password_file: Option<std::path::PathBuf>,
     /// Give up on one connection attempt after this long (it is then retried).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -64,7 +82,7 @@ pub struct PostgresConfig {
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        Self { url: String::new(), connect_timeout: Duration::from_secs(10) }
+        Self { url: String::new(), password_file: None, connect_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -212,6 +230,8 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Any librdkafka producer property, passed through (TLS, SASL, compression...).
     pub properties: BTreeMap<String, String>,
+    /// Properties whose values are read from files, e.g. `"sasl.password" = "/run/secrets/kafka"`.
+    pub properties_from_files: BTreeMap<String, std::path::PathBuf>,
 }
 
 /// What "published" means for a row.
@@ -356,6 +376,25 @@ impl Config {
                 "published.mode",
                 "is \"mark\" but source.columns.published_at is empty: add a published_at timestamptz column or use mode = \"delete\"",
             ));
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::invalid("http.listen", "must be host:port with a numeric IP, e.g. 0.0.0.0:9187"));
+        }
+        if let Some(path) = &self.postgres.password_file {
+            if !path.is_file() {
+                return Err(ConfigError::invalid(
+                    "postgres.password_file",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        for (property, path) in &self.sink.kafka.properties_from_files {
+            if !path.is_file() {
+                return Err(ConfigError::invalid(
+                    "sink.kafka.properties_from_files",
+                    format!("{property}: {} is not a readable file", path.display()),
+                ));
+            }
         }
         if !(1..=100_000).contains(&self.published.cleanup_batch_size) {
             return Err(ConfigError::invalid("published.cleanup_batch_size", "must be between 1 and 100000"));

@@ -13,23 +13,35 @@
 //! migrate     applies sql/ migrations
 //! postgres    connections, NOTIFY, operator-friendly errors
 //! config      figment: defaults < TOML < OUTBOX_RELAY_* env, validation
-//! metrics     Prometheus counters and gauges
+//! metrics     Prometheus counters, gauges, histograms
+//! http        /metrics, /healthz, /readyz
+//! health      liveness and readiness state; systemd watchdog
+//! monitor     broker probe and backlog gauges
+//! systemd     sd_notify
 //! shutdown    SIGTERM/SIGINT -> one watch channel
-//! cli         subcommands: run, migrate, demo
+//! cli         subcommands: run, migrate, demo, check, status, replay
+//! check, status, replay   the operator commands
 //! demo/       zero-setup demo: throwaway Postgres + librdkafka mock cluster
 //! ```
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod envelope;
 pub mod event;
+pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod migrate;
+pub mod monitor;
 pub mod pipeline;
 pub mod postgres;
 pub mod relay;
+pub mod replay;
 pub mod retention;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod status;
+pub mod systemd;

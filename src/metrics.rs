@@ -1,60 +1,220 @@
-//! Prometheus metrics the relay updates as it works.
+//! Prometheus metrics: what an on-call engineer needs to see whether the
+//! outbox is flowing, backing up, or failing. Names follow Prometheus
+//! conventions (`outbox_relay_` prefix, base units, `_total` counters); the
+//! list is mirrored in `deploy/metrics.txt`, which the dashboard and alert
+//! rules are checked against.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Most distinct (topic, event_type) label pairs kept; later ones share
+/// `other`, so a buggy template cannot explode the series count.
+const MAX_EVENT_LABELS: usize = 200;
 
 /// The relay's metrics, registered in their own registry.
 #[derive(Clone)]
 pub struct Metrics {
-    /// Where everything is registered; scraped by the HTTP endpoint.
+    /// Where everything is registered; scraped by `/metrics`.
     pub registry: Registry,
-    /// Events the broker acknowledged.
-    pub events_published: IntCounter,
-    /// Events that could not be published, by whether retrying can help.
+    /// Events acknowledged by the broker, by topic and event type.
+    pub events_published: IntCounterVec,
+    /// Events not published, by reason (`envelope`, `broker_transient`, `broker_permanent`).
     pub publish_failures: IntCounterVec,
+    /// Events retried after a failure.
+    pub retries: IntCounter,
+    /// Events sent to the dead-letter topic.
+    pub dead_lettered: IntCounter,
     /// Batches claimed from the outbox.
-    pub batches_claimed: IntCounter,
-    /// Events published but not yet acknowledged.
-    pub events_in_flight: IntGauge,
-    /// Unix time of the last acknowledged event.
+    pub batches: IntCounter,
+    /// Events per claimed batch.
+    pub batch_size: Histogram,
+    /// Row written to broker acknowledgement.
+    pub end_to_end_latency: Histogram,
+    /// Batch handed to the broker client to its last acknowledgement.
+    pub broker_ack_latency: Histogram,
+    /// Unpublished rows in the outbox.
+    pub backlog_events: IntGauge,
+    /// Age of the oldest unpublished row.
+    pub oldest_unpublished_age: prometheus::Gauge,
+    /// Replication slot lag (logical replication mode).
+    pub replication_slot_lag: IntGauge,
+    /// Unix time of the last broker acknowledgement.
     pub last_publish_timestamp: IntGauge,
+    /// 1 while this relay holds the outbox lock (it is the one publishing).
+    pub leader: IntGauge,
+    /// Lanes this relay owns (scale-out mode).
+    pub lanes_owned: IntGauge,
+    /// Events sent but not yet acknowledged.
+    pub events_in_flight: IntGauge,
+    /// Constant 1, labelled with the version.
+    pub build_info: IntGaugeVec,
+    labels_seen: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+fn seconds_buckets() -> Vec<f64> {
+    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
 }
 
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let events_published =
-            IntCounter::new("outbox_relay_events_published_total", "Events acknowledged by the broker").expect("metric names are valid constants");
-        let publish_failures = IntCounterVec::new(
-            Opts::new("outbox_relay_publish_failures_total", "Events that failed to publish"),
-            &["kind"],
+        let events_published = IntCounterVec::new(
+            Opts::new("outbox_relay_events_published_total", "Events acknowledged by the broker"),
+            &["topic", "event_type"],
         )
-        .expect("metric names are valid constants");
-        let batches_claimed =
-            IntCounter::new("outbox_relay_batches_claimed_total", "Batches claimed from the outbox").expect("metric names are valid constants");
-        let events_in_flight =
-            IntGauge::new("outbox_relay_events_in_flight", "Events sent but not yet acknowledged").expect("metric names are valid constants");
+        .expect("valid metric");
+        let publish_failures = IntCounterVec::new(
+            Opts::new("outbox_relay_publish_failures_total", "Events that could not be published, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let retries = IntCounter::new("outbox_relay_retries_total", "Events retried after a failed publish").expect("valid metric");
+        let dead_lettered =
+            IntCounter::new("outbox_relay_dead_lettered_total", "Events sent to the dead-letter topic").expect("valid metric");
+        let batches = IntCounter::new("outbox_relay_batches_total", "Batches claimed from the outbox").expect("valid metric");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("outbox_relay_batch_size", "Events per claimed batch")
+                .buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]),
+        )
+        .expect("valid metric");
+        let end_to_end_latency = Histogram::with_opts(
+            HistogramOpts::new("outbox_relay_end_to_end_latency_seconds", "Row created to broker acknowledgement")
+                .buckets(seconds_buckets()),
+        )
+        .expect("valid metric");
+        let broker_ack_latency = Histogram::with_opts(
+            HistogramOpts::new("outbox_relay_broker_ack_latency_seconds", "Batch handed to the broker to its last acknowledgement")
+                .buckets(seconds_buckets()),
+        )
+        .expect("valid metric");
+        let backlog_events =
+            IntGauge::new("outbox_relay_backlog_events", "Unpublished rows in the outbox").expect("valid metric");
+        let oldest_unpublished_age = prometheus::Gauge::new(
+            "outbox_relay_oldest_unpublished_age_seconds",
+            "Age of the oldest unpublished row (0 when none)",
+        )
+        .expect("valid metric");
+        let replication_slot_lag = IntGauge::new(
+            "outbox_relay_replication_slot_lag_bytes",
+            "WAL bytes between the server's current LSN and the slot's confirmed flush LSN",
+        )
+        .expect("valid metric");
         let last_publish_timestamp = IntGauge::new(
             "outbox_relay_last_publish_timestamp_seconds",
             "Unix time of the last broker acknowledgement",
         )
-        .expect("metric names are valid constants");
-        for collector in [
-            Box::new(events_published.clone()) as Box<dyn prometheus::core::Collector>,
+        .expect("valid metric");
+        let leader = IntGauge::new("outbox_relay_leader", "1 while this relay holds the outbox lock").expect("valid metric");
+        let lanes_owned = IntGauge::new("outbox_relay_lanes_owned", "Lanes owned by this relay").expect("valid metric");
+        let events_in_flight =
+            IntGauge::new("outbox_relay_events_in_flight", "Events sent but not yet acknowledged").expect("valid metric");
+        let build_info = IntGaugeVec::new(Opts::new("outbox_relay_build_info", "Relay build information"), &["version"])
+            .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(events_published.clone()),
             Box::new(publish_failures.clone()),
-            Box::new(batches_claimed.clone()),
-            Box::new(events_in_flight.clone()),
+            Box::new(retries.clone()),
+            Box::new(dead_lettered.clone()),
+            Box::new(batches.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(end_to_end_latency.clone()),
+            Box::new(broker_ack_latency.clone()),
+            Box::new(backlog_events.clone()),
+            Box::new(oldest_unpublished_age.clone()),
+            Box::new(replication_slot_lag.clone()),
             Box::new(last_publish_timestamp.clone()),
-        ] {
-            // Names are distinct constants, so registration cannot collide.
+            Box::new(leader.clone()),
+            Box::new(lanes_owned.clone()),
+            Box::new(events_in_flight.clone()),
+            Box::new(build_info.clone()),
+        ];
+        for collector in collectors {
+            // Distinct constant names: registration cannot collide.
             let _ = registry.register(collector);
         }
-        Metrics { registry, events_published, publish_failures, batches_claimed, events_in_flight, last_publish_timestamp }
+        Metrics {
+            registry,
+            events_published,
+            publish_failures,
+            retries,
+            dead_lettered,
+            batches,
+            batch_size,
+            end_to_end_latency,
+            broker_ack_latency,
+            backlog_events,
+            oldest_unpublished_age,
+            replication_slot_lag,
+            last_publish_timestamp,
+            leader,
+            lanes_owned,
+            events_in_flight,
+            build_info,
+            labels_seen: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// Counts `count` published events, capping label cardinality.
+    pub fn published(&self, topic: &str, event_type: &str, count: u64) {
+        let known = {
+            let mut seen = match self.labels_seen.lock() {
+                Ok(seen) => seen,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let key = (topic.to_owned(), event_type.to_owned());
+            seen.contains(&key) || (seen.len() < MAX_EVENT_LABELS && seen.insert(key))
+        };
+        let (topic, event_type) = if known { (topic, event_type) } else { ("other", "other") };
+        self.events_published.with_label_values(&[topic, event_type]).inc_by(count);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// Names of every metric this relay exports, for consistency checks.
+    pub fn names(&self) -> Vec<String> {
+        self.registry.gather().iter().map(|family| family.name().to_owned()).collect()
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_pairs_past_the_cap_fold_into_other() {
+        let metrics = Metrics::new();
+        for i in 0..(MAX_EVENT_LABELS + 10) {
+            metrics.published(&format!("topic-{i}"), "E", 1);
+        }
+        let other = metrics.events_published.with_label_values(&["other", "other"]).get();
+        assert_eq!(other, 10);
+        assert_eq!(metrics.events_published.with_label_values(&["topic-0", "E"]).get(), 1);
+    }
+
+    #[test]
+    fn render_includes_build_info_and_counters() {
+        let metrics = Metrics::new();
+        metrics.published("outbox.Order", "OrderPlaced", 3);
+        let text = metrics.render();
+        assert!(text.contains("outbox_relay_build_info{version=\""));
+        assert!(text.contains("outbox_relay_events_published_total{event_type=\"OrderPlaced\",topic=\"outbox.Order\"} 3"));
     }
 }

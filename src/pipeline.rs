@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::envelope::EnvelopeMapper;
+use crate::metrics::Metrics;
 use crate::event::Rejected;
 use crate::sink::Sink;
 use crate::source::ClaimedBatch;
@@ -38,14 +39,37 @@ pub struct BatchOutcome {
 pub struct FailedRow {
     /// Position and reason.
     pub row: Rejected,
-    /// Whether retrying can help.
-    pub permanent: bool,
+    /// Where it failed, which also says whether retrying can help.
+    pub kind: FailureKind,
+}
+
+/// Where a row failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The row cannot form a valid message (bad column, bad topic).
+    Envelope,
+    /// The broker refused it and a retry may succeed.
+    BrokerTransient,
+    /// The broker refused it for good (too large, not authorized...).
+    BrokerPermanent,
+}
+
+impl FailureKind {
+    /// Label value for `outbox_relay_publish_failures_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Envelope => "envelope",
+            FailureKind::BrokerTransient => "broker_transient",
+            FailureKind::BrokerPermanent => "broker_permanent",
+        }
+    }
 }
 
 /// Runs until `batches` closes and every enqueued batch has an outcome.
 pub async fn publish_stage<S: Sink>(
     sink: Arc<S>,
     mapper: EnvelopeMapper,
+    metrics: Metrics,
     mut batches: mpsc::Receiver<ClaimedBatch>,
     outcomes: mpsc::Sender<BatchOutcome>,
     max_in_flight: usize,
@@ -61,7 +85,7 @@ pub async fn publish_stage<S: Sink>(
                 let _ = outcomes.send(outcome).await;
             }
             batch = batches.recv(), if open && pending.len() < max_in_flight => match batch {
-                Some(batch) => pending.push_back(publish(sink.as_ref(), &mapper, batch).await),
+                Some(batch) => pending.push_back(publish(sink.as_ref(), &mapper, &metrics, batch).await),
                 None => open = false,
             },
         }
@@ -72,33 +96,60 @@ pub async fn publish_stage<S: Sink>(
 async fn publish<S: Sink>(
     sink: &S,
     mapper: &EnvelopeMapper,
+    metrics: &Metrics,
     batch: ClaimedBatch,
 ) -> impl std::future::Future<Output = BatchOutcome> + Send + 'static {
     let mut failed: Vec<FailedRow> =
-        batch.rejected.into_iter().map(|row| FailedRow { row, permanent: true }).collect();
+        batch.rejected.into_iter().map(|row| FailedRow { row, kind: FailureKind::Envelope }).collect();
     let mut messages = Vec::with_capacity(batch.events.len());
+    // Per message: creation time (for latency) and an index into `labels`.
+    let mut sent: Vec<(i64, i64, usize)> = Vec::with_capacity(batch.events.len());
+    let mut labels: Vec<(String, String)> = Vec::new();
     for event in &batch.events {
         match mapper.to_message(event) {
-            Ok(message) => messages.push(message),
+            Ok(message) => {
+                let label = match labels.iter().position(|(t, e)| *t == message.topic && *e == event.event_type) {
+                    Some(index) => index,
+                    None => {
+                        labels.push((message.topic.clone(), event.event_type.clone()));
+                        labels.len() - 1
+                    }
+                };
+                sent.push((message.position, event.created_at.timestamp_micros(), label));
+                messages.push(message);
+            }
             Err(error) => failed.push(FailedRow {
                 row: Rejected { position: event.position, reason: error.to_string() },
-                permanent: true,
+                kind: FailureKind::Envelope,
             }),
         }
     }
-    let positions: Vec<i64> = messages.iter().map(|m| m.position).collect();
+    let enqueued_at = std::time::Instant::now();
     let delivery = sink.enqueue(messages).await;
     let sequence = batch.sequence;
+    let metrics = metrics.clone();
     async move {
         let results = delivery.await;
-        let mut delivered = Vec::with_capacity(positions.len());
-        for (position, result) in positions.into_iter().zip(results) {
+        metrics.broker_ack_latency.observe(enqueued_at.elapsed().as_secs_f64());
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut counts = vec![0u64; labels.len()];
+        let mut delivered = Vec::with_capacity(sent.len());
+        for ((position, created, label), result) in sent.into_iter().zip(results) {
             match result {
-                Ok(()) => delivered.push(position),
+                Ok(()) => {
+                    delivered.push(position);
+                    counts[label] += 1;
+                    metrics.end_to_end_latency.observe((now - created).max(0) as f64 / 1e6);
+                }
                 Err(error) => failed.push(FailedRow {
                     row: Rejected { position, reason: error.reason },
-                    permanent: error.permanent,
+                    kind: if error.permanent { FailureKind::BrokerPermanent } else { FailureKind::BrokerTransient },
                 }),
+            }
+        }
+        for ((topic, event_type), count) in labels.iter().zip(counts) {
+            if count > 0 {
+                metrics.published(topic, event_type, count);
             }
         }
         BatchOutcome { sequence, delivered, failed }

@@ -59,7 +59,14 @@ pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<
         .url
         .parse()
         .map_err(|e| PostgresError::Connect { target: target.clone(), detail: format!("invalid postgres.url: {e}") })?;
-    pg.application_name(application_name);
+    if let Some(path) = &config.password_file {
+        let password = std::fs::read_to_string(path).map_err(|e| PostgresError::Connect {
+            target: target.clone(),
+            detail: format!("cannot read postgres.password_file {}: {e}", path.display()),
+        })?;
+        pg.password(password.trim_end_matches(['\n', '\r']));
+    }
+    pg.application_name(&format!("{application_name} {}", relay_id()).chars().take(63).collect::<String>());
     pg.connect_timeout(config.connect_timeout);
     pg.keepalives(true);
     pg.keepalives_idle(std::time::Duration::from_secs(30));
@@ -86,6 +93,18 @@ pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<
         notify.notify_one();
     });
     Ok(Connection { client, notifications, driver })
+}
+
+/// This relay's name in `pg_stat_activity` and logs: the host (pod) name.
+pub fn relay_id() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return format!("pid-{}", std::process::id());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// The driver error with the server's message and a hint for common causes.

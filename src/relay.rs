@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, PublishedMode};
 use crate::envelope::{EnvelopeMapper, TopicTemplate};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pipeline::{publish_stage, BatchOutcome};
 use crate::postgres::{self, PostgresError};
@@ -58,6 +59,7 @@ pub struct Relay<S: Sink> {
     sink: Arc<S>,
     mapper: EnvelopeMapper,
     metrics: Metrics,
+    health: Health,
     shutdown: Shutdown,
 }
 
@@ -102,9 +104,9 @@ enum SessionEnd {
 
 impl<S: Sink> Relay<S> {
     /// A relay over `sink`; validates the topic template.
-    pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, shutdown: Shutdown) -> Result<Self, RelayError> {
+    pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
         let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
-        Ok(Relay { config, sink, mapper: EnvelopeMapper::new(template), metrics, shutdown })
+        Ok(Relay { config, sink, mapper: EnvelopeMapper::new(template), metrics, health, shutdown })
     }
 
     /// Runs sessions until shutdown; errors are logged and retried.
@@ -114,12 +116,20 @@ impl<S: Sink> Relay<S> {
             if self.shutdown.is_triggered() {
                 return Ok(());
             }
-            match self.session(&mut backoff).await {
+            let result = self.session(&mut backoff).await;
+            self.health.set_postgres(false);
+            self.health.set_role("starting");
+            self.metrics.leader.set(0);
+            match result {
                 Ok(SessionEnd::Stopped) => return Ok(()),
-                Err(RelayError::Config(message)) => return Err(RelayError::Config(message)),
+                Err(RelayError::Config(message)) => {
+                    self.health.fail(message.clone());
+                    return Err(RelayError::Config(message));
+                }
                 Err(error) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                     error!(%error, retry_in = ?delay, "relay session failed; reconnecting");
+                    self.health.beat();
                     tokio::select! {
                         _ = self.shutdown.wait() => return Ok(()),
                         _ = sleep(delay) => {}
@@ -132,10 +142,13 @@ impl<S: Sink> Relay<S> {
     async fn session(&mut self, backoff: &mut backon::ExponentialBackoff) -> Result<SessionEnd, RelayError> {
         let connection = postgres::connect(&self.config.postgres, "outbox-relay").await?;
         let mut source = PollSource::prepare(connection, &self.config.source, self.config.published.mode).await?;
+        self.health.set_postgres(true);
         let mut announced = false;
         while !source.try_lock().await? {
+            self.health.beat();
             if !announced {
                 info!(table = %self.config.source.table, "another relay is publishing this outbox; standing by");
+                self.health.set_role("standby");
                 announced = true;
             }
             *backoff = reconnect_backoff();
@@ -145,6 +158,8 @@ impl<S: Sink> Relay<S> {
             }
         }
         info!(table = %self.config.source.table, "relaying: holding the outbox lock");
+        self.health.set_role("leader");
+        self.metrics.leader.set(1);
         *backoff = reconnect_backoff();
 
         let retention = (self.config.published.mode == PublishedMode::Mark && !self.config.published.retention.is_zero())
@@ -152,7 +167,14 @@ impl<S: Sink> Relay<S> {
         let max_in_flight = self.config.source.max_in_flight_batches;
         let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
         let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
-        let stage = tokio::spawn(publish_stage(self.sink.clone(), self.mapper.clone(), batch_rx, outcome_tx, max_in_flight));
+        let stage = tokio::spawn(publish_stage(
+            self.sink.clone(),
+            self.mapper.clone(),
+            self.metrics.clone(),
+            batch_rx,
+            outcome_tx,
+            max_in_flight,
+        ));
 
         let result = self.claim_loop(&mut source, batch_tx, &mut outcome_rx).await;
 
@@ -160,8 +182,15 @@ impl<S: Sink> Relay<S> {
         // cannot overtake it; its acknowledgements are dropped (rows stay
         // unmarked and are claimed again).
         let mut abandoned = 0usize;
-        while let Some(outcome) = outcome_rx.recv().await {
-            abandoned += outcome.delivered.len();
+        let mut beat = interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                outcome = outcome_rx.recv() => match outcome {
+                    Some(outcome) => abandoned += outcome.delivered.len(),
+                    None => break,
+                },
+                _ = beat.tick() => self.health.beat(),
+            }
         }
         let _ = stage.await;
         if abandoned > 0 {
@@ -193,6 +222,7 @@ impl<S: Sink> Relay<S> {
         let mut shutdown = self.shutdown.clone();
 
         loop {
+            self.health.beat();
             let stopping = drain_deadline.is_some();
             if stopping && in_flight.is_empty() {
                 return Ok(SessionEnd::Stopped);
@@ -215,7 +245,8 @@ impl<S: Sink> Relay<S> {
                         resync = false;
                         want_claim = batch.len() >= batch_size;
                         if !batch.is_empty() {
-                            self.metrics.batches_claimed.inc();
+                            self.metrics.batches.inc();
+                            self.metrics.batch_size.observe(batch.len() as f64);
                             self.metrics.events_in_flight.add(batch.len() as i64);
                             in_flight.push(batch.sequence, batch.last_position, batch.len());
                             batches.send(batch).await.map_err(|_| RelayError::StageStopped)?;
@@ -254,7 +285,6 @@ impl<S: Sink> Relay<S> {
     async fn apply(&self, source: &PollSource, outcome: &BatchOutcome, parked: &mut Parked) -> Result<(), RelayError> {
         source.checkpoint(&outcome.delivered).await?;
         let published = outcome.delivered.len();
-        self.metrics.events_published.inc_by(published as u64);
         self.metrics.events_in_flight.sub((published + outcome.failed.len()) as i64);
         if published > 0 {
             self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
@@ -264,8 +294,9 @@ impl<S: Sink> Relay<S> {
         }
         let retry_after = self.config.source.retry_failed_after;
         for failure in &outcome.failed {
-            let kind = if failure.permanent { "permanent" } else { "transient" };
+            let kind = failure.kind.label();
             self.metrics.publish_failures.with_label_values(&[kind]).inc();
+            self.metrics.retries.inc();
             error!(
                 position = failure.row.position,
                 reason = %failure.row.reason,

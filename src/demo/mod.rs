@@ -61,7 +61,7 @@ pub async fn run(events: usize) -> anyhow::Result<()> {
     println!("5. relaying ...");
     let (trigger, shutdown) = shutdown::channel();
     let sink = Arc::new(KafkaSink::new(&config.sink.kafka, 10_000)?);
-    let relay = Relay::new(config, sink.clone(), Metrics::new(), shutdown)?;
+    let relay = Relay::new(config, sink.clone(), Metrics::new(), crate::health::Health::new(), shutdown)?;
     let started = Instant::now();
     let relay_task = tokio::spawn(relay.run());
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -24,6 +24,9 @@ pub enum KafkaSinkError {
     /// librdkafka rejected the configuration.
     #[error("invalid Kafka producer configuration: {0} (check sink.kafka.properties)")]
     Config(KafkaError),
+    /// A secret file could not be read.
+    #[error("invalid configuration: {0}")]
+    SecretFile(String),
     /// No broker answered a metadata request.
     #[error("cannot reach Kafka brokers {brokers}: {source} (check sink.kafka.brokers and network access)")]
     Unreachable { brokers: String, source: KafkaError },
@@ -52,8 +55,19 @@ impl KafkaSink {
         for (key, value) in &config.properties {
             client.set(key, value);
         }
+        for (key, path) in &config.properties_from_files {
+            let value = std::fs::read_to_string(path).map_err(|e| {
+                KafkaSinkError::SecretFile(format!("sink.kafka.properties_from_files.{key}: cannot read {}: {e}", path.display()))
+            })?;
+            client.set(key, value.trim_end_matches(['\n', '\r']));
+        }
         let producer: FutureProducer = client.create().map_err(KafkaSinkError::Config)?;
         Ok(KafkaSink { producer, brokers: config.brokers.clone() })
+    }
+
+    /// The underlying producer (metadata look-ups, statistics).
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.clone()
     }
 
     /// Asks the cluster for metadata, proving at least one broker answers.
@@ -96,6 +110,10 @@ impl Sink for KafkaSink {
             results
         }
         .boxed()
+    }
+
+    async fn reachable(&self, timeout: Duration) -> Result<(), String> {
+        self.check_reachable(timeout).await.map_err(|e| e.to_string())
     }
 
     async fn flush(&self, timeout: Duration) {
@@ -165,6 +183,7 @@ mod tests {
         let config = KafkaConfig {
             brokers: "127.0.0.1:1".into(),
             properties: [("no.such.property".to_string(), "1".to_string())].into(),
+            properties_from_files: Default::default(),
         };
         let err = KafkaSink::new(&config, 1000).err().expect("must fail").to_string();
         assert!(err.contains("sink.kafka.properties"), "{err}");

@@ -43,6 +43,9 @@ pub trait Sink: Send + Sync + 'static {
     /// queue is full; never drops a message.
     fn enqueue(&self, messages: Vec<OutgoingMessage>) -> impl Future<Output = PendingDelivery> + Send;
 
+    /// Whether the broker answers within `timeout` (readiness probes).
+    fn reachable(&self, timeout: std::time::Duration) -> impl Future<Output = Result<(), String>> + Send;
+
     /// Waits up to `timeout` for everything enqueued to be acknowledged.
     fn flush(&self, timeout: std::time::Duration) -> impl Future<Output = ()> + Send;
 }

@@ -50,34 +50,13 @@ pub struct PollQueries {
 impl PollQueries {
     /// Builds the statements; names were validated by `Config::validate`.
     pub fn new(table: &TableName, columns: &ColumnMapping, published: PublishedMode) -> PollQueries {
-        let col = |name: &str, cast: &str| -> String {
-            if name.is_empty() {
-                format!("NULL::{cast}")
-            } else {
-                format!("{}::{cast}", quote_ident(name))
-            }
-        };
         let position = quote_ident(&columns.position);
         let unpublished = if columns.published_at.is_empty() {
             "true".to_owned()
         } else {
             format!("{} IS NULL", quote_ident(&columns.published_at))
         };
-        let select_list = [
-            format!("{position}::int8"),
-            col(&columns.event_id, "text"),
-            col(&columns.aggregate_type, "text"),
-            col(&columns.aggregate_id, "text"),
-            col(&columns.event_type, "text"),
-            col(&columns.event_version, "int4"),
-            col(&columns.payload, "text"),
-            col(&columns.headers, "text"),
-            col(&columns.actor, "text"),
-            col(&columns.traceparent, "text"),
-            col(&columns.topic, "text"),
-            col(&columns.created_at, "timestamptz"),
-        ]
-        .join(", ");
+        let select_list = select_list(columns);
         // $1: highest in-flight position, $2: batch size, $3: parked positions.
         let claim = format!(
             "WITH behind AS ( \
@@ -106,9 +85,60 @@ impl PollQueries {
                 quote_ident(&columns.failed_at),
             )
         });
-        let lock_key = format!("outbox-relay:{table}");
+        let lock_key = lock_key(table);
         PollQueries { claim, checkpoint, record_failures, lock_key }
     }
+}
+
+/// The advisory-lock key text for an outbox table (hashed with `hashtext`).
+pub fn lock_key(table: &TableName) -> String {
+    format!("outbox-relay:{table}")
+}
+
+/// The columns every reader of the outbox selects, in [`decode`]'s order.
+pub fn select_list(columns: &ColumnMapping) -> String {
+    let col = |name: &str, cast: &str| -> String {
+        if name.is_empty() {
+            format!("NULL::{cast}")
+        } else {
+            format!("{}::{cast}", quote_ident(name))
+        }
+    };
+    [
+        format!("{}::int8", quote_ident(&columns.position)),
+        col(&columns.event_id, "text"),
+        col(&columns.aggregate_type, "text"),
+        col(&columns.aggregate_id, "text"),
+        col(&columns.event_type, "text"),
+        col(&columns.event_version, "int4"),
+        col(&columns.payload, "text"),
+        col(&columns.headers, "text"),
+        col(&columns.actor, "text"),
+        col(&columns.traceparent, "text"),
+        col(&columns.topic, "text"),
+        col(&columns.created_at, "timestamptz"),
+    ]
+    .join(", ")
+}
+
+/// SQL returning (unpublished rows, age in seconds of the oldest one).
+/// Counting stops at ten million so a huge backlog cannot make it slow.
+pub fn backlog_sql(table: &TableName, columns: &ColumnMapping) -> String {
+    let position = quote_ident(&columns.position);
+    let unpublished = if columns.published_at.is_empty() {
+        "true".to_owned()
+    } else {
+        format!("{} IS NULL", quote_ident(&columns.published_at))
+    };
+    let age = if columns.created_at.is_empty() {
+        "NULL::float8".to_owned()
+    } else {
+        format!(
+            "(SELECT extract(epoch FROM now() - {})::float8 FROM {table} WHERE {unpublished} ORDER BY {position} LIMIT 1)",
+            quote_ident(&columns.created_at)
+        )
+    };
+    format!("SELECT (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {unpublished} LIMIT 10000000) s), {age}")
 }
 
 /// What one claim found.
@@ -234,7 +264,7 @@ impl PollSource {
         };
         for row in &rows {
             // The LEFT JOIN yields one row of NULLs when nothing is unpublished.
-            let Some(raw) = decode(row)? else { continue };
+            let Some(raw) = decode(row, 1)? else { continue };
             batch.last_position = raw.position;
             match raw.into_event(&self.table_label) {
                 Ok(event) => batch.events.push(event),
@@ -281,24 +311,27 @@ impl PollSource {
     }
 }
 
-fn decode(row: &Row) -> Result<Option<RawRow>, PostgresError> {
+/// Decodes [`select_list`]'s columns starting at column `first`; None for
+/// an all-NULL row (an outer join that found nothing).
+pub fn decode(row: &Row, first: usize) -> Result<Option<RawRow>, PostgresError> {
     let get_err = |e: tokio_postgres::Error| PostgresError::query("decoding an outbox row", &e);
-    let Some(position) = row.try_get::<_, Option<i64>>(1).map_err(get_err)? else {
+    let Some(position) = row.try_get::<_, Option<i64>>(first).map_err(get_err)? else {
         return Ok(None);
     };
+    let at = |i: usize| first + i;
     Ok(Some(RawRow {
         position,
-        event_id: row.try_get(2).map_err(get_err)?,
-        aggregate_type: row.try_get(3).map_err(get_err)?,
-        aggregate_id: row.try_get(4).map_err(get_err)?,
-        event_type: row.try_get(5).map_err(get_err)?,
-        event_version: row.try_get(6).map_err(get_err)?,
-        payload: row.try_get(7).map_err(get_err)?,
-        headers: row.try_get(8).map_err(get_err)?,
-        actor: row.try_get(9).map_err(get_err)?,
-        traceparent: row.try_get(10).map_err(get_err)?,
-        topic: row.try_get(11).map_err(get_err)?,
-        created_at: row.try_get(12).map_err(get_err)?,
+        event_id: row.try_get(at(1)).map_err(get_err)?,
+        aggregate_type: row.try_get(at(2)).map_err(get_err)?,
+        aggregate_id: row.try_get(at(3)).map_err(get_err)?,
+        event_type: row.try_get(at(4)).map_err(get_err)?,
+        event_version: row.try_get(at(5)).map_err(get_err)?,
+        payload: row.try_get(at(6)).map_err(get_err)?,
+        headers: row.try_get(at(7)).map_err(get_err)?,
+        actor: row.try_get(at(8)).map_err(get_err)?,
+        traceparent: row.try_get(at(9)).map_err(get_err)?,
+        topic: row.try_get(at(10)).map_err(get_err)?,
+        created_at: row.try_get(at(11)).map_err(get_err)?,
     }))
 }
 

@@ -80,6 +80,15 @@ impl RelayProcess {
         text
     }
 
+    /// The address of the relay's HTTP endpoint, from its log.
+    pub fn http_address(&self, timeout: Duration) -> String {
+        assert!(self.wait_for_log("http endpoint listening", timeout), "{}", self.log());
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("http endpoint listening")).unwrap_or_default();
+        let start = line.find("address=").map(|i| i + "address=".len()).unwrap_or(0);
+        line[start..].split_whitespace().next().unwrap_or_default().to_owned()
+    }
+
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -106,6 +115,7 @@ pub fn relay_env(pg_url: &str, brokers: &str) -> Vec<(&'static str, String)> {
         ("OUTBOX_RELAY_SINK__KAFKA__BROKERS", brokers.to_owned()),
         ("OUTBOX_RELAY_SOURCE__POLL_INTERVAL", "200ms".to_owned()),
         ("OUTBOX_RELAY_SHUTDOWN__DRAIN_TIMEOUT", "10s".to_owned()),
+        ("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
     ]
 }
 
@@ -232,4 +242,29 @@ pub fn verify(consumed: &[Consumed], aggregates: usize, per_aggregate: usize) ->
     verdict.unique = seen.len();
     verdict.lost = aggregates * per_aggregate - seen.len().min(aggregates * per_aggregate);
     verdict
+}
+
+/// A plain HTTP/1.1 GET; returns (status code, body).
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = match std::net::TcpStream::connect(address) {
+        Ok(stream) => stream,
+        Err(_) => return (0, String::new()),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Sum of a metric's samples (all label sets) in Prometheus text format.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{')))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }

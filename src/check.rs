@@ -1,0 +1,214 @@
+//! `outbox-relay check`: every prerequisite, one line each, with the fix.
+//!
+//! Exit 0 only when nothing failed (warnings do not fail).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rdkafka::producer::Producer;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::envelope::TopicTemplate;
+use crate::postgres;
+use crate::sink::kafka::KafkaSink;
+use crate::source::poll::PollSource;
+use crate::source::table::{quote_ident, TableName};
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Fine.
+    Ok,
+    /// Works, but worth knowing.
+    Warn,
+    /// The relay cannot work like this.
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    /// What was checked.
+    pub name: &'static str,
+    /// Ok, warn or fail.
+    pub verdict: Verdict,
+    /// What was found.
+    pub detail: String,
+    /// What to do about a warning or failure.
+    pub fix: Option<String>,
+}
+
+fn ok(name: &'static str, detail: impl Into<String>) -> CheckResult {
+    CheckResult { name, verdict: Verdict::Ok, detail: detail.into(), fix: None }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> CheckResult {
+    CheckResult { name, verdict: Verdict::Fail, detail: detail.into(), fix: Some(fix.into()) }
+}
+
+fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> CheckResult {
+    CheckResult { name, verdict: Verdict::Warn, detail: detail.into(), fix: Some(fix.into()) }
+}
+
+/// Runs every check against the configured database and broker.
+pub async fn run(config: &Config, sink: Option<&KafkaSink>) -> Vec<CheckResult> {
+    let mut results = vec![ok("configuration", "valid")];
+    let target = postgres::redacted_target(&config.postgres.url);
+    let mut pending_topics = BTreeSet::new();
+    match postgres::connect(&config.postgres, "outbox-relay check").await {
+        Err(e) => results.push(fail(
+            "postgres",
+            e.to_string(),
+            "check postgres.url (host, port, database, user), the password, and network access",
+        )),
+        Ok(connection) => {
+            let version = connection
+                .client
+                .query_one("SHOW server_version", &[])
+                .await
+                .ok()
+                .and_then(|r| r.try_get::<_, String>(0).ok())
+                .unwrap_or_default();
+            results.push(ok("postgres", format!("connected to {target} (PostgreSQL {version})")));
+            results.extend(check_outbox(config, &connection, &mut pending_topics).await);
+            drop(connection);
+        }
+    }
+    match sink {
+        None => results.push(fail("kafka", "producer could not be created", "check sink.kafka.properties")),
+        Some(sink) => match sink.check_reachable(Duration::from_secs(5)).await {
+            Err(e) => results.push(fail("kafka", e.to_string(), "check sink.kafka.brokers, TLS/SASL properties and network access")),
+            Ok(()) => {
+                results.push(ok("kafka", format!("brokers {} answer", config.sink.kafka.brokers)));
+                results.push(check_topics(sink, &pending_topics).await);
+            }
+        },
+    }
+    results
+}
+
+async fn check_outbox(config: &Config, connection: &postgres::Connection, topics: &mut BTreeSet<String>) -> Vec<CheckResult> {
+    let mut results = Vec::new();
+    let Ok(table) = TableName::parse(&config.source.table) else { return results };
+    let client = &connection.client;
+    // Preparing the relay's own statements proves the table and columns exist.
+    let probe = postgres::connect(&config.postgres, "outbox-relay check").await;
+    match probe {
+        Ok(probe) => match PollSource::prepare(probe, &config.source, config.published.mode).await {
+            Ok(_) => results.push(ok("outbox table", format!("{} has the mapped columns", config.source.table))),
+            Err(e) => {
+                results.push(fail(
+                    "outbox table",
+                    e.to_string(),
+                    "run `outbox-relay migrate`, or set source.table and source.columns to match your table",
+                ));
+                return results;
+            }
+        },
+        Err(e) => results.push(fail("outbox table", e.to_string(), "see the postgres check")),
+    }
+    let quoted = table.to_string();
+    let privileges = client
+        .query_one(
+            "SELECT has_table_privilege($1, 'SELECT'), has_table_privilege($1, 'UPDATE'), has_table_privilege($1, 'DELETE')",
+            &[&quoted],
+        )
+        .await;
+    match privileges {
+        Ok(row) => {
+            let names = ["SELECT", "UPDATE", "DELETE"];
+            let missing: Vec<&str> =
+                names.iter().enumerate().filter(|(i, _)| !row.try_get::<_, bool>(*i).unwrap_or(false)).map(|(_, n)| *n).collect();
+            if missing.is_empty() {
+                results.push(ok("privileges", "SELECT, UPDATE, DELETE granted"));
+            } else {
+                results.push(fail(
+                    "privileges",
+                    format!("missing {} on {}", missing.join(", "), config.source.table),
+                    format!("GRANT {} ON {} TO <relay role>; (see sql/roles/polling.sql)", missing.join(", "), quoted),
+                ));
+            }
+        }
+        Err(e) => results.push(fail("privileges", postgres::describe(&e), "check the role can read the catalog")),
+    }
+    let trigger = client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = $1::text::regclass AND NOT t.tgisinternal AND p.prosrc ILIKE '%pg_notify%'",
+            &[&quoted],
+        )
+        .await;
+    match trigger.map(|r| r.try_get::<_, i64>(0).unwrap_or(0)) {
+        Ok(n) if n > 0 => results.push(ok("notify trigger", "present: events wake the relay at commit")),
+        _ => results.push(warn(
+            "notify trigger",
+            "no NOTIFY trigger on the outbox table",
+            format!(
+                "latency is bounded by source.poll_interval; add a statement trigger that calls pg_notify('{}', '')",
+                config.source.notify_channel
+            ),
+        )),
+    }
+    if let Ok(template) = TopicTemplate::parse(&config.sink.topic) {
+        let c = &config.source.columns;
+        let topic_col = if c.topic.is_empty() { "NULL::text".to_owned() } else { format!("{}::text", quote_ident(&c.topic)) };
+        let unpublished = if c.published_at.is_empty() { "true".to_owned() } else { format!("{} IS NULL", quote_ident(&c.published_at)) };
+        let sql = format!(
+            "SELECT DISTINCT {at}::text, {et}::text, {topic_col} FROM (SELECT * FROM {table} WHERE {unpublished} LIMIT 10000) s",
+            at = quote_ident(&c.aggregate_type),
+            et = quote_ident(&c.event_type),
+        );
+        if let Ok(rows) = client.query(&sql, &[]).await {
+            for row in rows.iter().take(200) {
+                let explicit: Option<String> = row.try_get(2).unwrap_or(None);
+                let rendered = explicit.unwrap_or_else(|| {
+                    template.render(&row.try_get::<_, String>(0).unwrap_or_default(), &row.try_get::<_, String>(1).unwrap_or_default())
+                });
+                topics.insert(rendered);
+            }
+        }
+    }
+    results
+}
+
+async fn check_topics(sink: &KafkaSink, topics: &BTreeSet<String>) -> CheckResult {
+    if topics.is_empty() {
+        return ok("topics", "no unpublished events to check topics for");
+    }
+    let producer = sink.producer();
+    let metadata =
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, Duration::from_secs(5)).map_err(|e| e.to_string())).await;
+    let existing: BTreeSet<String> = match metadata {
+        Ok(Ok(m)) => m.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name().to_owned()).collect(),
+        Ok(Err(e)) => return fail("topics", e, "check the broker"),
+        Err(e) => return fail("topics", e.to_string(), "check the broker"),
+    };
+    let missing: Vec<&String> = topics.iter().filter(|t| !existing.contains(*t)).collect();
+    if missing.is_empty() {
+        ok("topics", format!("{} topic(s) pending events go to exist", topics.len()))
+    } else {
+        fail(
+            "topics",
+            format!("pending events go to missing topic(s): {}", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+            "create them (kafka-topics --create ...), or rely on the broker's auto.create.topics.enable",
+        )
+    }
+}
+
+/// Prints the report; returns whether everything passed.
+pub fn print(results: &[CheckResult]) -> bool {
+    for r in results {
+        let tag = match r.verdict {
+            Verdict::Ok => " ok ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
+        println!("[{tag}] {:<16} {}", r.name, r.detail);
+        if let Some(fix) = &r.fix {
+            println!("       {:<16} fix: {fix}", "");
+        }
+    }
+    results.iter().all(|r| r.verdict != Verdict::Fail)
+}
