@@ -73,6 +73,9 @@ pub async fn run(config: &Config, sink: Option<&KafkaSink>) -> Vec<CheckResult> 
                 .unwrap_or_default();
             results.push(ok("postgres", format!("connected to {target} (PostgreSQL {version})")));
             results.extend(check_outbox(config, &connection, &mut pending_topics).await);
+            if config.source.mode == crate::config::SourceMode::Replication {
+                results.extend(check_replication(config, &connection).await);
+            }
             drop(connection);
         }
     }
@@ -169,6 +172,35 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
                 topics.insert(rendered);
             }
         }
+    }
+    results
+}
+
+async fn check_replication(config: &Config, connection: &postgres::Connection) -> Vec<CheckResult> {
+    use crate::source::replication::{slot_state, validate, SlotState};
+    let mut results = Vec::new();
+    match validate(&connection.client, config).await {
+        Ok(Ok(())) => results.push(ok("replication", "wal_level = logical, REPLICATION granted, publication covers the table")),
+        Ok(Err(missing)) => results.push(fail("replication", missing.0, "see the message")),
+        Err(e) => results.push(fail("replication", e.to_string(), "check the role can read the catalog")),
+    }
+    let slot = &config.source.replication.slot;
+    match slot_state(&connection.client, slot).await {
+        Ok(SlotState::Ready { active_pid: None }) => results.push(ok("slot", format!("{slot} exists and is free"))),
+        Ok(SlotState::Ready { active_pid: Some(pid) }) => {
+            results.push(ok("slot", format!("{slot} exists; streamed by backend pid {pid} (a running relay)")))
+        }
+        Ok(SlotState::Missing) => results.push(warn(
+            "slot",
+            format!("{slot} does not exist"),
+            "run `outbox-relay migrate`; in mark/delete mode the relay also creates it and drains by polling",
+        )),
+        Ok(SlotState::Lost) => results.push(fail(
+            "slot",
+            format!("{slot} was invalidated (max_slot_wal_keep_size)"),
+            "in mark/delete mode the relay recreates it and drains by polling; in none mode recreate it and replay the gap",
+        )),
+        Err(e) => results.push(fail("slot", e.to_string(), "check the role can read pg_replication_slots")),
     }
     results
 }

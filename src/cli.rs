@@ -252,6 +252,11 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     } else {
         println!("applied migrations: {applied:?}");
     }
+    if config.source.mode == crate::config::SourceMode::Replication {
+        for step in crate::source::replication::setup(&connection.client, config).await? {
+            println!("{step}");
+        }
+    }
     Ok(())
 }
 

@@ -92,6 +92,8 @@ impl Default for PostgresConfig {
 pub enum SourceMode {
     /// Claim batches of unpublished rows, woken by LISTEN/NOTIFY.
     Poll,
+    /// Tail logical replication (pgoutput) from a slot.
+    Replication,
 }
 
 /// The capture side: which table, how much at a time, how often.
@@ -116,6 +118,38 @@ pub struct SourceConfig {
     pub retry_failed_after: Duration,
     /// Column names of the outbox table (change them for a Debezium-style table).
     pub columns: ColumnMapping,
+    /// Logical replication settings, used when `mode = "replication"`.
+    pub replication: ReplicationConfig,
+}
+
+/// Logical replication: slot, publication, message prefix, pacing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Replication slot name (created by `migrate` or on first start).
+    pub slot: String,
+    /// Publication covering the outbox table.
+    pub publication: String,
+    /// `pg_logical_emit_message` prefix whose messages are events.
+    pub message_prefix: String,
+    /// Standby status updates at least this often (keep under wal_sender_timeout / 2).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Emit a heartbeat message this often so an idle database still lets the slot advance (`0s`: off).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            slot: "outbox_relay".into(),
+            publication: "outbox_relay_pub".into(),
+            message_prefix: "outbox".into(),
+            status_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::ZERO,
+        }
+    }
 }
 
 impl Default for SourceConfig {
@@ -129,6 +163,7 @@ impl Default for SourceConfig {
             notify_channel: "outbox_events".into(),
             retry_failed_after: Duration::from_secs(30),
             columns: ColumnMapping::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -242,6 +277,8 @@ pub enum PublishedMode {
     Mark,
     /// Delete the row once acknowledged.
     Delete,
+    /// Replication mode only: the slot's confirmed LSN is the only mark.
+    None,
 }
 
 /// Marking and retention of published rows.
@@ -394,6 +431,27 @@ impl Config {
                     "sink.kafka.properties_from_files",
                     format!("{property}: {} is not a readable file", path.display()),
                 ));
+            }
+        }
+        if self.published.mode == PublishedMode::None && self.source.mode != SourceMode::Replication {
+            return Err(ConfigError::invalid(
+                "published.mode",
+                "is \"none\", which only works with source.mode = \"replication\" (the slot is the mark): use \"mark\" or \"delete\"",
+            ));
+        }
+        if self.source.mode == SourceMode::Replication {
+            let r = &self.source.replication;
+            if !is_identifier(&r.slot) || r.slot.chars().any(|c| c.is_ascii_uppercase()) {
+                return Err(ConfigError::invalid("source.replication.slot", "must be lowercase letters, digits and underscores"));
+            }
+            if !is_identifier(&r.publication) {
+                return Err(ConfigError::invalid("source.replication.publication", "must be a plain identifier"));
+            }
+            if r.message_prefix.is_empty() {
+                return Err(ConfigError::invalid("source.replication.message_prefix", "must not be empty"));
+            }
+            if r.status_interval < Duration::from_millis(100) || r.status_interval > Duration::from_secs(30) {
+                return Err(ConfigError::invalid("source.replication.status_interval", "must be between 100ms and 30s"));
             }
         }
         if !(1..=100_000).contains(&self.published.cleanup_batch_size) {

@@ -4,6 +4,7 @@
 //! through the checkpoint, which of their events the broker acknowledged.
 
 pub mod poll;
+pub mod replication;
 pub mod table;
 
 use crate::event::{OutboxEvent, Rejected};

@@ -75,6 +75,8 @@ impl PollQueries {
                 quote_ident(&columns.published_at)
             ),
             PublishedMode::Delete => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
+            // Replication with no marking never checkpoints rows; keep a harmless statement.
+            PublishedMode::None => "SELECT count(*) FROM unnest($1::int8[])".to_owned(),
         };
         let record_failures = (!columns.attempts.is_empty()).then(|| {
             let attempts = quote_ident(&columns.attempts);
@@ -139,6 +141,18 @@ pub fn backlog_sql(table: &TableName, columns: &ColumnMapping) -> String {
         )
     };
     format!("SELECT (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {unpublished} LIMIT 10000000) s), {age}")
+}
+
+impl PollQueries {
+    /// `$1::int8[]` positions to mark or delete (per `published.mode`).
+    pub fn checkpoint_sql(&self) -> &str {
+        &self.checkpoint
+    }
+
+    /// `$1::int8[]` positions, `$2::text[]` reasons; None without failure columns.
+    pub fn record_failures_sql(&self) -> Option<&str> {
+        self.record_failures.as_deref()
+    }
 }
 
 /// What one claim found.

@@ -89,6 +89,19 @@ impl RelayProcess {
         line[start..].split_whitespace().next().unwrap_or_default().to_owned()
     }
 
+    /// Peak resident memory (VmHWM) of the relay process, MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let Some(child) = &self.child else { return 0.0 };
+        std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(0.0)
+    }
+
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

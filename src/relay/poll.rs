@@ -1,5 +1,4 @@
-//! The relay: sessions of claim → publish → checkpoint, reconnecting with
-//! backoff when Postgres goes away.
+//! Polling sessions.
 //!
 //! # Progress tracking
 //! A session claims batches in position order and keeps at most
@@ -8,60 +7,21 @@
 //! holds the outbox lock, failed rows are recorded and parked for a retry.
 //! Nothing is marked before the broker acknowledged it, so a crash at any
 //! point re-publishes at most the in-flight window and never loses an event.
-//!
-//! # Error handling
-//! A lost connection or failed statement ends the session: the publish
-//! stage finishes what it had enqueued (those acks are discarded, the rows
-//! stay unmarked), then a new session reconnects after an exponential
-//! backoff with jitter. Shutdown stops claiming and waits up to
-//! `shutdown.drain_timeout` for in-flight events to be acknowledged and marked.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::mpsc;
 use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, PublishedMode};
-use crate::envelope::{EnvelopeMapper, TopicTemplate};
-use crate::health::Health;
-use crate::metrics::Metrics;
+use super::{reconnect_backoff, Relay, RelayError, SessionEnd, STANDBY_RETRY};
+use crate::config::PublishedMode;
 use crate::pipeline::{publish_stage, BatchOutcome};
 use crate::postgres::{self, PostgresError};
 use crate::retention;
-use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 use crate::source::poll::{Claim, Parked, PollSource};
-
-/// How often a standby relay asks for the outbox lock again.
-const STANDBY_RETRY: Duration = Duration::from_secs(2);
-
-/// Errors that end a relay session (the relay itself reconnects).
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    /// Postgres failed; reconnecting may help.
-    #[error(transparent)]
-    Postgres(#[from] PostgresError),
-    /// The sink configuration cannot work (bad template).
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The publish stage ended unexpectedly.
-    #[error("the publish stage stopped unexpectedly")]
-    StageStopped,
-}
-
-/// Relays one outbox to one sink until shutdown.
-pub struct Relay<S: Sink> {
-    config: Config,
-    sink: Arc<S>,
-    mapper: EnvelopeMapper,
-    metrics: Metrics,
-    health: Health,
-    shutdown: Shutdown,
-}
 
 /// Batches claimed and not yet acknowledged, oldest first.
 #[derive(Debug, Default)]
@@ -97,49 +57,16 @@ impl InFlight {
     }
 }
 
-/// Why a session ended without error.
-enum SessionEnd {
-    Stopped,
-}
-
 impl<S: Sink> Relay<S> {
-    /// A relay over `sink`; validates the topic template.
-    pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
-        let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
-        Ok(Relay { config, sink, mapper: EnvelopeMapper::new(template), metrics, health, shutdown })
-    }
-
-    /// Runs sessions until shutdown; errors are logged and retried.
-    pub async fn run(mut self) -> Result<(), RelayError> {
-        let mut backoff = reconnect_backoff();
-        loop {
-            if self.shutdown.is_triggered() {
-                return Ok(());
-            }
-            let result = self.session(&mut backoff).await;
-            self.health.set_postgres(false);
-            self.health.set_role("starting");
-            self.metrics.leader.set(0);
-            match result {
-                Ok(SessionEnd::Stopped) => return Ok(()),
-                Err(RelayError::Config(message)) => {
-                    self.health.fail(message.clone());
-                    return Err(RelayError::Config(message));
-                }
-                Err(error) => {
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                    error!(%error, retry_in = ?delay, "relay session failed; reconnecting");
-                    self.health.beat();
-                    tokio::select! {
-                        _ = self.shutdown.wait() => return Ok(()),
-                        _ = sleep(delay) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    async fn session(&mut self, backoff: &mut backon::ExponentialBackoff) -> Result<SessionEnd, RelayError> {
+    /// One polling session: connect, take the outbox lock (or stand by),
+    /// then claim → publish → checkpoint until shutdown or an error. With
+    /// `until_caught_up`, returns once nothing is left unpublished (the
+    /// replication mode's recovery drain).
+    pub(super) async fn poll_session(
+        &mut self,
+        backoff: &mut backon::ExponentialBackoff,
+        until_caught_up: bool,
+    ) -> Result<SessionEnd, RelayError> {
         let connection = postgres::connect(&self.config.postgres, "outbox-relay").await?;
         let mut source = PollSource::prepare(connection, &self.config.source, self.config.published.mode).await?;
         self.health.set_postgres(true);
@@ -176,7 +103,7 @@ impl<S: Sink> Relay<S> {
             max_in_flight,
         ));
 
-        let result = self.claim_loop(&mut source, batch_tx, &mut outcome_rx).await;
+        let result = self.claim_loop(&mut source, batch_tx, &mut outcome_rx, until_caught_up).await;
 
         // Whatever is still enqueued finishes first, so the next session
         // cannot overtake it; its acknowledgements are dropped (rows stay
@@ -208,6 +135,7 @@ impl<S: Sink> Relay<S> {
         source: &mut PollSource,
         batches: mpsc::Sender<crate::source::ClaimedBatch>,
         outcomes: &mut mpsc::Receiver<BatchOutcome>,
+        until_caught_up: bool,
     ) -> Result<SessionEnd, RelayError> {
         let max_in_flight = self.config.source.max_in_flight_batches;
         let batch_size = self.config.source.batch_size;
@@ -243,7 +171,10 @@ impl<S: Sink> Relay<S> {
                     }
                     Claim::Batch(batch) => {
                         resync = false;
-                        want_claim = batch.len() >= batch_size;
+                        if until_caught_up && batch.is_empty() && in_flight.is_empty() {
+                            return Ok(SessionEnd::CaughtUp);
+                        }
+                        want_claim = batch.len() >= batch_size || until_caught_up;
                         if !batch.is_empty() {
                             self.metrics.batches.inc();
                             self.metrics.batch_size.observe(batch.len() as f64);
@@ -309,16 +240,4 @@ impl<S: Sink> Relay<S> {
         let rows: Vec<_> = outcome.failed.iter().map(|f| f.row.clone()).collect();
         source.record_failures(&rows).await?;
         Ok(())
-    }
-}
-
-/// Exponential backoff with jitter, 0.5 s to 30 s, never giving up: what
-/// every reconnect loop uses.
-pub fn reconnect_backoff() -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
+    }}

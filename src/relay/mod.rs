@@ -1,0 +1,124 @@
+//! The relay: sessions of capture → publish → checkpoint, reconnecting
+//! with backoff when Postgres goes away. `poll` and `replication` hold the
+//! two capture modes' session loops; both feed the same publish stage.
+//!
+//! # Error handling
+//! A lost connection or failed statement ends the session: the publish
+//! stage finishes what it had enqueued (those acks are discarded, the rows
+//! stay unmarked), then a new session reconnects after an exponential
+//! backoff with jitter. Shutdown stops claiming and waits up to
+//! `shutdown.drain_timeout` for in-flight events to be acknowledged and marked.
+
+mod poll;
+mod replication;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::time::sleep;
+use tracing::error;
+
+use crate::config::{Config, SourceMode};
+use crate::envelope::{EnvelopeMapper, TopicTemplate};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::postgres::PostgresError;
+use crate::shutdown::Shutdown;
+use crate::sink::Sink;
+
+/// How often a standby relay asks for the outbox lock again.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+
+/// Errors that end a relay session (the relay itself reconnects).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Postgres failed; reconnecting may help.
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    /// The sink configuration cannot work (bad template).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The publish stage ended unexpectedly.
+    #[error("the publish stage stopped unexpectedly")]
+    StageStopped,
+    /// A prerequisite is missing (wal_level, privilege, publication, slot).
+    #[error("{0}")]
+    Prerequisite(String),
+    /// The replication stream failed; reconnecting may help.
+    #[error("replication stream: {0}")]
+    Stream(String),
+}
+
+/// Relays one outbox to one sink until shutdown.
+pub struct Relay<S: Sink> {
+    config: Config,
+    sink: Arc<S>,
+    mapper: EnvelopeMapper,
+    metrics: Metrics,
+    health: Health,
+    shutdown: Shutdown,
+}
+
+
+/// Why a session ended without error.
+enum SessionEnd {
+    /// Shutdown was requested and the drain finished.
+    Stopped,
+    /// A recovery drain found nothing left to publish.
+    CaughtUp,
+}
+
+impl<S: Sink> Relay<S> {
+    /// A relay over `sink`; validates the topic template.
+    pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
+        let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
+        Ok(Relay { config, sink, mapper: EnvelopeMapper::new(template), metrics, health, shutdown })
+    }
+
+    /// Runs sessions until shutdown; errors are logged and retried.
+    pub async fn run(mut self) -> Result<(), RelayError> {
+        let mut backoff = reconnect_backoff();
+        loop {
+            if self.shutdown.is_triggered() {
+                return Ok(());
+            }
+            let result = match self.config.source.mode {
+                SourceMode::Poll => self.poll_session(&mut backoff, false).await,
+                SourceMode::Replication => self.replication_session(&mut backoff).await,
+            };
+            self.health.set_postgres(false);
+            self.health.set_role("starting");
+            self.metrics.leader.set(0);
+            match result {
+                Ok(SessionEnd::Stopped) => return Ok(()),
+                Ok(SessionEnd::CaughtUp) => continue,
+                Err(RelayError::Config(message)) => {
+                    self.health.fail(message.clone());
+                    return Err(RelayError::Config(message));
+                }
+                Err(error) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    error!(%error, retry_in = ?delay, "relay session failed; reconnecting");
+                    self.health.beat();
+                    tokio::select! {
+                        _ = self.shutdown.wait() => return Ok(()),
+                        _ = sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+}
+
+/// Exponential backoff with jitter, 0.5 s to 30 s, never giving up: what
+/// every reconnect loop uses.
+pub fn reconnect_backoff() -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

@@ -1,0 +1,383 @@
+//! Replication sessions: validate prerequisites, recover a lost slot, then
+//! stream pgoutput from the slot into the publish stage and confirm LSNs
+//! only behind fully acknowledged (and marked) transactions.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
+use tracing::{debug, error, info, warn};
+
+use super::{reconnect_backoff, Relay, RelayError, SessionEnd, STANDBY_RETRY};
+use crate::config::PublishedMode;
+use crate::event::Rejected;
+use crate::pipeline::{publish_stage, BatchOutcome, FailureKind};
+use crate::postgres::{self, PostgresError};
+use crate::sink::Sink;
+use crate::source::poll::PollQueries;
+use crate::source::replication::pgoutput::{Logical, WalMessage};
+use crate::source::replication::wire::{format_lsn, parse_lsn, ConnectParams, ReplicationConnection, ReplicationStream, WireError};
+use crate::source::replication::{self, pg_time, Decoded, EventDecoder, SlotState, HEARTBEAT_PREFIX};
+use crate::source::table::TableName;
+use crate::source::ClaimedBatch;
+
+/// How often slot lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(10);
+/// SQLSTATE object_in_use: another session streams the slot.
+const OBJECT_IN_USE: &str = "55006";
+
+/// A batch handed to the publish stage, with what confirming it means.
+struct PendingBatch {
+    sequence: u64,
+    /// End LSN of the last transaction this batch completes, if any.
+    commit_lsn: Option<u64>,
+    /// Outbox row positions in the batch (to mark or delete).
+    rows: Vec<i64>,
+}
+
+/// Events read from the stream and not yet handed to the stage.
+#[derive(Default)]
+struct Building {
+    batch: ClaimedBatch,
+    rows: Vec<i64>,
+}
+
+impl Building {
+    fn push(&mut self, decoded: Decoded) {
+        match decoded {
+            Decoded::Event { event, row } => {
+                if row {
+                    self.rows.push(event.position);
+                }
+                self.batch.last_position = event.position;
+                self.batch.events.push(*event);
+            }
+            Decoded::Rejected { rejected, row } => {
+                if row {
+                    self.rows.push(rejected.position);
+                }
+                self.batch.rejected.push(rejected);
+            }
+            Decoded::Ignored => {}
+        }
+    }
+}
+
+fn stream_error(error: WireError) -> RelayError {
+    RelayError::Stream(error.to_string())
+}
+
+impl<S: Sink> Relay<S> {
+    /// One replication session (see the module docs).
+    pub(super) async fn replication_session(&mut self, backoff: &mut backon::ExponentialBackoff) -> Result<SessionEnd, RelayError> {
+        let config = self.config.clone();
+        let r = &config.source.replication;
+        let control = postgres::connect(&config.postgres, "outbox-relay").await?;
+        self.health.set_postgres(true);
+        if let Err(missing) = replication::validate(&control.client, &config).await? {
+            return Err(RelayError::Prerequisite(missing.0));
+        }
+        match replication::slot_state(&control.client, &r.slot).await? {
+            SlotState::Ready { .. } => {}
+            state @ (SlotState::Missing | SlotState::Lost) => {
+                let what = if state == SlotState::Lost { "was invalidated (its WAL is gone)" } else { "does not exist" };
+                if config.published.mode == PublishedMode::None {
+                    return Err(RelayError::Prerequisite(format!(
+                        "replication slot {} {what}; with published.mode = \"none\" the slot was the only record of what was published, \
+                         so the relay stops rather than skip events: recreate it with `outbox-relay migrate`, re-publish the gap with \
+                         `outbox-relay replay` or by polling, or run with published.mode = \"mark\" so the relay can recover by itself",
+                        r.slot
+                    )));
+                }
+                error!(
+                    slot = %r.slot,
+                    "replication slot {what}: recreating it, then draining every unpublished row by polling before streaming, so nothing is lost"
+                );
+                replication::create_slot(&control.client, &r.slot).await?;
+                drop(control);
+                match self.poll_session(backoff, true).await? {
+                    SessionEnd::Stopped => return Ok(SessionEnd::Stopped),
+                    SessionEnd::CaughtUp => info!("recovery drain finished; streaming from the new slot"),
+                }
+                return Ok(SessionEnd::CaughtUp);
+            }
+        }
+
+        let mut pg: tokio_postgres::Config =
+            config.postgres.url.parse().map_err(|e| RelayError::Config(format!("postgres.url: {e}")))?;
+        if let Some(path) = &config.postgres.password_file {
+            let password = std::fs::read_to_string(path)
+                .map_err(|e| RelayError::Config(format!("cannot read postgres.password_file {}: {e}", path.display())))?;
+            pg.password(password.trim_end_matches(['\n', '\r']));
+        }
+        let params = ConnectParams::from_config(&pg, &format!("outbox-relay {}", postgres::relay_id()))
+            .map_err(|e| RelayError::Config(e.to_string()))?;
+        let connection = ReplicationConnection::connect(&params).await.map_err(stream_error)?;
+        let stream = match connection.start_replication(&replication::start_command(r)).await {
+            Ok(stream) => stream,
+            Err(error) if error.code() == Some(OBJECT_IN_USE) => {
+                info!(slot = %r.slot, "another relay streams the replication slot; standing by");
+                self.health.set_role("standby");
+                *backoff = reconnect_backoff();
+                tokio::select! {
+                    _ = self.shutdown.wait() => return Ok(SessionEnd::Stopped),
+                    _ = sleep(STANDBY_RETRY) => {}
+                }
+                return Ok(SessionEnd::CaughtUp);
+            }
+            Err(error) => return Err(stream_error(error)),
+        };
+        // Checked after START_REPLICATION: before it, another session could still move the slot.
+        let confirmed: String = control
+            .client
+            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&r.slot])
+            .await
+            .map_err(|e| PostgresError::query("reading the slot position", &e))?
+            .get(0);
+        let confirmed = parse_lsn(&confirmed).unwrap_or(0);
+        info!(slot = %r.slot, resume_from = %format_lsn(confirmed), "streaming from the replication slot");
+        self.health.set_role("leader");
+        self.metrics.leader.set(1);
+        *backoff = reconnect_backoff();
+
+        let max_in_flight = self.config.source.max_in_flight_batches;
+        let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
+        let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
+        let stage = tokio::spawn(publish_stage(
+            self.sink.clone(),
+            self.mapper.clone(),
+            self.metrics.clone(),
+            batch_rx,
+            outcome_tx,
+            max_in_flight,
+        ));
+        let result = self.stream_loop(&control, stream, confirmed, batch_tx, &mut outcome_rx).await;
+        let mut beat = interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                outcome = outcome_rx.recv() => if outcome.is_none() { break },
+                _ = beat.tick() => self.health.beat(),
+            }
+        }
+        let _ = stage.await;
+        self.metrics.events_in_flight.set(0);
+        result
+    }
+
+    async fn stream_loop(
+        &mut self,
+        control: &postgres::Connection,
+        mut stream: ReplicationStream,
+        mut confirmed: u64,
+        batches: mpsc::Sender<ClaimedBatch>,
+        outcomes: &mut mpsc::Receiver<BatchOutcome>,
+    ) -> Result<SessionEnd, RelayError> {
+        let config = self.config.clone();
+        let r = &config.source.replication;
+        let table = TableName::parse(&config.source.table).map_err(RelayError::Config)?;
+        let queries = PollQueries::new(&table, &config.source.columns, config.published.mode);
+        let mut decoder = EventDecoder::new(&config).map_err(RelayError::Config)?;
+        let max_in_flight = config.source.max_in_flight_batches;
+        let batch_size = config.source.batch_size;
+        let mut status = interval(r.status_interval);
+        status.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut lag = interval(LAG_EVERY);
+        lag.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heartbeat = interval(if r.heartbeat_interval.is_zero() { Duration::from_secs(3600) } else { r.heartbeat_interval });
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pending: VecDeque<PendingBatch> = VecDeque::new();
+        let mut building = Building::default();
+        let mut next_sequence = 0u64;
+        let mut in_transaction = false;
+        let mut commit_time = chrono::Utc::now();
+        let mut last_keepalive = 0u64;
+        let mut drain_deadline: Option<Instant> = None;
+        let mut shutdown = self.shutdown.clone();
+
+        loop {
+            self.health.beat();
+            let stopping = drain_deadline.is_some();
+            if stopping && pending.is_empty() {
+                let _ = stream.send_status(confirmed, false).await;
+                let _ = stream.finish().await;
+                info!(confirmed = %format_lsn(confirmed), "replication stopped");
+                return Ok(SessionEnd::Stopped);
+            }
+            let idle = pending.is_empty() && building.batch.is_empty() && !in_transaction;
+            if idle && last_keepalive > confirmed {
+                // Nothing read is unacknowledged: everything the server sent up to its last keepalive is done.
+                confirmed = last_keepalive;
+            }
+            let can_read = !stopping && pending.len() < max_in_flight;
+            tokio::select! {
+                biased;
+                _ = shutdown.wait(), if !stopping => {
+                    drain_deadline = Some(Instant::now() + config.shutdown.drain_timeout);
+                    if !building.batch.is_empty() {
+                        self.flush(&mut building, None, &mut next_sequence, &mut pending, &batches).await?;
+                    }
+                    info!(in_flight = pending.len(), "draining in-flight events");
+                }
+                _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if stopping => {
+                    warn!("drain timeout passed; unconfirmed events will be streamed again by the next relay");
+                    let _ = stream.send_status(confirmed, false).await;
+                    return Ok(SessionEnd::Stopped);
+                }
+                outcome = outcomes.recv() => {
+                    let outcome = outcome.ok_or(RelayError::StageStopped)?;
+                    let batch = pending.pop_front().ok_or(RelayError::StageStopped)?;
+                    self.settle(control, &queries, &batch, &outcome).await?;
+                    if let Some(lsn) = batch.commit_lsn {
+                        confirmed = confirmed.max(lsn);
+                    }
+                }
+                _ = status.tick() => stream.send_status(confirmed, false).await.map_err(stream_error)?,
+                _ = lag.tick() => self.measure_lag(control, &r.slot).await,
+                _ = heartbeat.tick(), if !r.heartbeat_interval.is_zero() => {
+                    if let Err(e) = control.client.execute("SELECT pg_logical_emit_message(false, $1, '')", &[&HEARTBEAT_PREFIX]).await {
+                        debug!(error = %postgres::describe(&e), "heartbeat message failed");
+                    }
+                }
+                data = stream.reader.next_copy_data(), if can_read => {
+                    let Some(data) = data.map_err(stream_error)? else {
+                        return Err(RelayError::Stream("the server ended the replication stream".into()));
+                    };
+                    match WalMessage::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
+                        WalMessage::Keepalive { wal_end, reply } => {
+                            last_keepalive = last_keepalive.max(wal_end);
+                            if reply {
+                                stream.send_status(confirmed, false).await.map_err(stream_error)?;
+                            }
+                        }
+                        WalMessage::XLogData { data, .. } => {
+                            match Logical::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
+                                Logical::Begin { commit_time: time, .. } => {
+                                    in_transaction = true;
+                                    commit_time = pg_time(time);
+                                }
+                                Logical::Commit { end_lsn, .. } => {
+                                    in_transaction = false;
+                                    if !building.batch.is_empty() {
+                                        self.flush(&mut building, Some(end_lsn), &mut next_sequence, &mut pending, &batches).await?;
+                                    } else if let Some(last) = pending.back_mut() {
+                                        last.commit_lsn = Some(last.commit_lsn.unwrap_or(0).max(end_lsn));
+                                    } else {
+                                        confirmed = confirmed.max(end_lsn);
+                                    }
+                                }
+                                Logical::Relation { oid, namespace, name, columns } => decoder.relation(oid, &namespace, &name, &columns),
+                                Logical::Insert { oid, values } => building.push(decoder.insert(oid, &values, commit_time)),
+                                Logical::Message { prefix, content, lsn, transactional } => {
+                                    let time = if transactional { commit_time } else { chrono::Utc::now() };
+                                    building.push(decoder.message(&prefix, &content, lsn, time));
+                                }
+                                Logical::Origin | Logical::Type | Logical::OtherChange => {}
+                            }
+                            if building.batch.len() >= batch_size {
+                                self.flush(&mut building, None, &mut next_sequence, &mut pending, &batches).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands the building batch to the publish stage.
+    async fn flush(
+        &self,
+        building: &mut Building,
+        commit_lsn: Option<u64>,
+        next_sequence: &mut u64,
+        pending: &mut VecDeque<PendingBatch>,
+        batches: &mpsc::Sender<ClaimedBatch>,
+    ) -> Result<(), RelayError> {
+        let mut done = std::mem::take(building);
+        done.batch.sequence = *next_sequence;
+        *next_sequence += 1;
+        self.metrics.batches.inc();
+        self.metrics.batch_size.observe(done.batch.len() as f64);
+        self.metrics.events_in_flight.add(done.batch.len() as i64);
+        pending.push_back(PendingBatch { sequence: done.batch.sequence, commit_lsn, rows: done.rows });
+        batches.send(done.batch).await.map_err(|_| RelayError::StageStopped)
+    }
+
+    /// Marks delivered rows and handles failures of one acknowledged batch.
+    async fn settle(
+        &self,
+        control: &postgres::Connection,
+        queries: &PollQueries,
+        batch: &PendingBatch,
+        outcome: &BatchOutcome,
+    ) -> Result<(), RelayError> {
+        debug_assert_eq!(batch.sequence, outcome.sequence);
+        self.metrics.events_in_flight.sub((outcome.delivered.len() + outcome.failed.len()) as i64);
+        if !outcome.delivered.is_empty() {
+            self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
+        }
+        if let Some(transient) = outcome.failed.iter().find(|f| f.kind == FailureKind::BrokerTransient) {
+            return Err(RelayError::Stream(format!(
+                "event at position {} was not acknowledged ({}); restarting from the slot so nothing is skipped",
+                transient.row.position, transient.row.reason
+            )));
+        }
+        let rows: HashSet<i64> = batch.rows.iter().copied().collect();
+        if replication::marks_rows(&self.config) && !rows.is_empty() {
+            let delivered: Vec<i64> = outcome.delivered.iter().copied().filter(|p| rows.contains(p)).collect();
+            if !delivered.is_empty() {
+                control
+                    .client
+                    .execute(queries.checkpoint_sql(), &[&delivered])
+                    .await
+                    .map_err(|e| PostgresError::query("marking published rows", &e))?;
+            }
+        }
+        let mut failed_rows: Vec<Rejected> = Vec::new();
+        for failure in &outcome.failed {
+            self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
+            let is_row = rows.contains(&failure.row.position);
+            error!(
+                position = failure.row.position,
+                reason = %failure.row.reason,
+                kind = failure.kind.label(),
+                source = if is_row { "outbox row" } else { "logical message (position is its LSN)" },
+                "event cannot be published; it is recorded and the stream moves on (dead-lettering is configured separately)"
+            );
+            if is_row {
+                failed_rows.push(failure.row.clone());
+            }
+        }
+        if let (Some(sql), false) = (queries.record_failures_sql(), failed_rows.is_empty()) {
+            if replication::marks_rows(&self.config) {
+                let positions: Vec<i64> = failed_rows.iter().map(|f| f.position).collect();
+                let reasons: Vec<&str> = failed_rows.iter().map(|f| f.reason.as_str()).collect();
+                control
+                    .client
+                    .execute(sql, &[&positions, &reasons])
+                    .await
+                    .map_err(|e| PostgresError::query("recording failed rows", &e))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn measure_lag(&self, control: &postgres::Connection, slot: &str) {
+        match control
+            .client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
+            Ok(Some(row)) => {
+                let lag: Option<i64> = row.get(0);
+                self.metrics.replication_slot_lag.set(lag.unwrap_or(0));
+                debug!(slot, lag_bytes = lag.unwrap_or(0), "replication slot lag");
+            }
+            Ok(None) => warn!(slot, "replication slot disappeared while streaming"),
+            Err(e) => debug!(error = %postgres::describe(&e), "slot lag query failed"),
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! Logical replication capture: tail the outbox table's inserts (and
+//! `pg_logical_emit_message` events) from a pgoutput slot.
+//!
+//! ```text
+//!  walsender ──CopyData──▶ wire ──▶ pgoutput::Logical ──▶ EventDecoder ──▶ OutboxEvent
+//!      ▲                                                                     │
+//!      └──── standby status: confirmed flush LSN ◀── acked + marked ◀────────┘
+//! ```
+//!
+//! # Progress tracking
+//! pgoutput (protocol 1) sends a transaction only after it committed, row by
+//! row; the relay publishes rows as they arrive and confirms a transaction's
+//! end LSN only once every event in it (and in everything before it) was
+//! acknowledged and, in mark/delete mode, marked. A crash re-sends at most
+//! the unconfirmed tail. Reading stops while the in-flight window is full,
+//! so a one-million-row transaction needs one window of memory, not a
+//! million rows: the walsender waits on TCP flow control.
+//!
+//! # Error handling
+//! Prerequisites (wal_level, REPLICATION, publication, slot) are checked
+//! before streaming, each with one message naming the fix. A slot that was
+//! dropped or invalidated is recreated in mark/delete mode, after which the
+//! relay drains unpublished rows by polling before it streams again.
+
+pub mod pgoutput;
+pub mod wire;
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_postgres::Client;
+
+use crate::config::{ColumnMapping, Config, PublishedMode, ReplicationConfig};
+use crate::event::{OutboxEvent, RawRow, Rejected};
+use crate::postgres::{describe, PostgresError};
+use crate::source::table::{quote_ident, TableName};
+use pgoutput::{Column, Value};
+
+/// Prefix of the relay's own heartbeat messages (ignored when decoded).
+pub const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
+
+/// A prerequisite is missing; the message says exactly how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Prerequisite(pub String);
+
+/// The slot as Postgres reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    /// Exists and usable; `active_pid` is set while another session streams it.
+    Ready { active_pid: Option<i32> },
+    /// Does not exist.
+    Missing,
+    /// Exists but its WAL is gone (`wal_status = lost`): unusable.
+    Lost,
+}
+
+/// Checks wal_level, the REPLICATION attribute and the publication.
+pub async fn validate(client: &Client, config: &Config) -> Result<Result<(), Prerequisite>, PostgresError> {
+    let q = |e: tokio_postgres::Error| PostgresError::query("checking replication prerequisites", &e);
+    let r = &config.source.replication;
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(q)?.get(0);
+    if wal_level != "logical" {
+        return Ok(Err(Prerequisite(format!(
+            "wal_level is '{wal_level}', logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; and restart Postgres (or use source.mode = \"poll\")"
+        ))));
+    }
+    let row = client
+        .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .map_err(q)?;
+    let (user, can_replicate): (String, bool) = (row.get(0), row.get(1));
+    if !can_replicate {
+        return Ok(Err(Prerequisite(format!(
+            "role {user} lacks the REPLICATION attribute: run ALTER ROLE {user} REPLICATION; (see sql/roles/replication.sql)"
+        ))));
+    }
+    let table = TableName::parse(&config.source.table).map_err(PostgresError::Query)?;
+    let schema = table.schema.clone().unwrap_or_else(|| "public".into());
+    let covered = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&r.publication, &schema, &table.table],
+        )
+        .await
+        .map_err(q)?
+        .is_some();
+    if !covered {
+        let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&r.publication]).await.map_err(q)?.is_some();
+        let fix = if exists {
+            format!("ALTER PUBLICATION {} ADD TABLE {table};", quote_ident(&r.publication))
+        } else {
+            format!("CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert');", quote_ident(&r.publication))
+        };
+        return Ok(Err(Prerequisite(format!(
+            "publication {} does not cover {}: run outbox-relay migrate (with source.mode = \"replication\"), or {fix}",
+            r.publication, config.source.table
+        ))));
+    }
+    Ok(Ok(()))
+}
+
+/// Reads the slot's state.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, PostgresError> {
+    let row = client
+        .query_opt(
+            "SELECT active_pid, coalesce(wal_status, 'reserved') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| PostgresError::query("reading the replication slot", &e))?;
+    Ok(match row {
+        None => SlotState::Missing,
+        Some(row) if row.get::<_, bool>(1) => SlotState::Lost,
+        Some(row) => SlotState::Ready { active_pid: row.get(0) },
+    })
+}
+
+/// Creates the slot (dropping a lost one first).
+pub async fn create_slot(client: &Client, slot: &str) -> Result<(), PostgresError> {
+    let q = |e: tokio_postgres::Error| PostgresError::query("creating the replication slot", &e);
+    if slot_state(client, slot).await? == SlotState::Lost {
+        client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.map_err(q)?;
+    }
+    client
+        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .await
+        .map_err(q)?;
+    Ok(())
+}
+
+/// `migrate` in replication mode: the publication and the slot, if missing.
+pub async fn setup(client: &Client, config: &Config) -> Result<Vec<String>, PostgresError> {
+    let r = &config.source.replication;
+    let table = TableName::parse(&config.source.table).map_err(PostgresError::Query)?;
+    let mut done = Vec::new();
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&r.publication])
+        .await
+        .map_err(|e| PostgresError::query("reading publications", &e))?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert')", quote_ident(&r.publication)))
+            .await
+            .map_err(|e| PostgresError::Query(format!("creating publication {}: {}", r.publication, describe(&e))))?;
+        done.push(format!("created publication {} for {}", r.publication, config.source.table));
+    }
+    if !matches!(slot_state(client, &r.slot).await?, SlotState::Ready { .. }) {
+        create_slot(client, &r.slot).await?;
+        done.push(format!("created replication slot {}", r.slot));
+    }
+    Ok(done)
+}
+
+/// The START_REPLICATION command for this configuration.
+pub fn start_command(r: &ReplicationConfig) -> String {
+    let publication = r.publication.replace('\'', "''").replace('"', "\"\"");
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names '\"{publication}\"', messages 'true')",
+        quote_ident(&r.slot)
+    )
+}
+
+/// Where each mapped column sits in the outbox relation's tuples.
+#[derive(Debug, Clone, Default)]
+struct ColumnSlots {
+    position: Option<usize>,
+    event_id: Option<usize>,
+    aggregate_type: Option<usize>,
+    aggregate_id: Option<usize>,
+    event_type: Option<usize>,
+    event_version: Option<usize>,
+    payload: Option<usize>,
+    headers: Option<usize>,
+    actor: Option<usize>,
+    traceparent: Option<usize>,
+    topic: Option<usize>,
+    created_at: Option<usize>,
+}
+
+impl ColumnSlots {
+    fn resolve(columns: &[Column], mapping: &ColumnMapping) -> ColumnSlots {
+        let find = |name: &str| if name.is_empty() { None } else { columns.iter().position(|c| c.name == name) };
+        ColumnSlots {
+            position: find(&mapping.position),
+            event_id: find(&mapping.event_id),
+            aggregate_type: find(&mapping.aggregate_type),
+            aggregate_id: find(&mapping.aggregate_id),
+            event_type: find(&mapping.event_type),
+            event_version: find(&mapping.event_version),
+            payload: find(&mapping.payload),
+            headers: find(&mapping.headers),
+            actor: find(&mapping.actor),
+            traceparent: find(&mapping.traceparent),
+            topic: find(&mapping.topic),
+            created_at: find(&mapping.created_at),
+        }
+    }
+}
+
+/// What a decoded change means for the relay.
+#[derive(Debug)]
+pub enum Decoded {
+    /// An outbox row or emitted message to publish; `row` is true for table
+    /// rows (which mark/delete mode must stamp).
+    Event { event: Box<OutboxEvent>, row: bool },
+    /// A row or message that cannot be published as it stands.
+    Rejected { rejected: Rejected, row: bool },
+    /// Not ours.
+    Ignored,
+}
+
+/// Turns pgoutput inserts and messages into outbox events.
+pub struct EventDecoder {
+    schema: String,
+    table: String,
+    label: String,
+    mapping: ColumnMapping,
+    prefix: String,
+    relations: HashMap<u32, Option<ColumnSlots>>,
+}
+
+/// The JSON applications pass to `pg_logical_emit_message(true, '<prefix>', ...)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmittedEvent {
+    event_id: Option<uuid::Uuid>,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    event_version: Option<i32>,
+    payload: Box<RawValue>,
+    headers: Option<Box<RawValue>>,
+    actor: Option<String>,
+    traceparent: Option<String>,
+    topic: Option<String>,
+}
+
+/// Namespace for event ids of emitted messages without one (stable per LSN).
+const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f75_7462_6f78_2d72_656c_6179_0000_0002);
+
+impl EventDecoder {
+    /// A decoder for the configured table, mapping and message prefix.
+    pub fn new(config: &Config) -> Result<EventDecoder, String> {
+        let table = TableName::parse(&config.source.table)?;
+        Ok(EventDecoder {
+            schema: table.schema.unwrap_or_else(|| "public".into()),
+            table: table.table,
+            label: config.source.table.clone(),
+            mapping: config.source.columns.clone(),
+            prefix: config.source.replication.message_prefix.clone(),
+            relations: HashMap::new(),
+        })
+    }
+
+    /// Learns (or re-learns, after ALTER TABLE) a relation's columns.
+    pub fn relation(&mut self, oid: u32, namespace: &str, name: &str, columns: &[Column]) {
+        let ours = namespace == self.schema && name == self.table;
+        self.relations.insert(oid, ours.then(|| ColumnSlots::resolve(columns, &self.mapping)));
+    }
+
+    /// Decodes an insert; `commit_time` stands in for a missing created_at.
+    pub fn insert(&self, oid: u32, values: &[Value], commit_time: DateTime<Utc>) -> Decoded {
+        let Some(Some(slots)) = self.relations.get(&oid) else { return Decoded::Ignored };
+        let text = |slot: Option<usize>| -> Result<Option<String>, String> {
+            match slot.and_then(|i| values.get(i)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::UnchangedToast) => Err("an unchanged TOAST value arrived in an insert".into()),
+                Some(Value::Text(bytes)) => Ok(Some(String::from_utf8_lossy(bytes).into_owned())),
+            }
+        };
+        let position = match text(slots.position).ok().flatten().and_then(|t| t.parse::<i64>().ok()) {
+            Some(position) => position,
+            None => {
+                return Decoded::Rejected {
+                    rejected: Rejected { position: 0, reason: format!("outbox row without an integer {}", self.mapping.position) },
+                    row: false,
+                }
+            }
+        };
+        let build = || -> Result<RawRow, String> {
+            Ok(RawRow {
+                position,
+                event_id: text(slots.event_id)?,
+                aggregate_type: text(slots.aggregate_type)?,
+                aggregate_id: text(slots.aggregate_id)?,
+                event_type: text(slots.event_type)?,
+                event_version: match text(slots.event_version)? {
+                    None => None,
+                    Some(v) => Some(v.parse().map_err(|_| format!("event_version {v:?} is not an integer"))?),
+                },
+                payload: text(slots.payload)?,
+                headers: text(slots.headers)?,
+                actor: text(slots.actor)?,
+                traceparent: text(slots.traceparent)?,
+                topic: text(slots.topic)?,
+                created_at: match text(slots.created_at)? {
+                    None => Some(commit_time),
+                    Some(t) => Some(parse_timestamptz(&t).ok_or_else(|| format!("created_at {t:?} is not a timestamp"))?),
+                },
+            })
+        };
+        match build().map_err(|reason| Rejected { position, reason }).and_then(|raw| raw.into_event(&self.label)) {
+            Ok(event) => Decoded::Event { event: Box::new(event), row: true },
+            Err(rejected) => Decoded::Rejected { rejected, row: true },
+        }
+    }
+
+    /// Decodes an emitted message with the configured prefix.
+    pub fn message(&self, prefix: &str, content: &[u8], lsn: u64, commit_time: DateTime<Utc>) -> Decoded {
+        if prefix != self.prefix {
+            return Decoded::Ignored;
+        }
+        let position = lsn as i64;
+        let parsed: EmittedEvent = match serde_json::from_slice(content) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                return Decoded::Rejected {
+                    rejected: Rejected { position, reason: format!("logical message at LSN {} is not a valid outbox event: {e}", wire::format_lsn(lsn)) },
+                    row: false,
+                }
+            }
+        };
+        let raw = RawRow {
+            position,
+            event_id: Some(parsed.event_id.unwrap_or_else(|| uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &lsn.to_be_bytes())).to_string()),
+            aggregate_type: Some(parsed.aggregate_type),
+            aggregate_id: Some(parsed.aggregate_id),
+            event_type: Some(parsed.event_type),
+            event_version: parsed.event_version,
+            payload: Some(parsed.payload.get().to_owned()),
+            headers: parsed.headers.map(|h| h.get().to_owned()),
+            actor: parsed.actor,
+            traceparent: parsed.traceparent,
+            topic: parsed.topic,
+            created_at: Some(commit_time),
+        };
+        match raw.into_event(&self.label) {
+            Ok(event) => Decoded::Event { event: Box::new(event), row: false },
+            Err(rejected) => Decoded::Rejected { rejected, row: false },
+        }
+    }
+}
+
+/// Parses Postgres's ISO text output of a timestamptz (`2026-11-22 07:38:00.123456+00`).
+pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
+    for format in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%#z"] {
+        if let Ok(t) = DateTime::parse_from_str(text, format) {
+            return Some(t.with_timezone(&Utc));
+        }
+    }
+    None
+}
+
+/// A Postgres timestamp (microseconds since 2000-01-01) as UTC.
+pub fn pg_time(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros + wire::PG_EPOCH_OFFSET_MICROS).unwrap_or_else(Utc::now)
+}
+
+/// Whether this configuration keeps rows in the table after publishing.
+pub fn marks_rows(config: &Config) -> bool {
+    config.published.mode != PublishedMode::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.postgres.url = "postgres://a@b/c".into();
+        c
+    }
+
+    fn outbox_columns() -> Vec<Column> {
+        ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "event_version", "payload", "headers", "created_at"]
+            .iter()
+            .map(|n| Column { name: (*n).into(), type_oid: 25 })
+            .collect()
+    }
+
+    fn t(s: &'static str) -> Value {
+        Value::Text(Bytes::from_static(s.as_bytes()))
+    }
+
+    #[test]
+    fn outbox_insert_becomes_an_event_and_other_tables_are_ignored() {
+        let mut decoder = EventDecoder::new(&config()).unwrap();
+        decoder.relation(1, "outbox", "events", &outbox_columns());
+        decoder.relation(2, "public", "orders", &outbox_columns());
+        let values = vec![
+            t("42"),
+            t("6a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11"),
+            t("Order"),
+            t("o-1"),
+            t("OrderPlaced"),
+            t("2"),
+            t("{\"total\": 5}"),
+            t("{}"),
+            t("2026-11-22 07:38:00.5+00"),
+        ];
+        let Decoded::Event { event, row } = decoder.insert(1, &values, Utc::now()) else { panic!("not an event") };
+        assert!(row);
+        assert_eq!((event.position, event.aggregate_id.as_str(), event.event_version), (42, "o-1", 2));
+        assert_eq!(event.created_at.to_rfc3339(), "2026-11-22T07:38:00.500+00:00");
+        assert!(matches!(decoder.insert(2, &values, Utc::now()), Decoded::Ignored));
+        assert!(matches!(decoder.insert(3, &values, Utc::now()), Decoded::Ignored));
+    }
+
+    #[test]
+    fn column_order_change_is_followed_after_a_new_relation_message() {
+        let mut decoder = EventDecoder::new(&config()).unwrap();
+        let mut columns = outbox_columns();
+        columns.reverse();
+        decoder.relation(1, "outbox", "events", &columns);
+        let mut values = vec![
+            t("42"),
+            t("6a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11"),
+            t("Order"),
+            t("o-1"),
+            t("OrderPlaced"),
+            t("1"),
+            t("[1]"),
+            t("{}"),
+            t("2026-11-22 07:38:00+00"),
+        ];
+        values.reverse();
+        let Decoded::Event { event, .. } = decoder.insert(1, &values, Utc::now()) else { panic!() };
+        assert_eq!(event.payload.get(), "[1]");
+    }
+
+    #[test]
+    fn emitted_messages_need_the_prefix_and_valid_json() {
+        let decoder = EventDecoder::new(&config()).unwrap();
+        let json = br#"{"aggregate_type":"Order","aggregate_id":"9","event_type":"OrderPaid","payload":{"a":1}}"#;
+        let Decoded::Event { event, row } = decoder.message("outbox", json, 0x10, Utc::now()) else { panic!() };
+        assert!(!row);
+        assert_eq!((event.aggregate_id.as_str(), event.payload.get()), ("9", r#"{"a":1}"#));
+        let again = decoder.message("outbox", json, 0x10, Utc::now());
+        let Decoded::Event { event: same, .. } = again else { panic!() };
+        assert_eq!(event.event_id, same.event_id, "stable id per LSN");
+        assert!(matches!(decoder.message("other", json, 1, Utc::now()), Decoded::Ignored));
+        assert!(matches!(decoder.message("outbox", b"{nope", 1, Utc::now()), Decoded::Rejected { .. }));
+    }
+
+    #[test]
+    fn start_command_quotes_names() {
+        let r = ReplicationConfig::default();
+        assert_eq!(
+            start_command(&r),
+            "START_REPLICATION SLOT \"outbox_relay\" LOGICAL 0/0 (proto_version '1', publication_names '\"outbox_relay_pub\"', messages 'true')"
+        );
+    }
+}

@@ -1,0 +1,467 @@
+//! A minimal Postgres wire client for a `replication=database` connection:
+//! startup, authentication (trust, cleartext, MD5, SCRAM-SHA-256), simple
+//! queries, and the CopyBoth stream that carries logical replication.
+//!
+//! Upstream tokio-postgres cannot speak replication, so this module frames
+//! backend messages itself (postgres-protocol's parser rejects
+//! CopyBothResponse) and uses postgres-protocol for frontend messages and
+//! the authentication math.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Microseconds between the Unix epoch and Postgres's epoch (2000-01-01).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// Errors on the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Socket failure or the server went away.
+    #[error("replication connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server reported an error.
+    #[error("{message} [SQLSTATE {code}]")]
+    Server {
+        /// SQLSTATE.
+        code: String,
+        /// Server message.
+        message: String,
+    },
+    /// Something the client cannot handle.
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+}
+
+impl WireError {
+    /// The SQLSTATE if the server sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            WireError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// One backend message: tag and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Message type byte.
+    pub tag: u8,
+    /// Everything after the length word.
+    pub body: Bytes,
+}
+
+/// Splits complete frames off the front of `buffer`.
+pub fn next_frame(buffer: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    if buffer.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buffer[0];
+    let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if len < 4 {
+        return Err(WireError::Protocol(format!("invalid message length {len}")));
+    }
+    if buffer.len() < 1 + len {
+        buffer.reserve(1 + len - buffer.len());
+        return Ok(None);
+    }
+    let mut frame = buffer.split_to(1 + len);
+    frame.advance(5);
+    Ok(Some(Frame { tag, body: frame.freeze() }))
+}
+
+/// Parses an ErrorResponse/NoticeResponse body into (SQLSTATE, message).
+pub fn parse_error(body: &[u8]) -> (String, String) {
+    let (mut code, mut message, mut detail, mut hint) = (String::new(), String::new(), None, None);
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match field {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'D' => detail = Some(value),
+            b'H' => hint = Some(value),
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    if let Some(detail) = detail {
+        message.push_str(&format!(" ({detail})"));
+    }
+    if let Some(hint) = hint {
+        message.push_str(&format!(" hint: {hint}"));
+    }
+    (code, message)
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    /// `host:port`.
+    pub address: String,
+    /// Role.
+    pub user: String,
+    /// Password, if any.
+    pub password: Option<Vec<u8>>,
+    /// Database.
+    pub database: String,
+    /// Shown in pg_stat_activity / pg_stat_replication.
+    pub application_name: String,
+}
+
+impl ConnectParams {
+    /// From a tokio-postgres config (the relay's `postgres.url`).
+    pub fn from_config(config: &tokio_postgres::Config, application_name: &str) -> Result<ConnectParams, WireError> {
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            Some(tokio_postgres::config::Host::Unix(_)) => {
+                return Err(WireError::Protocol(
+                    "replication mode needs a TCP host in postgres.url (unix sockets are not supported)".into(),
+                ))
+            }
+            None => "localhost".into(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("postgres").to_owned();
+        Ok(ConnectParams {
+            address: format!("{host}:{port}"),
+            database: config.get_dbname().unwrap_or(&user).to_owned(),
+            user,
+            password: config.get_password().map(<[u8]>::to_vec),
+            application_name: application_name.to_owned(),
+        })
+    }
+}
+
+/// An authenticated replication connection, before streaming starts.
+pub struct ReplicationConnection {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    buffer: BytesMut,
+}
+
+/// A row of a simple query result (text format).
+pub type TextRow = Vec<Option<String>>;
+
+impl ReplicationConnection {
+    /// Connects, sends the startup message with `replication=database`, and
+    /// authenticates.
+    pub async fn connect(params: &ConnectParams) -> Result<ReplicationConnection, WireError> {
+        let stream = TcpStream::connect(&params.address).await?;
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.into_split();
+        let mut conn = ReplicationConnection { reader, writer, buffer: BytesMut::with_capacity(64 * 1024) };
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", params.user.as_str()),
+                ("database", params.database.as_str()),
+                ("replication", "database"),
+                ("application_name", params.application_name.as_str()),
+                ("client_encoding", "UTF8"),
+                ("DateStyle", "ISO"),
+                ("TimeZone", "UTC"),
+            ],
+            &mut out,
+        )?;
+        conn.send(&out).await?;
+        conn.authenticate(params).await?;
+        // Parameter status, backend key data, then ReadyForQuery.
+        loop {
+            let frame = conn.read_frame().await?;
+            match frame.tag {
+                b'Z' => return Ok(conn),
+                b'E' => return Err(server_error(&frame.body)),
+                _ => {}
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), WireError> {
+        let missing_password = || {
+            WireError::Protocol("the server asks for a password but postgres.url has none (or set postgres.password_file)".into())
+        };
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'E' => return Err(server_error(&frame.body)),
+                b'R' => {}
+                other => return Err(WireError::Protocol(format!("unexpected message {:?} during authentication", other as char))),
+            }
+            let mut body = frame.body.clone();
+            if body.len() < 4 {
+                return Err(WireError::Protocol("short authentication message".into()));
+            }
+            let kind = body.get_i32();
+            let mut out = BytesMut::new();
+            match kind {
+                0 => return Ok(()),
+                3 => {
+                    let password = params.password.as_deref().ok_or_else(missing_password)?;
+                    frontend::password_message(password, &mut out)?;
+                }
+                5 => {
+                    let password = params.password.as_deref().ok_or_else(missing_password)?;
+                    if body.len() < 4 {
+                        return Err(WireError::Protocol("short MD5 salt".into()));
+                    }
+                    let salt = [body[0], body[1], body[2], body[3]];
+                    let hash = md5_hash(params.user.as_bytes(), password, salt);
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                10 => {
+                    let password = params.password.as_deref().ok_or_else(missing_password)?;
+                    let mechanisms = String::from_utf8_lossy(&body);
+                    if !mechanisms.split('\0').any(|m| m == SCRAM_SHA_256) {
+                        return Err(WireError::Protocol(format!("no supported SASL mechanism in {mechanisms:?}")));
+                    }
+                    self.scram(password).await?;
+                    continue;
+                }
+                other => return Err(WireError::Protocol(format!("unsupported authentication method {other}"))),
+            }
+            self.send(&out).await?;
+        }
+    }
+
+    async fn scram(&mut self, password: &[u8]) -> Result<(), WireError> {
+        let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
+        let mut out = BytesMut::new();
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut out)?;
+        self.send(&out).await?;
+        let continue_body = self.expect_auth(11).await?;
+        scram.update(&continue_body)?;
+        let mut out = BytesMut::new();
+        frontend::sasl_response(scram.message(), &mut out)?;
+        self.send(&out).await?;
+        let final_body = self.expect_auth(12).await?;
+        scram.finish(&final_body)?;
+        Ok(())
+    }
+
+    async fn expect_auth(&mut self, kind: i32) -> Result<Bytes, WireError> {
+        let frame = self.read_frame().await?;
+        if frame.tag == b'E' {
+            return Err(server_error(&frame.body));
+        }
+        let mut body = frame.body;
+        if frame.tag != b'R' || body.len() < 4 || body.get_i32() != kind {
+            return Err(WireError::Protocol("unexpected SASL exchange".into()));
+        }
+        Ok(body)
+    }
+
+    /// Runs a simple query and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<TextRow>, WireError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.send(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'D' => rows.push(parse_data_row(&frame.body)?),
+                b'E' => error = Some(server_error(&frame.body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(error) => Err(error),
+            None => Ok(rows),
+        }
+    }
+
+    /// Sends START_REPLICATION and waits for CopyBothResponse.
+    pub async fn start_replication(mut self, command: &str) -> Result<ReplicationStream, WireError> {
+        let mut out = BytesMut::new();
+        frontend::query(command, &mut out)?;
+        self.send(&out).await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'W' => {
+                    return Ok(ReplicationStream {
+                        reader: FrameReader { reader: self.reader, buffer: self.buffer },
+                        writer: self.writer,
+                    })
+                }
+                b'E' => return Err(server_error(&frame.body)),
+                b'N' | b'S' => {}
+                other => return Err(WireError::Protocol(format!("unexpected message {:?} after START_REPLICATION", other as char))),
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.writer.write_all(bytes).await?;
+        Ok(())
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, WireError> {
+        loop {
+            if let Some(frame) = next_frame(&mut self.buffer)? {
+                return Ok(frame);
+            }
+            if self.reader.read_buf(&mut self.buffer).await? == 0 {
+                return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+fn server_error(body: &[u8]) -> WireError {
+    let (code, message) = parse_error(body);
+    WireError::Server { code, message }
+}
+
+fn parse_data_row(body: &[u8]) -> Result<TextRow, WireError> {
+    let mut buf = body;
+    let short = || WireError::Protocol("short DataRow".into());
+    if buf.len() < 2 {
+        return Err(short());
+    }
+    let count = buf.get_i16() as usize;
+    let mut row = Vec::with_capacity(count);
+    for _ in 0..count {
+        if buf.len() < 4 {
+            return Err(short());
+        }
+        let len = buf.get_i32();
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            if buf.len() < len {
+                return Err(short());
+            }
+            row.push(Some(String::from_utf8_lossy(&buf[..len]).into_owned()));
+            buf.advance(len);
+        }
+    }
+    Ok(row)
+}
+
+/// Reads CopyData payloads from the stream.
+pub struct FrameReader {
+    reader: OwnedReadHalf,
+    buffer: BytesMut,
+}
+
+impl FrameReader {
+    /// The next CopyData payload; None when the server ended the copy.
+    /// Cancel-safe: a partially read frame stays buffered.
+    pub async fn next_copy_data(&mut self) -> Result<Option<Bytes>, WireError> {
+        loop {
+            while let Some(frame) = next_frame(&mut self.buffer)? {
+                match frame.tag {
+                    b'd' => return Ok(Some(frame.body)),
+                    b'c' => return Ok(None),
+                    b'E' => return Err(server_error(&frame.body)),
+                    _ => {}
+                }
+            }
+            if self.reader.read_buf(&mut self.buffer).await? == 0 {
+                return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+}
+
+/// A streaming replication session: read CopyData, write status updates.
+pub struct ReplicationStream {
+    /// Incoming WAL data and keepalives.
+    pub reader: FrameReader,
+    writer: OwnedWriteHalf,
+}
+
+impl ReplicationStream {
+    /// Sends a Standby Status Update: everything up to `flushed` may be
+    /// released by the server.
+    pub async fn send_status(&mut self, flushed: u64, reply_requested: bool) -> Result<(), WireError> {
+        let mut message = BytesMut::with_capacity(34);
+        message.put_u8(b'r');
+        message.put_u64(flushed);
+        message.put_u64(flushed);
+        message.put_u64(flushed);
+        message.put_i64(now_pg_micros());
+        message.put_u8(u8::from(reply_requested));
+        let mut out = BytesMut::with_capacity(40);
+        out.put_u8(b'd');
+        out.put_i32(4 + message.len() as i32);
+        out.extend_from_slice(&message);
+        self.writer.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Ends the copy politely (the server then closes the stream).
+    pub async fn finish(&mut self) -> Result<(), WireError> {
+        let mut out = BytesMut::new();
+        frontend::copy_done(&mut out);
+        self.writer.write_all(&out).await?;
+        Ok(())
+    }
+}
+
+/// Now, in microseconds since 2000-01-01 (Postgres timestamps).
+pub fn now_pg_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros() - PG_EPOCH_OFFSET_MICROS
+}
+
+/// Formats an LSN the way Postgres prints it (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parses `16/B374D848`.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_split_only_when_complete() {
+        let mut buf = BytesMut::from(&b"W\x00\x00\x00\x07\x00\x00\x00d\x00\x00\x00\x05x"[..]);
+        let frame = next_frame(&mut buf).unwrap().unwrap();
+        assert_eq!(frame.tag, b'W');
+        assert_eq!(&frame.body[..], b"\x00\x00\x00");
+        let frame = next_frame(&mut buf).unwrap().unwrap();
+        assert_eq!((frame.tag, &frame.body[..]), (b'd', &b"x"[..]));
+        let mut partial = BytesMut::from(&b"d\x00\x00\x00\x09ab"[..]);
+        assert!(next_frame(&mut partial).unwrap().is_none());
+        assert_eq!(partial.len(), 7, "partial frame stays buffered");
+    }
+
+    #[test]
+    fn error_fields_become_code_and_message() {
+        let body = b"SERROR\0C42704\0Mreplication slot \"x\" does not exist\0\0";
+        assert_eq!(parse_error(body), ("42704".into(), "replication slot \"x\" does not exist".into()));
+    }
+
+    #[test]
+    fn lsn_round_trips() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("nope"), None);
+    }
+
+    #[test]
+    fn data_rows_decode_nulls_and_text() {
+        let body = b"\x00\x02\xff\xff\xff\xff\x00\x00\x00\x03abc";
+        assert_eq!(parse_data_row(body).unwrap(), vec![None, Some("abc".into())]);
+    }
+}
