@@ -180,7 +180,7 @@ impl ThrowawayPostgres {
             .args(["-p", &self.port.to_string()])
             .arg("-k")
             .arg(&self.dir)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "wal_level=logical"])
+            .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "max_replication_slots=20", "-c", "max_wal_senders=20"])
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200", "-c", "shared_buffers=128MB"])
@@ -215,6 +215,10 @@ impl ThrowawayPostgres {
         let hba = "local all all trust\nlocal replication all trust\n\
                    host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n";
         fs::write(data.join("pg_hba.conf"), hba)?;
+        // In the config file rather than on the command line, so a test can
+        // lower it with ALTER SYSTEM to check the relay's wal_level message.
+        let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut conf, b"\nwal_level = logical\n")?;
         Ok(())
     }
 

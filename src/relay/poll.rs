@@ -174,7 +174,7 @@ impl<S: Sink> Relay<S> {
                         if until_caught_up && batch.is_empty() && in_flight.is_empty() {
                             return Ok(SessionEnd::CaughtUp);
                         }
-                        want_claim = batch.len() >= batch_size || until_caught_up;
+                        want_claim = batch.len() >= batch_size;
                         if !batch.is_empty() {
                             self.metrics.batches.inc();
                             self.metrics.batch_size.observe(batch.len() as f64);
@@ -202,7 +202,7 @@ impl<S: Sink> Relay<S> {
                     self.apply(source, &outcome, &mut parked).await?;
                     tracing::trace!(rows = outcome.delivered.len(), took_us = apply_started.elapsed().as_micros() as u64, "checkpoint");
                     in_flight.complete(outcome.sequence);
-                    if resync && in_flight.is_empty() {
+                    if (resync || until_caught_up) && in_flight.is_empty() {
                         want_claim = true;
                     }
                 }
