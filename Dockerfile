@@ -65,7 +65,7 @@ LABEL org.opencontainers.image.title="outbox-relay" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
+      org.opencontainers.image.base.name="debian:bookworm-slim"
 
 # The binary links libssl.so.3/libcrypto.so.3 (libssl3), libz.so.1 (zlib1g),
 # libgcc_s.so.1 (libgcc-s1) and glibc (libc6); the last three are in the base

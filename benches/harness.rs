@@ -43,7 +43,24 @@ struct Options {
     reps: usize,
     rates: Vec<Option<u64>>,
     live_secs: u64,
-    modes: Vec<&'static str>,
+    scenarios: Vec<Scenario>,
+}
+
+/// A capture mode and a published mode, e.g. `replication/none`.
+#[derive(Debug, Clone)]
+struct Scenario {
+    capture: String,
+    published: String,
+}
+
+impl Scenario {
+    fn name(&self) -> String {
+        format!("{}/{}", self.capture, self.published)
+    }
+
+    fn replication(&self) -> bool {
+        self.capture == "replication"
+    }
 }
 
 fn options() -> Options {
@@ -58,12 +75,13 @@ fn options() -> Options {
         .map(|r| if r == "max" { None } else { r.parse().ok() })
         .collect();
     let live_secs = value("--live-secs").and_then(|v| v.parse().ok()).unwrap_or(if quick { 5 } else { 10 });
-    let modes = match value("--modes").as_deref() {
-        Some("mark") => vec!["mark"],
-        Some("delete") => vec!["delete"],
-        _ => vec!["mark", "delete"],
-    };
-    Options { events, reps, rates, live_secs, modes }
+    let scenarios = value("--scenarios")
+        .unwrap_or_else(|| "poll/mark,poll/delete,replication/none,replication/mark".into())
+        .split(',')
+        .filter_map(|s| s.split_once('/'))
+        .map(|(capture, published)| Scenario { capture: capture.into(), published: published.into() })
+        .collect();
+    Options { events, reps, rates, live_secs, scenarios }
 }
 
 fn main() {
@@ -125,32 +143,54 @@ async fn run(opts: Options) {
         restart_broker(&mut broker);
         let produce_rate = raw_produce(&broker.bootstrap(), opts.events).await;
         samples.add("raw: librdkafka produce (events/s)", produce_rate);
-        // Backlog drain in each published mode.
-        for mode in &opts.modes {
+        // Raw logical replication read: pgoutput decoding only, no publishing.
+        reset(&client).await;
+        recreate_slot(&client, "bench_raw").await;
+        preload(&client, opts.events).await;
+        let read_rate = bare_replication_read(&pg.url(), "bench_raw", opts.events).await;
+        drop_slot(&client, "bench_raw").await;
+        samples.add("raw: pgoutput read, no publishing (events/s)", read_rate);
+        // Backlog drain per scenario.
+        for scenario in &opts.scenarios {
+            let name = scenario.name();
             reset(&client).await;
+            if scenario.replication() {
+                recreate_slot(&client, "outbox_relay").await;
+            }
             preload(&client, opts.events).await;
             restart_broker(&mut broker);
-            let drain = drain_backlog(&pg.url(), &broker.bootstrap(), &client, mode).await;
-            samples.add(&format!("poll/{mode} drain (events/s)"), opts.events as f64 / drain.seconds);
-            samples.add(&format!("poll/{mode} drain peak RSS (MiB)"), drain.peak_rss_mib);
-            samples.add(&format!("poll/{mode} drain CPU s per 1M events"), drain.cpu_seconds * 1e6 / opts.events as f64);
-            let limit = select_rate.min(produce_rate);
-            samples.add(&format!("poll/{mode} drain / tighter raw limit (%)"), 100.0 * opts.events as f64 / drain.seconds / limit);
+            let drain = drain_backlog(&pg.url(), &broker.bootstrap(), &client, scenario).await;
+            samples.add(&format!("{name} drain (events/s)"), opts.events as f64 / drain.seconds);
+            samples.add(&format!("{name} drain peak RSS (MiB)"), drain.peak_rss_mib);
+            samples.add(&format!("{name} drain CPU s per 1M events"), drain.cpu_seconds * 1e6 / opts.events as f64);
+            let db_limit = if scenario.replication() { read_rate } else { select_rate };
+            let limit = db_limit.min(produce_rate);
+            samples.add(&format!("{name} drain / tighter raw limit (%)"), 100.0 * opts.events as f64 / drain.seconds / limit);
+            if scenario.replication() {
+                drop_slot(&client, "outbox_relay").await;
+            }
         }
         // Live: fixed write rates.
-        for mode in &opts.modes {
+        for scenario in &opts.scenarios {
+            let name = scenario.name();
             for rate in &opts.rates {
                 reset(&client).await;
+                if scenario.replication() {
+                    recreate_slot(&client, "outbox_relay").await;
+                }
                 restart_broker(&mut broker);
-                let live = live(&pg.url(), &broker.bootstrap(), &client, mode, *rate, opts.live_secs).await;
-                let name = rate.map(|r| format!("{r}/s")).unwrap_or_else(|| "max".into());
-                samples.add(&format!("poll/{mode} live {name}: achieved write rate (events/s)"), live.write_rate);
-                samples.add(&format!("poll/{mode} live {name}: p50 latency (ms)"), live.p50_ms);
-                samples.add(&format!("poll/{mode} live {name}: p99 latency (ms)"), live.p99_ms);
-                samples.add(&format!("poll/{mode} live {name}: p99.9 latency (ms)"), live.p999_ms);
-                samples.add(&format!("poll/{mode} live {name}: backlog 1 s after writers stop"), live.backlog_after as f64);
-                samples.add(&format!("poll/{mode} live {name}: peak RSS (MiB)"), live.peak_rss_mib);
-                samples.add(&format!("poll/{mode} live {name}: CPU s per 1M events"), live.cpu_seconds * 1e6 / live.events.max(1) as f64);
+                let live = live(&pg.url(), &broker.bootstrap(), &client, scenario, *rate, opts.live_secs).await;
+                if scenario.replication() {
+                    drop_slot(&client, "outbox_relay").await;
+                }
+                let rate = rate.map(|r| format!("{r}/s")).unwrap_or_else(|| "max".into());
+                samples.add(&format!("{name} live {rate}: achieved write rate (events/s)"), live.write_rate);
+                samples.add(&format!("{name} live {rate}: p50 latency (ms)"), live.p50_ms);
+                samples.add(&format!("{name} live {rate}: p99 latency (ms)"), live.p99_ms);
+                samples.add(&format!("{name} live {rate}: p99.9 latency (ms)"), live.p999_ms);
+                samples.add(&format!("{name} live {rate}: backlog 1 s after writers stop"), live.backlog_after as f64);
+                samples.add(&format!("{name} live {rate}: peak RSS (MiB)"), live.peak_rss_mib);
+                samples.add(&format!("{name} live {rate}: CPU s per 1M events"), live.cpu_seconds * 1e6 / live.events.max(1) as f64);
             }
         }
     }
@@ -318,13 +358,14 @@ struct RelayRun {
 }
 
 impl RelayRun {
-    fn start(url: &str, bootstrap: &str, mode: &str) -> RelayRun {
+    fn start(url: &str, bootstrap: &str, scenario: &Scenario) -> RelayRun {
         let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
             .arg("run")
             .env_remove("RUST_LOG")
             .env("OUTBOX_RELAY_POSTGRES__URL", url)
             .env("OUTBOX_RELAY_SINK__KAFKA__BROKERS", bootstrap)
-            .env("OUTBOX_RELAY_PUBLISHED__MODE", mode)
+            .env("OUTBOX_RELAY_SOURCE__MODE", &scenario.capture)
+            .env("OUTBOX_RELAY_PUBLISHED__MODE", &scenario.published)
             .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
             .env("OUTBOX_RELAY_LOG__LEVEL", std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
@@ -369,26 +410,92 @@ struct Drain {
     cpu_seconds: f64,
 }
 
-async fn remaining(client: &Client, mode: &str) -> bool {
-    let sql = if mode == "delete" {
-        "SELECT EXISTS (SELECT 1 FROM outbox.events)"
-    } else {
-        "SELECT EXISTS (SELECT 1 FROM outbox.events WHERE published_at IS NULL)"
+/// Whether the scenario still has work: unpublished rows, rows left (delete
+/// mode), or (replication/none) a slot behind `target` LSN.
+async fn remaining(client: &Client, scenario: &Scenario, target: &str) -> bool {
+    let sql = match scenario.published.as_str() {
+        "delete" => "SELECT EXISTS (SELECT 1 FROM outbox.events) AND $1::text IS NOT NULL",
+        "none" => {
+            "SELECT coalesce(pg_wal_lsn_diff($1::text::pg_lsn, confirmed_flush_lsn) > 0, true) \
+             FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+        }
+        _ => "SELECT EXISTS (SELECT 1 FROM outbox.events WHERE published_at IS NULL) AND $1::text IS NOT NULL",
     };
-    client.query_one(sql, &[]).await.expect("remaining").get(0)
+    client.query_one(sql, &[&target]).await.expect("remaining").get(0)
 }
 
-async fn drain_backlog(url: &str, bootstrap: &str, client: &Client, mode: &str) -> Drain {
+async fn current_lsn(client: &Client) -> String {
+    client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0)
+}
+
+async fn drop_slot(client: &Client, slot: &str) {
+    client
+        .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .expect("drop slot");
+}
+
+async fn recreate_slot(client: &Client, slot: &str) {
+    drop_slot(client, slot).await;
+    client
+        .batch_execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'outbox_relay_pub') THEN \
+               CREATE PUBLICATION outbox_relay_pub FOR TABLE outbox.events WITH (publish = 'insert'); END IF; END $$",
+        )
+        .await
+        .expect("publication");
+    client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.expect("create slot");
+}
+
+/// Reads `n` inserts from `slot` with the relay's own wire client and
+/// decoder, publishing nothing: the physical limit of replication capture.
+async fn bare_replication_read(url: &str, slot: &str, n: usize) -> f64 {
+    use outbox_relay::source::replication::pgoutput::{Logical, WalMessage};
+    use outbox_relay::source::replication::wire::{ConnectParams, ReplicationConnection};
+    let config: tokio_postgres::Config = url.parse().expect("url");
+    let params = ConnectParams::from_config(&config, "bench").expect("params");
     let started = Instant::now();
-    let relay = RelayRun::start(url, bootstrap, mode);
-    while remaining(client, mode).await {
+    let connection = ReplicationConnection::connect(&params).await.expect("replication connection");
+    let command = format!(
+        "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', publication_names 'outbox_relay_pub')"
+    );
+    let mut stream = connection.start_replication(&command).await.expect("start replication");
+    let mut inserts = 0usize;
+    while inserts < n {
+        let data = stream.reader.next_copy_data().await.expect("copy data").expect("stream open");
+        match WalMessage::parse(data).expect("wal message") {
+            WalMessage::XLogData { data, .. } => {
+                if let Logical::Insert { values, .. } = Logical::parse(data).expect("pgoutput") {
+                    std::hint::black_box(values);
+                    inserts += 1;
+                }
+            }
+            WalMessage::Keepalive { wal_end, reply } => {
+                if reply {
+                    stream.send_status(wal_end, false).await.expect("status");
+                }
+            }
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = stream.finish().await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rate
+}
+
+async fn drain_backlog(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario) -> Drain {
+    let target = current_lsn(client).await;
+    let started = Instant::now();
+    let relay = RelayRun::start(url, bootstrap, scenario);
+    while remaining(client, scenario, &target).await {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(started.elapsed() < Duration::from_secs(900), "drain took over 15 minutes");
     }
     let seconds = started.elapsed().as_secs_f64();
     let drain = Drain { seconds, peak_rss_mib: relay.peak_rss_mib(), cpu_seconds: relay.cpu_seconds() };
     relay.stop();
-    eprintln!("bench:   poll/{mode} drain {:.1} s, peak RSS {:.1} MiB", drain.seconds, drain.peak_rss_mib);
+    eprintln!("bench:   {} drain {:.1} s, peak RSS {:.1} MiB", scenario.name(), drain.seconds, drain.peak_rss_mib);
     drain
 }
 
@@ -409,8 +516,8 @@ fn now_us() -> i64 {
 
 /// Writers commit single-row transactions at `rate` (None: as fast as 4
 /// connections can) for `secs`; a consumer timestamps arrivals.
-async fn live(url: &str, bootstrap: &str, client: &Client, mode: &str, rate: Option<u64>, secs: u64) -> Live {
-    let relay = RelayRun::start(url, bootstrap, mode);
+async fn live(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario, rate: Option<u64>, secs: u64) -> Live {
+    let relay = RelayRun::start(url, bootstrap, scenario);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stop_consumer = Arc::new(AtomicBool::new(false));
     let consumer = {
@@ -455,17 +562,22 @@ async fn live(url: &str, bootstrap: &str, client: &Client, mode: &str, rate: Opt
         written += t.await.unwrap();
     }
     let write_rate = written as f64 / started.elapsed().as_secs_f64();
+    let target = current_lsn(client).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let backlog_after: i64 = client
         .query_one(
-            if mode == "delete" { "SELECT count(*) FROM outbox.events" } else { "SELECT count(*) FROM outbox.events WHERE published_at IS NULL" },
+            match scenario.published.as_str() {
+                "delete" => "SELECT count(*) FROM outbox.events",
+                "none" => "SELECT count(*) FROM outbox.events WHERE false",
+                _ => "SELECT count(*) FROM outbox.events WHERE published_at IS NULL",
+            },
             &[],
         )
         .await
         .unwrap()
         .get(0);
     let waited = Instant::now();
-    while remaining(client, mode).await && waited.elapsed() < Duration::from_secs(120) {
+    while remaining(client, scenario, &target).await && waited.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -488,8 +600,10 @@ async fn live(url: &str, bootstrap: &str, client: &Client, mode: &str, rate: Opt
     };
     relay.stop();
     eprintln!(
-        "bench:   poll/{mode} live {:?}: {:.0}/s written, p50 {:.1} ms, p99 {:.1} ms, backlog after {}",
-        rate, result.write_rate, result.p50_ms, result.p99_ms, result.backlog_after
+        "bench:   {} live {:?}: {:.0}/s written, p50 {:.1} ms, p99 {:.1} ms, backlog after {}",
+        scenario.name(),
+        rate,
+        result.write_rate, result.p50_ms, result.p99_ms, result.backlog_after
     );
     result
 }

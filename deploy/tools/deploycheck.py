@@ -69,10 +69,11 @@ def finish():
 
 
 def rel(p):
+    """A path relative to the repository; a rendered overlay by its name."""
     try:
         return str(Path(p).resolve().relative_to(ROOT))
     except ValueError:
-        return str(p)
+        return f"{Path(p).stem} (rendered)"
 
 
 # ---------------------------------------------------------------------------

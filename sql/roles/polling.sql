@@ -50,21 +50,50 @@ BEGIN;
 -- gains nothing beyond the grants below, even if someone later adds it to a
 -- group role. (Leave CONNECTION LIMIT unset: each relay uses a few
 -- connections, and several relays (standbys, sidecars) share this role.)
-SELECT format('CREATE ROLE %I LOGIN', :'role')
- WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
-ALTER ROLE :"role" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT
-    NOREPLICATION NOBYPASSRLS;
-
-\if :{?password}
--- Stored as a SCRAM verifier; the statement itself carries the clear text,
--- so keep log_statement from logging it (psql does not log it).
-SET LOCAL password_encryption = 'scram-sha-256';
-ALTER ROLE :"role" WITH PASSWORD :'password';
+-- Creating or altering it needs CREATEROLE (PostgreSQL 16+: and ADMIN OPTION
+-- on an existing role); without it the role must exist already (a DBA
+-- creates it) and only its attributes are checked.
+-- SUPERUSER, REPLICATION and BYPASSRLS can only be removed by a superuser
+-- (a new role has none of them): refuse an existing role that has one.
+SELECT coalesce(bool_or(rolsuper OR rolreplication OR rolbypassrls), false) AS role_too_powerful
+  FROM pg_roles WHERE rolname = :'role' \gset
+\if :role_too_powerful
+  \echo 'role' :"role" 'has SUPERUSER, REPLICATION or BYPASSRLS; a superuser must run: ALTER ROLE' :"role" 'NOSUPERUSER NOREPLICATION NOBYPASSRLS;'
+  DO $$ BEGIN RAISE EXCEPTION 'the relay role is too powerful'; END $$;
 \endif
 
--- Connect to this database (PUBLIC usually has CONNECT; hardened databases
--- revoke it).
-SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'role') \gexec
+SELECT rolsuper OR rolcreaterole AS can_manage_roles
+  FROM pg_roles WHERE rolname = current_user \gset
+\if :can_manage_roles
+  SELECT format('CREATE ROLE %I LOGIN', :'role')
+   WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
+  ALTER ROLE :"role" WITH LOGIN NOCREATEDB NOCREATEROLE NOINHERIT;
+  \if :{?password}
+    -- Stored as a SCRAM verifier; the statement itself carries the clear
+    -- text, so keep log_statement from logging it (psql does not log it).
+    SET LOCAL password_encryption = 'scram-sha-256';
+    ALTER ROLE :"role" WITH PASSWORD :'password';
+  \endif
+\else
+  SELECT NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') AS role_missing \gset
+  \if :role_missing
+    \echo 'role' :"role" 'does not exist and' :"USER" 'may not create it: a DBA must run: CREATE ROLE' :"role" 'LOGIN NOINHERIT;'
+    DO $$ BEGIN RAISE EXCEPTION 'the relay role does not exist'; END $$;
+  \endif
+\endif
+
+-- CREATEDB/CREATEROLE were removed above if we could; if not, refuse.
+SELECT rolcreatedb OR rolcreaterole AS role_too_powerful
+  FROM pg_roles WHERE rolname = :'role' \gset
+\if :role_too_powerful
+  \echo 'role' :"role" 'has CREATEDB or CREATEROLE; remove it: ALTER ROLE' :"role" 'NOCREATEDB NOCREATEROLE;'
+  DO $$ BEGIN RAISE EXCEPTION 'the relay role is too powerful'; END $$;
+\endif
+
+-- Connect to this database. PUBLIC usually has CONNECT; hardened databases
+-- revoke it. Granted when we may (database owner or superuser).
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'role')
+ WHERE has_database_privilege(current_database(), 'CONNECT WITH GRANT OPTION') \gexec
 
 -- Resolve names in the outbox schema. USAGE does not allow creating objects.
 GRANT USAGE ON SCHEMA :"schema" TO :"role";

@@ -14,13 +14,19 @@
 --   schema       outbox schema (default: outbox)
 --   table        outbox table (default: events)
 --   publication  publication the relay subscribes to (default: outbox_relay_pub)
+--   published_mode  the relay's published.mode: mark (default) or delete
+--                (the relay also stamps or deletes published rows, and drains
+--                by polling after recreating a lost slot: it needs UPDATE and
+--                DELETE too), or none (the slot's position is the only mark:
+--                SELECT suffices)
 --
 -- Idempotent: role and publication are created only if missing.
 --
 -- Creating a role WITH REPLICATION needs superuser (PostgreSQL < 16) or
 -- CREATEROLE plus REPLICATION (16+). The replication slot (`outbox_relay` by
--- default) is created by the relay itself on first start; it is not created
--- here, because a slot nobody consumes retains WAL from the moment it exists.
+-- default) is not created here: `outbox-relay migrate` creates it in
+-- replication mode (its role then needs REPLICATION too), or the relay does on
+-- first start. A slot nobody consumes retains WAL from the moment it exists.
 --
 -- Server prerequisites (postgresql.conf, restart needed):
 --   wal_level = logical
@@ -49,6 +55,16 @@
 \else
   \set publication outbox_relay_pub
 \endif
+\if :{?published_mode}
+\else
+  \set published_mode mark
+\endif
+SELECT :'published_mode' NOT IN ('mark', 'delete', 'none') AS bad_mode,
+       :'published_mode' <> 'none' AS writes_rows \gset
+\if :bad_mode
+  \echo 'published_mode must be mark, delete or none, not' :'published_mode'
+  DO $$ BEGIN RAISE EXCEPTION 'bad published_mode'; END $$;
+\endif
 
 SELECT to_regclass(format('%I.%I', :'schema', :'table')) IS NULL AS outbox_missing \gset
 \if :outbox_missing
@@ -66,23 +82,39 @@ BEGIN;
 -- The login role. REPLICATION lets it open a replication connection, create
 -- and drop its logical slot and stream changes; it bypasses nothing else
 -- (no superuser, no row-level-security bypass, no inherited privileges).
+-- SUPERUSER and BYPASSRLS can only be removed by a superuser (a new role has
+-- neither): refuse an existing role that has one.
+SELECT coalesce(bool_or(rolsuper OR rolbypassrls), false) AS role_too_powerful
+  FROM pg_roles WHERE rolname = :'role' \gset
+\if :role_too_powerful
+  \echo 'role' :"role" 'has SUPERUSER or BYPASSRLS; a superuser must run: ALTER ROLE' :"role" 'NOSUPERUSER NOBYPASSRLS;'
+  DO $$ BEGIN RAISE EXCEPTION 'the relay role is too powerful'; END $$;
+\endif
 SELECT format('CREATE ROLE %I LOGIN REPLICATION', :'role')
  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
-ALTER ROLE :"role" WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE
-    NOINHERIT NOBYPASSRLS;
+ALTER ROLE :"role" WITH LOGIN REPLICATION NOCREATEDB NOCREATEROLE NOINHERIT;
 
 \if :{?password}
 SET LOCAL password_encryption = 'scram-sha-256';
 ALTER ROLE :"role" WITH PASSWORD :'password';
 \endif
 
-SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'role') \gexec
+-- Connect to this database (PUBLIC usually has CONNECT), when we may grant it.
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'role')
+ WHERE has_database_privilege(current_database(), 'CONNECT WITH GRANT OPTION') \gexec
 
 -- Name resolution in the outbox schema, and SELECT on the published table:
--- needed for the initial snapshot of rows written before the slot existed,
--- and by pgoutput to read the table's rows and metadata.
+-- reading rows written before the slot existed, and the table's metadata.
 GRANT USAGE ON SCHEMA :"schema" TO :"role";
 GRANT SELECT ON TABLE :"schema".:"table" TO :"role";
+\if :writes_rows
+-- published.mode = mark/delete: stamp published_at or delete acknowledged
+-- rows, record failures, retention; and polling after a slot was recreated.
+GRANT UPDATE, DELETE ON TABLE :"schema".:"table" TO :"role";
+\else
+-- published.mode = none: the relay never writes the table.
+REVOKE UPDATE, DELETE ON TABLE :"schema".:"table" FROM :"role";
+\endif
 -- Lets `outbox-relay check` / `status` verify the schema version.
 SELECT format('GRANT SELECT ON TABLE %I.schema_migrations TO %I', :'schema', :'role')
  WHERE to_regclass(format('%I.schema_migrations', :'schema')) IS NOT NULL \gexec
@@ -96,8 +128,4 @@ SELECT format('CREATE PUBLICATION %I FOR TABLE %I.%I WITH (publish = %L)',
 
 COMMIT;
 
--- If the relay also marks or deletes published rows in this mode
--- (published.mode = "mark" / "delete", or retention), it needs the polling
--- grants too: run sql/roles/polling.sql with the same -v role=... .
-
-\echo 'outbox-relay replication role' :"role" 'ready; publication' :"publication" 'on' :"schema"'.':"table"
+\echo 'outbox-relay replication role' :"role" 'ready for published.mode' :published_mode'; publication' :"publication" 'on' :"schema"'.':"table"

@@ -24,6 +24,9 @@ use crate::source::ClaimedBatch;
 
 /// How often slot lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(10);
+/// How long a partly filled batch waits for more events before it is sent:
+/// batches span transactions, so small transactions still travel together.
+const LINGER: Duration = Duration::from_millis(2);
 /// SQLSTATE object_in_use: another session streams the slot.
 const OBJECT_IN_USE: &str = "55006";
 
@@ -41,10 +44,17 @@ struct PendingBatch {
 struct Building {
     batch: ClaimedBatch,
     rows: Vec<i64>,
+    /// End LSN of the last transaction completed inside this batch.
+    commit_lsn: Option<u64>,
+    /// When the batch must be sent even if not full.
+    send_by: Option<Instant>,
 }
 
 impl Building {
     fn push(&mut self, decoded: Decoded) {
+        if !matches!(decoded, Decoded::Ignored) && self.send_by.is_none() {
+            self.send_by = Some(Instant::now() + LINGER);
+        }
         match decoded {
             Decoded::Event { event, row } => {
                 if row {
@@ -61,6 +71,67 @@ impl Building {
             }
             Decoded::Ignored => {}
         }
+    }
+}
+
+/// What one acknowledged batch leaves to do in the database.
+#[derive(Debug, Default)]
+struct MarkJob {
+    /// Delivered outbox rows to stamp or delete.
+    rows: Vec<i64>,
+    /// Rows that cannot be published, to record.
+    failed: Vec<Rejected>,
+    /// LSN that may be confirmed once this job is done.
+    commit_lsn: Option<u64>,
+}
+
+/// Marks rows off the streaming loop, coalescing queued jobs into one
+/// statement, and reports back (jobs done, highest LSN now safe).
+struct Marker {
+    jobs: mpsc::Sender<MarkJob>,
+    done: mpsc::Receiver<(usize, Option<u64>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Marker {
+    fn start(connection: postgres::Connection, queries: PollQueries, capacity: usize) -> Marker {
+        let (jobs, mut incoming) = mpsc::channel::<MarkJob>(capacity * 4);
+        let (done_tx, done) = mpsc::channel(capacity * 4);
+        let task = tokio::spawn(async move {
+            while let Some(first) = incoming.recv().await {
+                let mut batch = vec![first];
+                while let Ok(job) = incoming.try_recv() {
+                    batch.push(job);
+                }
+                let rows: Vec<i64> = batch.iter().flat_map(|j| j.rows.iter().copied()).collect();
+                let failed: Vec<&Rejected> = batch.iter().flat_map(|j| j.failed.iter()).collect();
+                let lsn = batch.iter().filter_map(|j| j.commit_lsn).max();
+                if !rows.is_empty() {
+                    if let Err(e) = connection.client.execute(queries.checkpoint_sql(), &[&rows]).await {
+                        error!(error = %postgres::describe(&e), "marking published rows failed");
+                        return;
+                    }
+                }
+                if let (Some(sql), false) = (queries.record_failures_sql(), failed.is_empty()) {
+                    let positions: Vec<i64> = failed.iter().map(|f| f.position).collect();
+                    let reasons: Vec<&str> = failed.iter().map(|f| f.reason.as_str()).collect();
+                    if let Err(e) = connection.client.execute(sql, &[&positions, &reasons]).await {
+                        error!(error = %postgres::describe(&e), "recording failed rows failed");
+                        return;
+                    }
+                }
+                if done_tx.send((batch.len(), lsn)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Marker { jobs, done, task }
     }
 }
 
@@ -194,17 +265,24 @@ impl<S: Sink> Relay<S> {
         let mut last_keepalive = 0u64;
         let mut drain_deadline: Option<Instant> = None;
         let mut shutdown = self.shutdown.clone();
+        let mut marker = if replication::marks_rows(&config) {
+            let connection = postgres::connect(&config.postgres, "outbox-relay marker").await?;
+            Some(Marker::start(connection, queries.clone(), max_in_flight))
+        } else {
+            None
+        };
+        let mut marking = 0usize;
 
         loop {
             self.health.beat();
             let stopping = drain_deadline.is_some();
-            if stopping && pending.is_empty() {
+            if stopping && pending.is_empty() && marking == 0 {
                 let _ = stream.send_status(confirmed, false).await;
                 let _ = stream.finish().await;
                 info!(confirmed = %format_lsn(confirmed), "replication stopped");
                 return Ok(SessionEnd::Stopped);
             }
-            let idle = pending.is_empty() && building.batch.is_empty() && !in_transaction;
+            let idle = pending.is_empty() && marking == 0 && building.batch.is_empty() && !in_transaction;
             if idle && last_keepalive > confirmed {
                 // Nothing read is unacknowledged: everything the server sent up to its last keepalive is done.
                 confirmed = last_keepalive;
@@ -215,7 +293,7 @@ impl<S: Sink> Relay<S> {
                 _ = shutdown.wait(), if !stopping => {
                     drain_deadline = Some(Instant::now() + config.shutdown.drain_timeout);
                     if !building.batch.is_empty() {
-                        self.flush(&mut building, None, &mut next_sequence, &mut pending, &batches).await?;
+                        self.flush(&mut building, &mut next_sequence, &mut pending, &batches).await?;
                     }
                     info!(in_flight = pending.len(), "draining in-flight events");
                 }
@@ -227,8 +305,24 @@ impl<S: Sink> Relay<S> {
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
                     let batch = pending.pop_front().ok_or(RelayError::StageStopped)?;
-                    self.settle(control, &queries, &batch, &outcome).await?;
-                    if let Some(lsn) = batch.commit_lsn {
+                    let job = self.settle(batch, &outcome)?;
+                    match &marker {
+                        // No rows to stamp: the acknowledgement alone completes the batch.
+                        None => {
+                            if let Some(lsn) = job.commit_lsn {
+                                confirmed = confirmed.max(lsn);
+                            }
+                        }
+                        Some(marker) => {
+                            marking += 1;
+                            marker.jobs.send(job).await.map_err(|_| RelayError::Stream("the marker stopped".into()))?;
+                        }
+                    }
+                }
+                marked = async { match marker.as_mut() { Some(m) => m.done.recv().await, None => std::future::pending().await } }, if marking > 0 => {
+                    let (jobs, lsn) = marked.ok_or_else(|| RelayError::Stream("marking published rows failed (see the log)".into()))?;
+                    marking -= jobs;
+                    if let Some(lsn) = lsn {
                         confirmed = confirmed.max(lsn);
                     }
                 }
@@ -259,7 +353,7 @@ impl<S: Sink> Relay<S> {
                                 Logical::Commit { end_lsn, .. } => {
                                     in_transaction = false;
                                     if !building.batch.is_empty() {
-                                        self.flush(&mut building, Some(end_lsn), &mut next_sequence, &mut pending, &batches).await?;
+                                        building.commit_lsn = Some(end_lsn);
                                     } else if let Some(last) = pending.back_mut() {
                                         last.commit_lsn = Some(last.commit_lsn.unwrap_or(0).max(end_lsn));
                                     } else {
@@ -275,10 +369,15 @@ impl<S: Sink> Relay<S> {
                                 Logical::Origin | Logical::Type | Logical::OtherChange => {}
                             }
                             if building.batch.len() >= batch_size {
-                                self.flush(&mut building, None, &mut next_sequence, &mut pending, &batches).await?;
+                                self.flush(&mut building, &mut next_sequence, &mut pending, &batches).await?;
                             }
                         }
                     }
+                }
+                // After the data branch (biased): a batch is sent when the socket has
+                // nothing more to give right now, or when it is full.
+                _ = sleep_until(building.send_by.unwrap_or_else(Instant::now)), if building.send_by.is_some() && pending.len() < max_in_flight => {
+                    self.flush(&mut building, &mut next_sequence, &mut pending, &batches).await?;
                 }
             }
         }
@@ -288,7 +387,6 @@ impl<S: Sink> Relay<S> {
     async fn flush(
         &self,
         building: &mut Building,
-        commit_lsn: Option<u64>,
         next_sequence: &mut u64,
         pending: &mut VecDeque<PendingBatch>,
         batches: &mpsc::Sender<ClaimedBatch>,
@@ -299,18 +397,13 @@ impl<S: Sink> Relay<S> {
         self.metrics.batches.inc();
         self.metrics.batch_size.observe(done.batch.len() as f64);
         self.metrics.events_in_flight.add(done.batch.len() as i64);
-        pending.push_back(PendingBatch { sequence: done.batch.sequence, commit_lsn, rows: done.rows });
+        pending.push_back(PendingBatch { sequence: done.batch.sequence, commit_lsn: done.commit_lsn, rows: done.rows });
         batches.send(done.batch).await.map_err(|_| RelayError::StageStopped)
     }
 
-    /// Marks delivered rows and handles failures of one acknowledged batch.
-    async fn settle(
-        &self,
-        control: &postgres::Connection,
-        queries: &PollQueries,
-        batch: &PendingBatch,
-        outcome: &BatchOutcome,
-    ) -> Result<(), RelayError> {
+    /// Turns one acknowledged batch into a mark job (rows to stamp, rows
+    /// that failed, the LSN it completes); transient failures end the session.
+    fn settle(&self, batch: PendingBatch, outcome: &BatchOutcome) -> Result<MarkJob, RelayError> {
         debug_assert_eq!(batch.sequence, outcome.sequence);
         self.metrics.events_in_flight.sub((outcome.delivered.len() + outcome.failed.len()) as i64);
         if !outcome.delivered.is_empty() {
@@ -323,17 +416,10 @@ impl<S: Sink> Relay<S> {
             )));
         }
         let rows: HashSet<i64> = batch.rows.iter().copied().collect();
-        if replication::marks_rows(&self.config) && !rows.is_empty() {
-            let delivered: Vec<i64> = outcome.delivered.iter().copied().filter(|p| rows.contains(p)).collect();
-            if !delivered.is_empty() {
-                control
-                    .client
-                    .execute(queries.checkpoint_sql(), &[&delivered])
-                    .await
-                    .map_err(|e| PostgresError::query("marking published rows", &e))?;
-            }
+        let mut job = MarkJob { commit_lsn: batch.commit_lsn, ..MarkJob::default() };
+        if !rows.is_empty() {
+            job.rows = outcome.delivered.iter().copied().filter(|p| rows.contains(p)).collect();
         }
-        let mut failed_rows: Vec<Rejected> = Vec::new();
         for failure in &outcome.failed {
             self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
             let is_row = rows.contains(&failure.row.position);
@@ -345,21 +431,10 @@ impl<S: Sink> Relay<S> {
                 "event cannot be published; it is recorded and the stream moves on (dead-lettering is configured separately)"
             );
             if is_row {
-                failed_rows.push(failure.row.clone());
+                job.failed.push(failure.row.clone());
             }
         }
-        if let (Some(sql), false) = (queries.record_failures_sql(), failed_rows.is_empty()) {
-            if replication::marks_rows(&self.config) {
-                let positions: Vec<i64> = failed_rows.iter().map(|f| f.position).collect();
-                let reasons: Vec<&str> = failed_rows.iter().map(|f| f.reason.as_str()).collect();
-                control
-                    .client
-                    .execute(sql, &[&positions, &reasons])
-                    .await
-                    .map_err(|e| PostgresError::query("recording failed rows", &e))?;
-            }
-        }
-        Ok(())
+        Ok(job)
     }
 
     async fn measure_lag(&self, control: &postgres::Connection, slot: &str) {
