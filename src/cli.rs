@@ -97,6 +97,11 @@ pub enum CliError {
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        // One-shot commands behave like Unix tools when piped into `head`.
+        // SAFETY: restoring the default disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime.block_on(dispatch(cli)),
         Err(e) => Err(CliError::Runtime(anyhow::Error::new(e).context("cannot start the async runtime"))),

@@ -210,6 +210,20 @@ mod tests {
     }
 
     #[test]
+    fn exported_names_match_what_dashboards_and_alerts_are_checked_against() {
+        let metrics = Metrics::new();
+        // Labelled families only appear once a label set exists.
+        metrics.publish_failures.with_label_values(&["envelope"]);
+        metrics.published("t", "e", 0);
+        let mut exported = metrics.names();
+        exported.sort();
+        let mut listed: Vec<String> =
+            include_str!("../deploy/metrics.txt").lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+        listed.sort();
+        assert_eq!(exported, listed, "deploy/metrics.txt must list exactly what the relay exports");
+    }
+
+    #[test]
     fn render_includes_build_info_and_counters() {
         let metrics = Metrics::new();
         metrics.published("outbox.Order", "OrderPlaced", 3);
