@@ -51,6 +51,64 @@ pub struct Config {
     pub log: LogConfig,
     /// The operations endpoint (metrics, health).
     pub http: HttpConfig,
+    /// How events are encoded on the broker (native envelope v1 or CloudEvents).
+    pub envelope: EnvelopeConfig,
+}
+
+/// How an event is laid out in a broker message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnvelopeFormat {
+    /// outbox-relay's own envelope v1 (`docs/envelope.md`); the default.
+    #[serde(rename = "native")]
+    Native,
+    /// CloudEvents 1.0 JSON event format in the message value.
+    #[serde(rename = "cloudevents-structured")]
+    CloudEventsStructured,
+    /// CloudEvents 1.0 Kafka binding, binary mode: attributes in `ce_` headers, payload as value.
+    #[serde(rename = "cloudevents-binary")]
+    CloudEventsBinary,
+}
+
+/// How `event_version` shows in the CloudEvents `type` (and `dataschema`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TypeVersion {
+    /// `type = "<event_type>.v<event_version>"`, e.g. `OrderPlaced.v2`.
+    Suffix,
+    /// `type = "<event_type>"`; the version is in `dataschema` (template required).
+    Dataschema,
+    /// `type = "<event_type>"`; the version is only in the `eventversion` extension.
+    None,
+}
+
+/// The `[envelope]` section: message format and CloudEvents attributes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnvelopeConfig {
+    /// `native`, `cloudevents-structured` or `cloudevents-binary`.
+    pub format: EnvelopeFormat,
+    /// CloudEvents `source` (a URI-reference); `""` derives `/outbox-relay/<source.table>`.
+    pub source: String,
+    /// How the event version is carried in `type`.
+    pub type_version: TypeVersion,
+    /// `dataschema` template, e.g. `https://schemas.example.com/{event_type}/v{event_version}.json`;
+    /// `""` sends no `dataschema`. Required when `type_version = "dataschema"`.
+    pub dataschema: String,
+    /// Extra CloudEvents extensions copied from the row's `headers` object:
+    /// extension name -> header field, e.g. `tenant = "tenant_id"`.
+    pub header_extensions: BTreeMap<String, String>,
+}
+
+impl Default for EnvelopeConfig {
+    fn default() -> Self {
+        Self {
+            format: EnvelopeFormat::Native,
+            source: String::new(),
+            type_version: TypeVersion::Suffix,
+            dataschema: String::new(),
+            header_extensions: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -402,6 +460,8 @@ impl Config {
         self.validate_columns()?;
         crate::envelope::TopicTemplate::parse(&self.sink.topic)
             .map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
+        crate::envelope::validate_config(&self.envelope, &self.source.table)
+            .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
         if self.sink.kind == SinkKind::Kafka && self.sink.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "sink.kafka.brokers",

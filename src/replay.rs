@@ -130,7 +130,7 @@ pub async fn run<S: Sink>(
     let (matched, _, _) = count(config, selection).await?;
     let (table, query) = build(config, selection)?;
     let template = TopicTemplate::parse(&config.sink.topic).map_err(ReplayError::Selection)?;
-    let mapper = EnvelopeMapper::new(template);
+    let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| ReplayError::Selection(e.to_string()))?;
     let connection = postgres::connect(&config.postgres, "outbox-relay replay").await?;
     let position = quote_ident(&config.source.columns.position);
     let sql = format!(

@@ -73,7 +73,8 @@ impl<S: Sink> Relay<S> {
     /// A relay over `sink`; validates the topic template.
     pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
         let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
-        Ok(Relay { config, sink, mapper: EnvelopeMapper::new(template), metrics, health, shutdown })
+        let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| RelayError::Config(e.to_string()))?;
+        Ok(Relay { config, sink, mapper, metrics, health, shutdown })
     }
 
     /// Runs sessions until shutdown; errors are logged and retried.

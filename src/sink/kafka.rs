@@ -127,7 +127,7 @@ impl KafkaSink {
     async fn enqueue_one(&self, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
         for (name, value) in &message.headers {
-            headers = headers.insert(Header { key: name, value: Some(value.as_slice()) });
+            headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
         }
         let mut record = FutureRecord::to(&message.topic)
             .key(message.key.as_bytes())

@@ -19,8 +19,9 @@ pub struct OutgoingMessage {
     pub key: String,
     /// Encoded envelope.
     pub value: Vec<u8>,
-    /// Message headers (name, value).
-    pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// Message headers (name, value). Names are mostly fixed strings, but
+    /// some formats derive them (CloudEvents binary mode: `ce_<extension>`).
+    pub headers: Vec<(std::borrow::Cow<'static, str>, Vec<u8>)>,
 }
 
 /// Why one message was not acknowledged.

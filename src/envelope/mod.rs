@@ -1,16 +1,27 @@
-//! Envelope v1: how an [`OutboxEvent`] becomes a broker message.
+//! How an [`OutboxEvent`] becomes a broker message.
 //!
-//! The value is a JSON document (see `docs/envelope.md` and
-//! `docs/envelope-v1.schema.json`); the key is the aggregate id; headers
-//! repeat the fields consumers route on so they need not parse the value.
-//! The payload is spliced in as raw JSON text: it is never parsed into a
-//! tree and re-serialized.
+//! Three formats, chosen by `[envelope] format` (see `docs/envelope.md`):
+//!
+//! - `native` (default): envelope v1. The value is a JSON document (see
+//!   `docs/envelope-v1.schema.json`); headers repeat the fields consumers
+//!   route on so they need not parse the value.
+//! - `cloudevents-structured` / `cloudevents-binary`: CloudEvents 1.0 over
+//!   the Kafka protocol binding, in [`cloudevents`].
+//!
+//! In every format the key is the aggregate id and the topic comes from the
+//! `sink.topic` template. The payload is spliced in as raw JSON text: it is
+//! never parsed into a tree and re-serialized.
+
+pub mod cloudevents;
+
+use std::borrow::Cow;
 
 use chrono::SecondsFormat;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::config::{EnvelopeConfig, EnvelopeFormat};
 use crate::event::OutboxEvent;
 use crate::sink::OutgoingMessage;
 
@@ -120,16 +131,57 @@ pub fn is_valid_topic(topic: &str) -> bool {
         && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Turns events into messages: topic, key, headers and the v1 JSON value.
+/// An `[envelope]` setting that cannot work; `key` names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}` {problem}")]
+pub struct EnvelopeConfigError {
+    /// The configuration key, e.g. `envelope.source`.
+    pub key: &'static str,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+/// Checks the `[envelope]` section (`source_table` is `source.table`, which
+/// the default CloudEvents `source` is derived from).
+pub fn validate_config(envelope: &EnvelopeConfig, source_table: &str) -> Result<(), EnvelopeConfigError> {
+    cloudevents::CloudEvents::from_config(envelope, source_table).map(|_| ())
+}
+
+/// How values are laid out, compiled from `[envelope]`.
+#[derive(Debug, Clone)]
+enum Encoding {
+    Native,
+    CloudEvents(Box<cloudevents::CloudEvents>),
+}
+
+/// Turns events into messages: topic, key, headers and value.
 #[derive(Debug, Clone)]
 pub struct EnvelopeMapper {
     topic: TopicTemplate,
+    encoding: Encoding,
 }
 
 impl EnvelopeMapper {
-    /// A mapper using the configured topic template.
-    pub fn new(topic: TopicTemplate) -> Self {
-        Self { topic }
+    /// A mapper using the configured topic template and `[envelope]`
+    /// section; `source_table` is `source.table`.
+    pub fn new(topic: TopicTemplate, envelope: &EnvelopeConfig, source_table: &str) -> Result<Self, EnvelopeConfigError> {
+        let encoding = match envelope.format {
+            EnvelopeFormat::Native => {
+                // Validate the CloudEvents keys anyway, so a bad value is
+                // reported now and not when someone switches formats.
+                validate_config(envelope, source_table)?;
+                Encoding::Native
+            }
+            EnvelopeFormat::CloudEventsStructured | EnvelopeFormat::CloudEventsBinary => {
+                Encoding::CloudEvents(Box::new(cloudevents::CloudEvents::from_config(envelope, source_table)?))
+            }
+        };
+        Ok(Self { topic, encoding })
+    }
+
+    /// A mapper producing the native envelope v1 (the default format).
+    pub fn native(topic: TopicTemplate) -> Self {
+        Self { topic, encoding: Encoding::Native }
     }
 
     /// The message for one event.
@@ -141,37 +193,43 @@ impl EnvelopeMapper {
         if !is_valid_topic(&topic) {
             return Err(EnvelopeError::InvalidTopic { topic });
         }
-        let empty_headers = empty_object();
-        let envelope = EnvelopeV1 {
-            envelope_version: ENVELOPE_VERSION,
-            event_id: event.event_id,
-            event_type: &event.event_type,
-            event_version: event.event_version,
-            aggregate_type: &event.aggregate_type,
-            aggregate_id: &event.aggregate_id,
-            timestamp: event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-            actor: event.actor.as_deref(),
-            headers: event.headers.as_deref().unwrap_or(empty_headers),
-            payload: &event.payload,
+        let (value, headers) = match &self.encoding {
+            Encoding::Native => native_value_and_headers(event)?,
+            Encoding::CloudEvents(ce) => ce.value_and_headers(event)?,
         };
-        let mut value = Vec::with_capacity(event.payload.get().len() + 320);
-        serde_json::to_writer(&mut value, &envelope).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
-        let mut headers = Vec::with_capacity(5);
-        headers.push(("event_id", event.event_id.hyphenated().to_string().into_bytes()));
-        headers.push(("event_type", event.event_type.as_bytes().to_vec()));
-        headers.push(("event_version", event.event_version.to_string().into_bytes()));
-        headers.push(("envelope_version", ENVELOPE_VERSION.as_bytes().to_vec()));
-        if let Some(traceparent) = &event.traceparent {
-            headers.push(("traceparent", traceparent.as_bytes().to_vec()));
-        }
-        Ok(OutgoingMessage {
-            position: event.position,
-            topic,
-            key: event.aggregate_id.clone(),
-            value,
-            headers,
-        })
+        Ok(OutgoingMessage { position: event.position, topic, key: event.aggregate_id.clone(), value, headers })
     }
+}
+
+/// Message headers: (name, value).
+pub type Headers = Vec<(Cow<'static, str>, Vec<u8>)>;
+
+/// Envelope v1: the JSON value and the routing headers.
+fn native_value_and_headers(event: &OutboxEvent) -> Result<(Vec<u8>, Headers), EnvelopeError> {
+    let empty_headers = empty_object();
+    let envelope = EnvelopeV1 {
+        envelope_version: ENVELOPE_VERSION,
+        event_id: event.event_id,
+        event_type: &event.event_type,
+        event_version: event.event_version,
+        aggregate_type: &event.aggregate_type,
+        aggregate_id: &event.aggregate_id,
+        timestamp: event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        actor: event.actor.as_deref(),
+        headers: event.headers.as_deref().unwrap_or(empty_headers),
+        payload: &event.payload,
+    };
+    let mut value = Vec::with_capacity(event.payload.get().len() + 320);
+    serde_json::to_writer(&mut value, &envelope).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+    let mut headers: Headers = Vec::with_capacity(5);
+    headers.push((Cow::Borrowed("event_id"), event.event_id.hyphenated().to_string().into_bytes()));
+    headers.push((Cow::Borrowed("event_type"), event.event_type.as_bytes().to_vec()));
+    headers.push((Cow::Borrowed("event_version"), event.event_version.to_string().into_bytes()));
+    headers.push((Cow::Borrowed("envelope_version"), ENVELOPE_VERSION.as_bytes().to_vec()));
+    if let Some(traceparent) = &event.traceparent {
+        headers.push((Cow::Borrowed("traceparent"), traceparent.as_bytes().to_vec()));
+    }
+    Ok((value, headers))
 }
 
 fn empty_object() -> &'static RawValue {
@@ -203,7 +261,44 @@ mod tests {
     }
 
     fn mapper() -> EnvelopeMapper {
-        EnvelopeMapper::new(TopicTemplate::parse("outbox.{aggregate_type}").unwrap())
+        EnvelopeMapper::native(TopicTemplate::parse("outbox.{aggregate_type}").unwrap())
+    }
+
+    #[test]
+    fn native_format_is_byte_for_byte_envelope_v1() {
+        // Pinned from the relay before CloudEvents support: the default
+        // format must not change a byte of value or headers.
+        let mut e = event();
+        e.headers = Some(RawValue::from_string(r#"{"tenant": "acme", "n": 1}"#.into()).unwrap());
+        let default = crate::config::EnvelopeConfig::default();
+        let configured =
+            EnvelopeMapper::new(TopicTemplate::parse("outbox.{aggregate_type}").unwrap(), &default, "outbox.events").unwrap();
+        for msg in [mapper().to_message(&e).unwrap(), configured.to_message(&e).unwrap()] {
+            assert_eq!(
+                std::str::from_utf8(&msg.value).unwrap(),
+                r#"{"envelope_version":"1","event_id":"6a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11","event_type":"OrderPlaced","event_version":3,"aggregate_type":"Order","aggregate_id":"42","timestamp":"2026-11-22T07:38:00.000000Z","actor":"user-7","headers":{"tenant": "acme", "n": 1},"payload":{"total_cents":1999,"items":[1,2]}}"#
+            );
+            let headers: Vec<(&str, &str)> =
+                msg.headers.iter().map(|(n, v)| (n.as_ref(), std::str::from_utf8(v).unwrap())).collect();
+            assert_eq!(
+                headers,
+                [
+                    ("event_id", "6a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11"),
+                    ("event_type", "OrderPlaced"),
+                    ("event_version", "3"),
+                    ("envelope_version", "1"),
+                    ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                ]
+            );
+            assert_eq!(msg.key, "42");
+        }
+    }
+
+    #[test]
+    fn native_format_still_validates_the_cloudevents_keys() {
+        let config = crate::config::EnvelopeConfig { source: "not a uri".into(), ..Default::default() };
+        let err = EnvelopeMapper::new(TopicTemplate::parse("t").unwrap(), &config, "outbox.events").unwrap_err();
+        assert_eq!(err.key, "envelope.source");
     }
 
     #[test]
@@ -227,7 +322,7 @@ mod tests {
         let msg = mapper().to_message(&event()).unwrap();
         assert_eq!(msg.key, "42");
         assert_eq!(msg.topic, "outbox.Order");
-        let names: Vec<&str> = msg.headers.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = msg.headers.iter().map(|(n, _)| n.as_ref()).collect();
         assert_eq!(names, ["event_id", "event_type", "event_version", "envelope_version", "traceparent"]);
         assert_eq!(msg.headers[2].1, b"3");
     }
