@@ -3,12 +3,12 @@
 //!
 //! # Layout
 //! ```text
-//! source/     capture: poll.rs claims unpublished rows (table.rs: safe names)
+//! source/     capture: poll.rs claims unpublished rows, replication/ tails a pgoutput slot
 //! event       a captured row, validated (RawRow -> OutboxEvent | Rejected)
-//! envelope    OutboxEvent -> message: topic template, key, headers, v1 JSON
+//! envelope/   OutboxEvent -> message: topic template, key, headers, native v1 JSON or CloudEvents
 //! sink/       brokers: kafka.rs (idempotent librdkafka producer)
 //! pipeline    publish stage: enqueue batches, return outcomes in claim order
-//! relay       sessions: claim -> publish -> checkpoint, reconnect, drain
+//! relay/      sessions (poll.rs, replication.rs): capture -> publish -> checkpoint, reconnect, drain
 //! retention   deletes published rows past retention (mark mode)
 //! migrate     applies sql/ migrations
 //! postgres    connections, NOTIFY, operator-friendly errors

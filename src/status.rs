@@ -73,7 +73,7 @@ pub async fn gather(config: &Config) -> Result<Status, PostgresError> {
     let holder = client
         .query_opt(
             "WITH k AS (SELECT hashtext($1)::bigint AS key) \
-             SELECT a.application_name, a.client_addr::text, a.pid, \
+             SELECT a.application_name, host(a.client_addr), a.pid, \
                     extract(epoch FROM now() - a.backend_start)::float8 \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid, k \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
