@@ -12,6 +12,8 @@ use crate::config::Config;
 use crate::envelope::TopicTemplate;
 use crate::postgres;
 use crate::sink::kafka::KafkaSink;
+use crate::sink::pubsub::PubSubSink;
+use crate::sink::AnySink;
 use crate::source::poll::PollSource;
 use crate::source::table::{quote_ident, TableName};
 
@@ -52,8 +54,9 @@ fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
     CheckResult { name, verdict: Verdict::Warn, detail: detail.into(), fix: Some(fix.into()) }
 }
 
-/// Runs every check against the configured database and broker.
-pub async fn run(config: &Config, sink: Option<&KafkaSink>) -> Vec<CheckResult> {
+/// Runs every check against the configured database and broker; `sink` is
+/// `Err(why)` when it could not even be created.
+pub async fn run(config: &Config, sink: Result<&AnySink, String>) -> Vec<CheckResult> {
     let mut results = vec![ok("configuration", "valid")];
     let target = postgres::redacted_target(&config.postgres.url);
     let mut pending_topics = BTreeSet::new();
@@ -79,17 +82,79 @@ pub async fn run(config: &Config, sink: Option<&KafkaSink>) -> Vec<CheckResult> 
             drop(connection);
         }
     }
-    match sink {
-        None => results.push(fail("kafka", "producer could not be created", "check sink.kafka.properties")),
-        Some(sink) => match sink.check_reachable(Duration::from_secs(5)).await {
+    match (sink, config.sink.kind) {
+        (Err(why), crate::config::SinkKind::Kafka) => results.push(fail("kafka", why, "check sink.kafka.properties")),
+        (Err(why), crate::config::SinkKind::PubSub) => {
+            results.push(fail("pubsub", why, "check sink.pubsub.credentials_file / GOOGLE_APPLICATION_CREDENTIALS"))
+        }
+        (Ok(AnySink::Kafka(sink)), _) => match sink.check_reachable(Duration::from_secs(5)).await {
             Err(e) => results.push(fail("kafka", e.to_string(), "check sink.kafka.brokers, TLS/SASL properties and network access")),
             Ok(()) => {
                 results.push(ok("kafka", format!("brokers {} answer", config.sink.kafka.brokers)));
                 results.push(check_topics(sink, &pending_topics).await);
             }
         },
+        (Ok(AnySink::PubSub(sink)), _) => match sink.check_reachable(Duration::from_secs(5)).await {
+            Err(e) => results.push(fail(
+                "pubsub",
+                e,
+                "check sink.pubsub.endpoint (or PUBSUB_EMULATOR_HOST), credentials and network access",
+            )),
+            Ok(()) => {
+                results.push(ok("pubsub", format!("{} answers for project {}", sink.endpoint(), sink.project())));
+                results.push(check_pubsub_topics(sink, &pending_topics).await);
+            }
+        },
     }
     results
+}
+
+/// Pub/Sub: every topic pending events go to has a valid name and exists
+/// (or will be created).
+async fn check_pubsub_topics(sink: &PubSubSink, topics: &BTreeSet<String>) -> CheckResult {
+    use crate::sink::pubsub::client::ApiError;
+    if topics.is_empty() {
+        return ok("topics", "no unpublished events to check topics for");
+    }
+    let (mut invalid, mut missing, mut unreadable) = (Vec::new(), Vec::new(), Vec::new());
+    for topic in topics {
+        if let Err(why) = crate::sink::pubsub::topic::check_topic_name(topic) {
+            invalid.push(why);
+            continue;
+        }
+        match sink.check_topic(topic, Duration::from_secs(5)).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => missing.push(topic.as_str()),
+            Err(e @ ApiError::Status { code: 403, .. }) => unreadable.push(format!("{topic} ({e})")),
+            Err(e) => return fail("topics", sink.explain(&e, topic), "check the Pub/Sub endpoint and credentials"),
+        }
+    }
+    if !invalid.is_empty() {
+        return fail("topics", invalid.join("; "), "fix the rows' topic column or sink.topic");
+    }
+    if !missing.is_empty() && !sink.creates_topics() {
+        return fail(
+            "topics",
+            format!("pending events go to missing Pub/Sub topic(s): {}", missing.join(", ")),
+            format!(
+                "create them (gcloud pubsub topics create {} --project {}), or set sink.pubsub.create_topics = true",
+                missing.join(" "),
+                sink.project()
+            ),
+        );
+    }
+    if !unreadable.is_empty() {
+        return warn(
+            "topics",
+            format!("cannot read topic(s) {}", unreadable.join(", ")),
+            "publishing needs only roles/pubsub.publisher; grant roles/pubsub.viewer too if you want `check` to verify topics",
+        );
+    }
+    if missing.is_empty() {
+        ok("topics", format!("{} Pub/Sub topic(s) pending events go to exist", topics.len()))
+    } else {
+        ok("topics", format!("missing topic(s) {} will be created (sink.pubsub.create_topics = true)", missing.join(", ")))
+    }
 }
 
 async fn check_outbox(config: &Config, connection: &postgres::Connection, topics: &mut BTreeSet<String>) -> Vec<CheckResult> {

@@ -1,4 +1,6 @@
-//! Command line: `run`, `migrate`, `demo`, all reading `--config FILE`.
+//! Command line: `run`, `migrate`, `demo`, `check`, `status`, `replay`, all
+//! reading `--config FILE`; `run`, `check` and `replay` use the sink
+//! `sink.kind` chose (Kafka or Pub/Sub).
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration.
 
@@ -17,8 +19,10 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayError};
 use crate::shutdown::{self, Shutdown};
+use crate::config::SinkKind;
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
-use crate::sink::Sink;
+use crate::sink::pubsub::{PubSubSink, PubSubSinkError};
+use crate::sink::{AnySink, Sink};
 
 /// Publishes a Postgres transactional outbox to Kafka, at least once, in per-aggregate order.
 #[derive(Debug, Parser)]
@@ -191,17 +195,29 @@ fn reload_on_sighup(path: Option<PathBuf>, reload: LogReload) -> std::io::Result
     Ok(())
 }
 
-fn kafka_sink(config: &Config) -> Result<KafkaSink, CliError> {
-    let queue = config.source.batch_size * (config.source.max_in_flight_batches + 1);
-    KafkaSink::new(&config.sink.kafka, queue).map_err(|e| match e {
-        KafkaSinkError::Config(_) | KafkaSinkError::SecretFile(_) => CliError::Config(ConfigError::Load(e.to_string())),
-        other => CliError::Runtime(other.into()),
-    })
+/// The configured sink (`sink.kind`); a bad producer setting or credentials
+/// file is a configuration error (exit 2).
+fn build_sink(config: &Config) -> Result<AnySink, CliError> {
+    match config.sink.kind {
+        SinkKind::Kafka => {
+            let queue = config.source.batch_size * (config.source.max_in_flight_batches + 1);
+            KafkaSink::new(&config.sink.kafka, queue).map(AnySink::Kafka).map_err(|e| match e {
+                KafkaSinkError::Config(_) | KafkaSinkError::SecretFile(_) => CliError::Config(ConfigError::Load(e.to_string())),
+                other => CliError::Runtime(other.into()),
+            })
+        }
+        SinkKind::PubSub => PubSubSink::new(&config.sink.pubsub, &config.sink.topic)
+            .map(AnySink::PubSub)
+            .map_err(|PubSubSinkError::Config(message)| CliError::Config(ConfigError::Load(message))),
+    }
 }
 
 async fn check(config: &Config, json: bool) -> Result<(), CliError> {
-    let sink = kafka_sink(config).ok();
-    let results = crate::check::run(config, sink.as_ref()).await;
+    let sink = build_sink(config).map_err(|e| match e {
+        CliError::Config(e) => e.to_string(),
+        CliError::Runtime(e) => format!("{e:#}"),
+    });
+    let results = crate::check::run(config, sink.as_ref().map_err(|e| e.clone())).await;
     let passed = if json {
         println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
         results.iter().all(|r| r.verdict != crate::check::Verdict::Fail)
@@ -235,8 +251,8 @@ async fn replay(config: &Config, selection: &crate::replay::Selection, dry_run: 
         }
         return Ok(());
     }
-    let sink = kafka_sink(config)?;
-    sink.check_reachable(Duration::from_secs(10)).await.map_err(|e| CliError::Runtime(e.into()))?;
+    let sink = build_sink(config)?;
+    sink.reachable(Duration::from_secs(10)).await.map_err(|e| CliError::Runtime(anyhow::anyhow!(e)))?;
     let started = std::time::Instant::now();
     let summary = crate::replay::run(config, &sink, selection, |done, total| {
         let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-6);
@@ -275,11 +291,14 @@ async fn run(config: Config, path: Option<PathBuf>, reload: LogReload) -> Result
     crate::http::serve(&config.http.listen, metrics.clone(), health.clone(), shutdown.clone())
         .await
         .with_context(|| format!("cannot serve http.listen {} (set http.listen to a free address)", config.http.listen))?;
-    let sink = Arc::new(kafka_sink(&config)?);
+    let sink = Arc::new(build_sink(&config)?);
     if !wait_for_broker(&sink, &health, shutdown.clone()).await {
         return Ok(());
     }
     health.set_broker(true);
+    if let AnySink::PubSub(pubsub) = sink.as_ref() {
+        check_static_pubsub_topic(pubsub, &config.sink.topic).await;
+    }
     tokio::spawn(crate::monitor::watch_broker(sink.clone(), health.clone(), shutdown.clone()));
     tokio::spawn(crate::monitor::watch_backlog(config.clone(), metrics.clone(), shutdown.clone()));
     let drain = config.shutdown.drain_timeout;
@@ -296,15 +315,29 @@ async fn run(config: Config, path: Option<PathBuf>, reload: LogReload) -> Result
     Ok(())
 }
 
+/// With a static `sink.topic`, says at start-up if the Pub/Sub topic is
+/// missing (events would fail and stay unpublished until it exists).
+async fn check_static_pubsub_topic(sink: &PubSubSink, template: &str) {
+    if template.contains('{') {
+        return;
+    }
+    match sink.check_topic(template, Duration::from_secs(5)).await {
+        Err(e) if e.is_not_found() && !sink.creates_topics() => {
+            error!(topic = template, "{}; events stay unpublished and are retried until it exists", sink.explain(&e, template))
+        }
+        _ => {}
+    }
+}
+
 /// Retries the broker until it answers; false if asked to stop first.
-async fn wait_for_broker(sink: &KafkaSink, health: &Health, mut shutdown: Shutdown) -> bool {
+async fn wait_for_broker(sink: &AnySink, health: &Health, mut shutdown: Shutdown) -> bool {
     let mut backoff = crate::relay::reconnect_backoff();
     loop {
-        match sink.check_reachable(Duration::from_secs(5)).await {
+        match sink.reachable(Duration::from_secs(5)).await {
             Ok(()) => return true,
             Err(error) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                warn!(%error, retry_in = ?delay, "Kafka is not reachable yet");
+                warn!(%error, retry_in = ?delay, "{} is not reachable yet", sink.name());
                 health.beat();
                 tokio::select! {
                     _ = shutdown.wait() => return false,

@@ -295,6 +295,9 @@ impl Default for ColumnMapping {
 pub enum SinkKind {
     /// Apache Kafka or any Kafka-protocol broker, through librdkafka.
     Kafka,
+    /// Google Cloud Pub/Sub (or its emulator), through its REST API; see `docs/pubsub.md`.
+    #[serde(rename = "pubsub")]
+    PubSub,
 }
 
 /// The publishing side.
@@ -307,11 +310,88 @@ pub struct SinkConfig {
     pub topic: String,
     /// Kafka settings, used when `kind = "kafka"`.
     pub kafka: KafkaConfig,
+    /// Pub/Sub settings, used when `kind = "pubsub"`.
+    pub pubsub: PubSubConfig,
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        Self { kind: SinkKind::Kafka, topic: "outbox.{aggregate_type}".into(), kafka: KafkaConfig::default() }
+        Self {
+            kind: SinkKind::Kafka,
+            topic: "outbox.{aggregate_type}".into(),
+            kafka: KafkaConfig::default(),
+            pubsub: PubSubConfig::default(),
+        }
+    }
+}
+
+/// Google Cloud Pub/Sub publisher settings (`[sink.pubsub]`, see `docs/pubsub.md`).
+/// Requests carry one topic and one ordering key each (Pub/Sub's rule), so
+/// `max_concurrent_requests` is what spreads the load over many aggregates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PubSubConfig {
+    /// Google Cloud project id that owns the topics (required).
+    pub project: String,
+    /// API root, e.g. `https://us-east1-pubsub.googleapis.com` (a locational
+    /// endpoint keeps ordering across regions); `""`: the emulator at
+    /// `PUBSUB_EMULATOR_HOST` if set, else `https://pubsub.googleapis.com`.
+    pub endpoint: String,
+    /// Service-account or authorized-user JSON key; unset: Application Default
+    /// Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's ADC file, the
+    /// metadata server). Ignored with `PUBSUB_EMULATOR_HOST`.
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// Create a topic that does not exist on first use (needs `pubsub.topics.create`).
+    pub create_topics: bool,
+    /// Messages per publish request (Pub/Sub allows at most 1000).
+    pub max_messages_per_request: usize,
+    /// Encoded bytes per publish request (the API limit is 10 MB); a bigger
+    /// single message is sent alone.
+    pub max_bytes_per_request: usize,
+    /// Publish requests in flight at once, over all topics and ordering keys.
+    pub max_concurrent_requests: usize,
+    /// How long a key's first message waits for more to fill its request.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// One attempt of one request; a timed-out request is retried.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Messages accepted but not yet acknowledged; enqueue waits above this (backpressure).
+    pub max_outstanding_messages: usize,
+    /// Encoded bytes accepted but not yet acknowledged; enqueue waits above this.
+    pub max_outstanding_bytes: usize,
+    /// First retry delay of a failing ordering key (then doubling, with jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_min_delay: Duration,
+    /// Longest retry delay; retries never stop (order is never given up).
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+}
+
+impl PubSubConfig {
+    /// Pub/Sub's limit on messages per publish request.
+    pub const MAX_MESSAGES_PER_REQUEST: usize = 1000;
+    /// Pub/Sub's limit on the size of a publish request.
+    pub const MAX_BYTES_PER_REQUEST: usize = 10_000_000;
+}
+
+impl Default for PubSubConfig {
+    fn default() -> Self {
+        Self {
+            project: String::new(),
+            endpoint: String::new(),
+            credentials_file: None,
+            create_topics: false,
+            max_messages_per_request: 1000,
+            max_bytes_per_request: 8_000_000,
+            max_concurrent_requests: 64,
+            linger: Duration::from_millis(5),
+            request_timeout: Duration::from_secs(30),
+            max_outstanding_messages: 100_000,
+            max_outstanding_bytes: 256 * 1024 * 1024,
+            retry_min_delay: Duration::from_millis(100),
+            retry_max_delay: Duration::from_secs(10),
+        }
     }
 }
 
@@ -462,6 +542,10 @@ impl Config {
             .map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
         crate::envelope::validate_config(&self.envelope, &self.source.table)
             .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
+        if self.sink.kind == SinkKind::PubSub {
+            crate::sink::pubsub::validate_config(&self.sink.pubsub, &self.sink.topic)
+                .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
+        }
         if self.sink.kind == SinkKind::Kafka && self.sink.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "sink.kafka.brokers",

@@ -3,6 +3,7 @@
 //! published until that report says so.
 
 pub mod kafka;
+pub mod pubsub;
 
 use std::future::Future;
 
@@ -49,4 +50,46 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Waits up to `timeout` for everything enqueued to be acknowledged.
     fn flush(&self, timeout: std::time::Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// The sink the configuration chose (`sink.kind`), so every command (run,
+/// check, replay, the broker monitor) works with either broker.
+pub enum AnySink {
+    /// `kind = "kafka"`.
+    Kafka(kafka::KafkaSink),
+    /// `kind = "pubsub"`.
+    PubSub(pubsub::PubSubSink),
+}
+
+impl AnySink {
+    /// The broker's name for messages: "Kafka" or "Pub/Sub".
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnySink::Kafka(_) => "Kafka",
+            AnySink::PubSub(_) => "Pub/Sub",
+        }
+    }
+}
+
+impl Sink for AnySink {
+    async fn enqueue(&self, messages: Vec<OutgoingMessage>) -> PendingDelivery {
+        match self {
+            AnySink::Kafka(sink) => sink.enqueue(messages).await,
+            AnySink::PubSub(sink) => sink.enqueue(messages).await,
+        }
+    }
+
+    async fn reachable(&self, timeout: std::time::Duration) -> Result<(), String> {
+        match self {
+            AnySink::Kafka(sink) => sink.reachable(timeout).await,
+            AnySink::PubSub(sink) => sink.reachable(timeout).await,
+        }
+    }
+
+    async fn flush(&self, timeout: std::time::Duration) {
+        match self {
+            AnySink::Kafka(sink) => sink.flush(timeout).await,
+            AnySink::PubSub(sink) => sink.flush(timeout).await,
+        }
+    }
 }
