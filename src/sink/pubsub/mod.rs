@@ -356,6 +356,10 @@ struct Scheduler {
     running: FuturesUnordered<futures::future::BoxFuture<'static, Flight>>,
     next_id: u64,
     last_warn: Option<Instant>,
+    /// The last answer was a transient failure: only one request goes out
+    /// at a time, so a stalled service is probed, not flooded with retries
+    /// it would all process (as duplicates) once it recovers.
+    degraded: bool,
 }
 
 impl Scheduler {
@@ -370,6 +374,7 @@ impl Scheduler {
             running: FuturesUnordered::new(),
             next_id: 0,
             last_warn: None,
+            degraded: false,
         }
     }
 
@@ -389,7 +394,7 @@ impl Scheduler {
             if !open && self.keys.is_empty() && self.running.is_empty() {
                 return;
             }
-            let can_send = self.running.len() < self.shared.config.max_concurrent_requests;
+            let can_send = self.running.len() < self.concurrency();
             let wake = [
                 self.ready.front().filter(|_| can_send).map(|(at, _)| *at),
                 self.retries.peek().map(|Reverse((at, _))| *at),
@@ -426,12 +431,21 @@ impl Scheduler {
         }
     }
 
+    /// Requests allowed in flight: `max_concurrent_requests`, or one while degraded.
+    fn concurrency(&self) -> usize {
+        if self.degraded {
+            1
+        } else {
+            self.shared.config.max_concurrent_requests
+        }
+    }
+
     /// Sends ready keys while request slots are free: a key goes when its
     /// linger is over or it already fills a request.
     fn dispatch_ready(&mut self, now: Instant) {
         let shared = self.shared.clone();
         let config = &shared.config;
-        while self.running.len() < config.max_concurrent_requests {
+        while self.running.len() < self.concurrency() {
             let Some((at, key)) = self.ready.front() else { return };
             let full = self.keys.get(key).is_some_and(|s| {
                 s.queue.len() >= config.max_messages_per_request || s.queued_bytes >= config.max_bytes_per_request
@@ -505,6 +519,10 @@ impl Scheduler {
                 for pending in batch {
                     let _ = pending.reply.send(Ok(()));
                 }
+                if self.degraded {
+                    self.degraded = false;
+                    info!(endpoint = %shared.api.base(), "Pub/Sub answers again; publishing at full concurrency");
+                }
             }
             Err(error) if error.is_permanent() => {
                 state.failures = 0;
@@ -518,6 +536,7 @@ impl Scheduler {
             Err(error) => {
                 // Back to the head of the key, in order; the key waits.
                 state.failures += 1;
+                self.degraded = true;
                 for pending in batch.into_iter().rev() {
                     state.queued_bytes += message::encoded_len(&pending.prepared);
                     state.queue.push_front(pending);
