@@ -48,6 +48,8 @@ use backon::BackoffBuilder;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+#[cfg(test)]
+use base64::Engine as _;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -98,7 +100,8 @@ pub fn validate_config(config: &PubSubConfig, template: &str) -> Result<(), PubS
             problem: format!("renders names Pub/Sub rejects: {e}"),
         })?;
     }
-    if !config.endpoint.is_empty() && !(config.endpoint.starts_with("https://") || config.endpoint.starts_with("http://")) {
+    let scheme_ok = config.endpoint.starts_with("https://") || config.endpoint.starts_with("http://");
+    if !config.endpoint.is_empty() && !scheme_ok {
         return invalid(
             "sink.pubsub.endpoint",
             format!("{:?} must start with https:// (or http:// for an emulator), e.g. \"https://us-east1-pubsub.googleapis.com\"", config.endpoint),
@@ -205,9 +208,16 @@ impl PubSubSink {
     /// Builds the client and starts the scheduler (needs a tokio runtime).
     /// `template` is `sink.topic`: a static topic is what readiness probes.
     pub fn new(config: &PubSubConfig, template: &str) -> Result<PubSubSink, PubSubSinkError> {
-        let (base, emulator) = resolve_endpoint(config);
+        let (_, emulator) = resolve_endpoint(config);
         let credentials = Credentials::discover(emulator, config.credentials_file.as_deref())
             .map_err(|e| PubSubSinkError::Config(e.to_string()))?;
+        PubSubSink::with_credentials(config, template, credentials)
+    }
+
+    /// As [`PubSubSink::new`], with the credentials given instead of
+    /// discovered (tests, and callers that manage credentials themselves).
+    pub fn with_credentials(config: &PubSubConfig, template: &str, credentials: Credentials) -> Result<PubSubSink, PubSubSinkError> {
+        let (base, _) = resolve_endpoint(config);
         let http = Http::new().map_err(PubSubSinkError::Config)?;
         info!(endpoint = %base, credentials = %credentials.describe(), project = %config.project, "Pub/Sub sink");
         let api = Api::new(http, base, config.project.trim().to_owned(), TokenSource::new(credentials), config.request_timeout);
@@ -594,6 +604,149 @@ async fn publish(shared: &Shared, topic: &str, body: Vec<u8>, count: usize) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    /// A fake Pub/Sub publish endpoint: fails every third attempt with 503,
+    /// answers 403 for topic `forbidden`, and records what it saw.
+    #[derive(Default)]
+    struct FakePubSub {
+        /// Successful requests: (ordering keys, seqs, body bytes).
+        accepted: StdMutex<Vec<(Vec<String>, Vec<u64>, usize)>>,
+        attempts: AtomicUsize,
+        keys_in_flight: StdMutex<std::collections::HashSet<String>>,
+        overlapped: std::sync::atomic::AtomicBool,
+    }
+
+    async fn fake_publish(
+        axum::extract::State(fake): axum::extract::State<Arc<FakePubSub>>,
+        uri: axum::http::Uri,
+        body: bytes::Bytes,
+    ) -> (axum::http::StatusCode, String) {
+        use axum::http::StatusCode;
+        if uri.path().contains("/topics/forbidden") {
+            let error = r#"{"error":{"code":403,"message":"denied","status":"PERMISSION_DENIED"}}"#;
+            return (StatusCode::FORBIDDEN, error.into());
+        }
+        let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let messages = request["messages"].as_array().unwrap();
+        let keys: Vec<String> = messages.iter().map(|m| m["orderingKey"].as_str().unwrap().to_owned()).collect();
+        let seqs: Vec<u64> = messages
+            .iter()
+            .map(|m| {
+                let data = base64::engine::general_purpose::STANDARD.decode(m["data"].as_str().unwrap()).unwrap();
+                serde_json::from_slice::<serde_json::Value>(&data).unwrap()["seq"].as_u64().unwrap()
+            })
+            .collect();
+        let key = keys[0].clone();
+        if !fake.keys_in_flight.lock().unwrap().insert(key.clone()) {
+            fake.overlapped.store(true, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        fake.keys_in_flight.lock().unwrap().remove(&key);
+        if fake.attempts.fetch_add(1, Ordering::SeqCst) % 3 == 1 {
+            let error = r#"{"error":{"code":503,"message":"try again","status":"UNAVAILABLE"}}"#;
+            return (StatusCode::SERVICE_UNAVAILABLE, error.into());
+        }
+        let ids: Vec<String> = (0..messages.len()).map(|i| i.to_string()).collect();
+        fake.accepted.lock().unwrap().push((keys, seqs, body.len()));
+        (StatusCode::OK, serde_json::json!({ "messageIds": ids }).to_string())
+    }
+
+    async fn fake_server() -> (Arc<FakePubSub>, String) {
+        let fake = Arc::new(FakePubSub::default());
+        let app = axum::Router::new().fallback(axum::routing::post(fake_publish)).with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (fake, format!("http://{address}"))
+    }
+
+    fn message(topic: &str, key: &str, seq: u64) -> OutgoingMessage {
+        OutgoingMessage {
+            position: seq as i64,
+            topic: topic.into(),
+            key: key.into(),
+            value: serde_json::to_vec(&serde_json::json!({"aggregate_type": "T", "seq": seq, "pad": "x".repeat(100)})).unwrap(),
+            headers: vec![(std::borrow::Cow::Borrowed("event_id"), format!("{key}-{seq}").into_bytes())],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_per_key_within_limits_and_retries_keep_each_key_in_order() {
+        // GIVEN a sink with small request limits and outstanding bounds over a flaky endpoint
+        let (fake, endpoint) = fake_server().await;
+        let config = PubSubConfig {
+            project: "test-project".into(),
+            endpoint,
+            max_messages_per_request: 7,
+            max_bytes_per_request: 2000,
+            max_outstanding_messages: 50,
+            max_outstanding_bytes: 20_000,
+            linger: Duration::from_millis(1),
+            retry_min_delay: Duration::from_millis(1),
+            retry_max_delay: Duration::from_millis(5),
+            ..PubSubConfig::default()
+        };
+        validate_config(&config, "orders").unwrap();
+        let sink = PubSubSink::with_credentials(&config, "orders", Credentials::None).unwrap();
+
+        // WHEN 3 batches of 200 messages over 10 keys are enqueued back to back
+        let mut seq_of_key = [0u64; 10];
+        let mut deliveries = Vec::new();
+        for _ in 0..3 {
+            let batch: Vec<OutgoingMessage> = (0..200)
+                .map(|i| {
+                    seq_of_key[i % 10] += 1;
+                    message("orders", &format!("k{}", i % 10), seq_of_key[i % 10])
+                })
+                .collect();
+            deliveries.push(sink.enqueue(batch).await);
+        }
+        let mut results = Vec::new();
+        for delivery in deliveries {
+            results.extend(delivery.await);
+        }
+
+        // THEN every message is acknowledged,
+        assert_eq!(results.len(), 600);
+        assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+        tokio::time::timeout(Duration::from_secs(5), sink.flush(Duration::from_secs(5))).await.unwrap();
+        assert_eq!(sink.outstanding(), 0);
+        let accepted = fake.accepted.lock().unwrap().clone();
+        // AND no request mixed keys, exceeded a limit, or overlapped another of its key,
+        assert!(!fake.overlapped.load(Ordering::SeqCst), "two requests of one key were in flight at once");
+        for (keys, seqs, bytes) in &accepted {
+            assert!(keys.iter().all(|k| k == &keys[0]), "a request mixed ordering keys: {keys:?}");
+            assert!(seqs.len() <= 7 && *bytes <= 2000, "{} messages, {bytes} bytes", seqs.len());
+        }
+        // AND although a third of the attempts failed, each key's messages were accepted once, in order.
+        assert!(fake.attempts.load(Ordering::SeqCst) > accepted.len(), "no retries happened");
+        for k in 0..10 {
+            let key = format!("k{k}");
+            let order: Vec<u64> = accepted.iter().filter(|(keys, _, _)| keys[0] == key).flat_map(|(_, s, _)| s.clone()).collect();
+            assert_eq!(order, (1..=60).collect::<Vec<u64>>(), "key {key}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn permanent_errors_fail_only_their_messages_with_the_fix() {
+        let (_fake, endpoint) = fake_server().await;
+        let config = PubSubConfig { project: "test-project".into(), endpoint, ..PubSubConfig::default() };
+        let sink = PubSubSink::with_credentials(&config, "orders", Credentials::None).unwrap();
+        let mut big = message("orders", "k", 2);
+        big.value = vec![b'x'; message::MAX_MESSAGE_BYTES + 1];
+        let results = sink
+            .enqueue(vec![message("forbidden", "k", 1), big, message("1nvalid", "k", 3), message("orders", "k", 4)])
+            .await
+            .await;
+        let forbidden = results[0].as_ref().unwrap_err();
+        assert!(forbidden.permanent && forbidden.reason.contains("projects/test-project/topics/forbidden"), "{forbidden:?}");
+        assert!(forbidden.reason.contains("roles/pubsub.publisher"), "{forbidden:?}");
+        assert!(results[1].as_ref().unwrap_err().reason.contains("at most 10000000"));
+        assert!(results[2].as_ref().unwrap_err().reason.contains("start with a letter"));
+        // The one valid message is published.
+        assert_eq!(results[3], Ok(()));
+    }
 
     fn valid() -> PubSubConfig {
         PubSubConfig { project: "my-project".into(), ..PubSubConfig::default() }
