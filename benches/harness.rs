@@ -11,6 +11,8 @@
 //!   delete modes (time from process start to the last row marked);
 //! - live: writers committing single-row transactions at fixed rates while the
 //!   relay runs; latency from the writer's commit to the consumer receiving it.
+//! - Pub/Sub: the relay (poll/mark) draining the backlog to Google's Pub/Sub
+//!   emulator, next to the emulator's raw publish rate (`--no-pubsub` skips).
 //! Relay peak RSS (VmHWM) and CPU seconds come from /proc. Results: medians
 //! with min-max over the repetitions, as a Markdown table on stdout and in
 //! `target/bench/results.md`.
@@ -18,6 +20,8 @@
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code)]
 mod common;
+#[path = "../tests/common/pubsub.rs"]
+mod pubsub_harness;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -44,6 +48,8 @@ struct Options {
     rates: Vec<Option<u64>>,
     live_secs: u64,
     scenarios: Vec<Scenario>,
+    /// Also drain to the Pub/Sub emulator (`--no-pubsub` skips it).
+    pubsub: bool,
 }
 
 /// A capture mode and a published mode, e.g. `replication/none`.
@@ -81,7 +87,8 @@ fn options() -> Options {
         .filter_map(|s| s.split_once('/'))
         .map(|(capture, published)| Scenario { capture: capture.into(), published: published.into() })
         .collect();
-    Options { events, reps, rates, live_secs, scenarios }
+    let pubsub = !args.iter().any(|a| a == "--no-pubsub");
+    Options { events, reps, rates, live_secs, scenarios, pubsub }
 }
 
 fn main() {
@@ -169,6 +176,10 @@ async fn run(opts: Options) {
             if scenario.replication() {
                 drop_slot(&client, "outbox_relay").await;
             }
+        }
+        // Backlog drain to the Pub/Sub emulator (its own functions, below).
+        if opts.pubsub {
+            pubsub_drain(&pg.url(), &client, opts.events, &mut samples).await;
         }
         // Live: fixed write rates.
         for scenario in &opts.scenarios {
@@ -638,4 +649,110 @@ fn consume_latencies(bootstrap: &str, stop: Arc<AtomicBool>) -> Vec<f64> {
         }
     }
     latencies
+}
+
+// ------------------------------------------------------------------ Pub/Sub
+//
+// Backlog drain to Google's Pub/Sub emulator, reported as its own rows next
+// to the emulator's raw REST publish rate measured in the same run. The
+// emulator is one Java process on this machine: its throughput says nothing
+// about Pub/Sub in GCP (where the limits are per ordering key, ~1 MB/s, and
+// scale with keys and concurrent requests).
+
+const PUBSUB_PROJECT: &str = "outbox-relay-bench";
+
+/// poll/mark draining `events` pre-loaded rows to the emulator.
+async fn pubsub_drain(url: &str, client: &Client, events: usize, samples: &mut Samples) {
+    let bin = std::env::var("PUBSUB_EMULATOR_BIN")
+        .unwrap_or_else(|_| "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator".into());
+    if !std::path::Path::new(&bin).is_file() {
+        eprintln!("bench: Pub/Sub emulator not found at {bin} (apt-get install google-cloud-cli-pubsub-emulator); skipping the Pub/Sub rows");
+        return;
+    }
+    let emulator = pubsub_harness::PubSubEmulator::start();
+    pubsub_harness::PubSubClient::new(&emulator.host(), PUBSUB_PROJECT).create_topic(TOPIC).await;
+    let raw = pubsub_raw_publish(&emulator.host(), events).await;
+    samples.add("raw: Pub/Sub emulator REST publish (events/s)", raw);
+    reset(client).await;
+    preload(client, events).await;
+    let scenario = Scenario { capture: "poll".into(), published: "mark".into() };
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .env("OUTBOX_RELAY_POSTGRES__URL", url)
+        .env("OUTBOX_RELAY_SINK__KIND", "pubsub")
+        .env("OUTBOX_RELAY_SINK__PUBSUB__PROJECT", PUBSUB_PROJECT)
+        .env("PUBSUB_EMULATOR_HOST", emulator.host())
+        .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTBOX_RELAY_LOG__LEVEL", std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start relay");
+    let relay = RelayRun { pid: child.id(), child };
+    while remaining(client, &scenario, "0/0").await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(started.elapsed() < Duration::from_secs(900), "Pub/Sub drain took over 15 minutes");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let (rss, cpu) = (relay.peak_rss_mib(), relay.cpu_seconds());
+    relay.stop();
+    eprintln!("bench:   poll/mark -> Pub/Sub emulator drain {seconds:.1} s, peak RSS {rss:.1} MiB");
+    samples.add("poll/mark -> Pub/Sub emulator drain (events/s)", events as f64 / seconds);
+    samples.add("poll/mark -> Pub/Sub emulator drain peak RSS (MiB)", rss);
+    samples.add("poll/mark -> Pub/Sub emulator drain CPU s per 1M events", cpu * 1e6 / events as f64);
+    samples.add("poll/mark -> Pub/Sub emulator drain / raw emulator publish (%)", 100.0 * events as f64 / seconds / raw);
+}
+
+/// The emulator's own limit: pre-built publish requests of 100 messages
+/// (one ordering key each, as Pub/Sub requires), 64 in flight, envelopes
+/// like the relay's; events/s.
+async fn pubsub_raw_publish(host: &str, events: usize) -> f64 {
+    use base64::Engine as _;
+    use futures::StreamExt as _;
+    use http_body_util::{BodyExt, Full};
+    let http: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let per_request = 100;
+    let bodies: Vec<(String, bytes::Bytes, usize)> = (0..events.div_ceil(per_request))
+        .map(|r| {
+            let key = format!("order-{}", r % AGGREGATES);
+            let count = per_request.min(events - r * per_request);
+            let messages: Vec<serde_json::Value> = (0..count)
+                .map(|i| {
+                    let value = format!(
+                        r#"{{"envelope_version":"1","event_id":"{:08x}-0000-4000-8000-000000000000","event_type":"OrderUpdated","event_version":1,"aggregate_type":"Order","aggregate_id":"{key}","timestamp":"2026-01-01T00:00:00.000000Z","actor":null,"headers":{{}},"payload":{{"seq":{i},"pad":"{}"}}}}"#,
+                        r * per_request + i,
+                        "x".repeat(220)
+                    );
+                    serde_json::json!({
+                        "data": base64::engine::general_purpose::STANDARD.encode(value),
+                        "attributes": {"event_type": "OrderUpdated", "event_version": "1", "envelope_version": "1", "aggregate_type": "Order", "aggregate_id": key},
+                        "orderingKey": key,
+                    })
+                })
+                .collect();
+            let body = serde_json::json!({ "messages": messages }).to_string();
+            (format!("http://{host}/v1/projects/{PUBSUB_PROJECT}/topics/{TOPIC}:publish"), bytes::Bytes::from(body), count)
+        })
+        .collect();
+    let started = Instant::now();
+    let published: usize = futures::stream::iter(bodies)
+        .map(|(url, body, count)| {
+            let http = http.clone();
+            async move {
+                let request = hyper::Request::post(url).header("content-type", "application/json").body(Full::new(body)).expect("request");
+                let response = http.request(request).await.expect("emulator publish");
+                let ok = response.status().is_success();
+                let _ = response.into_body().collect().await;
+                if ok { count } else { 0 }
+            }
+        })
+        .buffer_unordered(64)
+        .fold(0, |sum, n| async move { sum + n })
+        .await;
+    let rate = published as f64 / started.elapsed().as_secs_f64();
+    eprintln!("bench:   raw Pub/Sub emulator publish {rate:.0} events/s ({published} events)");
+    rate
 }
