@@ -62,6 +62,9 @@ pub enum Credentials {
         refresh_token: String,
         /// Token endpoint.
         token_uri: String,
+        /// `quota_project_id` of the file: the project billed for the
+        /// calls (user credentials have no project of their own).
+        quota_project: Option<String>,
     },
     /// The metadata server at `host` (GCE_METADATA_HOST or metadata.google.internal).
     Metadata {
@@ -95,6 +98,8 @@ struct CredentialsFile {
     refresh_token: String,
     #[serde(default)]
     token_uri: String,
+    #[serde(default)]
+    quota_project_id: String,
 }
 
 impl Credentials {
@@ -150,6 +155,7 @@ impl Credentials {
                     client_secret: file.client_secret,
                     refresh_token: file.refresh_token,
                     token_uri,
+                    quota_project: Some(file.quota_project_id).filter(|p| !p.is_empty()),
                 })
             }
             other => Err(format!(
@@ -244,6 +250,16 @@ impl TokenSource {
         &self.credentials
     }
 
+    /// The project to bill (`x-goog-user-project`), only when the
+    /// credentials file names one: sending it otherwise would need
+    /// `serviceusage.services.use` on that project.
+    pub fn quota_project(&self) -> Option<&str> {
+        match &self.credentials {
+            Credentials::AuthorizedUser { quota_project, .. } => quota_project.as_deref(),
+            _ => None,
+        }
+    }
+
     /// `Bearer <token>`, or `None` for the emulator. Err (transient) when no
     /// token could be had; the message says where it was asked.
     pub async fn authorization(&self, http: &Http) -> Result<Option<String>, String> {
@@ -276,7 +292,7 @@ impl TokenSource {
                 let jwt = self_signed_jwt(email, key_id, key, PUBSUB_AUDIENCE, now)?;
                 Ok((jwt, JWT_LIFETIME))
             }
-            Credentials::AuthorizedUser { client_id, client_secret, refresh_token, token_uri } => {
+            Credentials::AuthorizedUser { client_id, client_secret, refresh_token, token_uri, .. } => {
                 let body = form(&[
                     ("grant_type", "refresh_token"),
                     ("client_id", client_id),
@@ -389,8 +405,10 @@ mod tests {
 
     #[test]
     fn credentials_files_are_recognised_or_rejected_clearly() {
-        let user = r#"{"type":"authorized_user","client_id":"c","client_secret":"s","refresh_token":"r"}"#;
-        match Credentials::from_json(user).unwrap() {
+        let user = r#"{"type":"authorized_user","client_id":"c","client_secret":"s","refresh_token":"r","quota_project_id":"billing-proj"}"#;
+        let source = TokenSource::new(Credentials::from_json(user).unwrap());
+        assert_eq!(source.quota_project(), Some("billing-proj"));
+        match source.credentials() {
             Credentials::AuthorizedUser { token_uri, .. } => assert_eq!(token_uri, DEFAULT_TOKEN_URI),
             other => panic!("{other:?}"),
         }

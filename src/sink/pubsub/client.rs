@@ -253,8 +253,8 @@ impl Api {
         if let Some(token) = token.as_deref() {
             headers.push(("authorization", token));
         }
-        if !self.project.is_empty() {
-            headers.push(("x-goog-user-project", self.project.as_str()));
+        if let Some(project) = self.auth.quota_project() {
+            headers.push(("x-goog-user-project", project));
         }
         let response = self.http.send(method, &url, &headers, body, timeout).await.map_err(ApiError::Transport)?;
         if (200..300).contains(&response.status) {
