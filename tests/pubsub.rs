@@ -439,6 +439,48 @@ async fn replay_republishes_through_pubsub_in_order() {
     assert_eq!(seqs, [("r-1".to_owned(), 1), ("r-1".to_owned(), 2), ("r-1".to_owned(), 3)]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_account_credentials_and_an_explicit_endpoint_publish() {
+    // GIVEN a service-account key file and the emulator as an explicit
+    // endpoint, without PUBSUB_EMULATOR_HOST: the relay signs JWTs and sends
+    // them (the emulator accepts any token)
+    let s = setup(Mode::Poll).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.json");
+    let json = json!({
+        "type": "service_account",
+        "project_id": PROJECT,
+        "private_key_id": "test-key",
+        "private_key": include_str!("../src/sink/pubsub/testdata/test-key.pem"),
+        "client_email": "outbox-relay@outbox-relay-tests.iam.gserviceaccount.com",
+    });
+    std::fs::write(&key, json.to_string()).unwrap();
+    let mut env: Vec<(&'static str, String)> = s.env.iter().filter(|(k, _)| *k != "PUBSUB_EMULATOR_HOST").cloned().collect();
+    env.push(("OUTBOX_RELAY_SINK__PUBSUB__ENDPOINT", format!("http://{}", s.emulator.host())));
+    env.push(("OUTBOX_RELAY_SINK__PUBSUB__CREDENTIALS_FILE", key.display().to_string()));
+    let db = connect(&s.pg.url()).await;
+    db.execute("SELECT outbox.enqueue('Order', 'sa-1', 'OrderUpdated', '{\"seq\":1,\"aggregate\":0}'::jsonb)", &[])
+        .await
+        .unwrap();
+
+    // WHEN the relay runs
+    let relay = RelayProcess::start(&["run"], &env);
+    wait_all_published(&db, Duration::from_secs(60)).await;
+
+    // THEN it used the service account and the event arrived
+    assert!(relay.log().contains("service account outbox-relay@outbox-relay-tests.iam.gserviceaccount.com"), "{}", relay.log());
+    let received = s.client.pull_all(SUBSCRIPTION, 1, Duration::from_secs(30)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].ordering_key, "sa-1");
+
+    // AND a credentials file that is not one is a configuration error naming the key
+    std::fs::write(&key, "{}").unwrap();
+    let out = run_command(&["run"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("sink.pubsub.credentials_file") && stderr.contains("not supported"), "{stderr}");
+}
+
 // ---------------------------------------------------------------- CloudEvents
 
 /// The SDK release the tests parse with (same as tests/cloudevents.rs).

@@ -32,12 +32,22 @@ pub struct Response {
 }
 
 impl Http {
-    /// A client with the system trust store; fails only if TLS cannot be set up.
+    /// A client with the system trust store. Without CA certificates it
+    /// still speaks plain HTTP (the emulator); `https` then says why it fails.
     pub fn new() -> Result<Http, String> {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("cannot load the system's CA certificates for https to Google: {e}"))?;
+        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+            Ok(builder) => builder,
+            Err(e) => {
+                tracing::warn!(error = %e, "no system CA certificates: https to Google will fail (install ca-certificates or set SSL_CERT_FILE)");
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| format!("cannot set up TLS: {e}"))?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+            }
+        };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
