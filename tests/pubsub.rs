@@ -481,6 +481,34 @@ async fn service_account_credentials_and_an_explicit_endpoint_publish() {
     assert!(stderr.contains("sink.pubsub.credentials_file") && stderr.contains("not supported"), "{stderr}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_passes_and_sigterm_drains_and_exits_0() {
+    // GIVEN pending events for an existing topic
+    let s = setup(Mode::Poll).await;
+    let db = connect(&s.pg.url()).await;
+    write_events(&s.pg.url(), 10, 50, 2, Duration::ZERO).await;
+
+    // THEN `check` passes every line, the Pub/Sub endpoint and topic included
+    let out = run_command(&["check"], &s.env);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("[ ok ] pubsub") && stdout.contains("1 Pub/Sub topic(s) pending events go to exist"), "{stdout}");
+
+    // WHEN the relay is asked to stop with SIGTERM while publishing
+    let mut relay = RelayProcess::start(&["run"], &s.env);
+    wait_published_at_least(&db, 1, Duration::from_secs(60), &relay).await;
+    relay.signal(libc::SIGTERM);
+
+    // THEN it exits 0 and everything it acknowledged is marked; a restart publishes the rest
+    let status = relay.wait_exit(Duration::from_secs(30)).expect("relay exits after SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", relay.log());
+    let relay = RelayProcess::start(&["run"], &s.env);
+    wait_all_published(&db, Duration::from_secs(60)).await;
+    let received = s.client.pull_all(SUBSCRIPTION, 500, Duration::from_secs(30)).await;
+    let verdict = verify(&as_consumed(&received), 10, 50);
+    assert_eq!((verdict.lost, verdict.order_violations), (0, 0), "{verdict:?}\n{}", tail(&relay.log()));
+}
+
 // ---------------------------------------------------------------- CloudEvents
 
 /// The SDK release the tests parse with (same as tests/cloudevents.rs).
