@@ -606,12 +606,15 @@ mod tests {
     use super::*;
     use std::sync::Mutex as StdMutex;
 
+    /// One accepted request: its ordering keys, the seqs of its messages, its body size.
+    type Accepted = (Vec<String>, Vec<u64>, usize);
+
     /// A fake Pub/Sub publish endpoint: fails every third attempt with 503,
     /// answers 403 for topic `forbidden`, and records what it saw.
     #[derive(Default)]
     struct FakePubSub {
         /// Successful requests: (ordering keys, seqs, body bytes).
-        accepted: StdMutex<Vec<(Vec<String>, Vec<u64>, usize)>>,
+        accepted: StdMutex<Vec<Accepted>>,
         attempts: AtomicUsize,
         keys_in_flight: StdMutex<std::collections::HashSet<String>>,
         overlapped: std::sync::atomic::AtomicBool,
