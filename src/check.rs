@@ -164,7 +164,7 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
     // Preparing the relay's own statements proves the table and columns exist.
     let probe = postgres::connect(&config.postgres, "outbox-relay check").await;
     match probe {
-        Ok(probe) => match PollSource::prepare(probe, &config.source, config.published.mode).await {
+        Ok(probe) => match PollSource::prepare(probe, &config.source, config.published.mode, config.failures.policy == crate::config::FailurePolicy::DeadLetter).await {
             Ok(_) => results.push(ok("outbox table", format!("{} has the mapped columns", config.source.table))),
             Err(e) => {
                 results.push(fail(

@@ -84,6 +84,11 @@ pub enum Command {
         /// Only count what would be re-published.
         #[arg(long)]
         dry_run: bool,
+        /// Re-drive dead-lettered rows instead of published ones; each is
+        /// marked done again (dead_lettered_at cleared, or deleted in delete
+        /// mode) once the broker acknowledged it.
+        #[arg(long)]
+        dead_lettered: bool,
     },
 }
 
@@ -137,7 +142,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Migrate => migrate(&config).await.map_err(CliError::Runtime),
         Command::Check { json } => check(&config, json).await,
         Command::Status { json } => status(&config, json).await,
-        Command::Replay { from_id, to_id, since, until, aggregate_id, event_type, dry_run } => {
+        Command::Replay { from_id, to_id, since, until, aggregate_id, event_type, dry_run, dead_lettered } => {
             let parse = |flag: &'static str, value: Option<String>| -> Result<_, CliError> {
                 value
                     .map(|v| crate::replay::parse_time(&v))
@@ -151,6 +156,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 until: parse("--until", until)?,
                 aggregate_id,
                 event_type,
+                dead_lettered,
             };
             replay(&config, &selection, dry_run).await
         }

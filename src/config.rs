@@ -53,6 +53,42 @@ pub struct Config {
     pub http: HttpConfig,
     /// How events are encoded on the broker (native envelope v1 or CloudEvents).
     pub envelope: EnvelopeConfig,
+    /// What happens to events that cannot be published (retry or dead-letter).
+    pub failures: FailuresConfig,
+}
+
+/// What the relay does with an event whose publish failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Record the failure on the row and retry the event every
+    /// `source.retry_failed_after`, holding back its aggregate's later events
+    /// until it is published (the default: nothing is skipped or reordered).
+    /// Polling keeps other aggregates flowing; replication, which cannot
+    /// hold one aggregate back, stops the stream at that event and retries it.
+    #[default]
+    Block,
+    /// Publish the event to `failures.dead_letter_topic` (at once for permanent
+    /// failures, after `failures.max_attempts` for transient ones) and treat it as done.
+    DeadLetter,
+}
+
+/// The `[failures]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailuresConfig {
+    /// `block` or `dead_letter`.
+    pub policy: FailurePolicy,
+    /// Topic dead-lettered events are published to.
+    pub dead_letter_topic: String,
+    /// With `dead_letter`: attempts after which a transiently failing event is dead-lettered.
+    pub max_attempts: u32,
+}
+
+impl Default for FailuresConfig {
+    fn default() -> Self {
+        FailuresConfig { policy: FailurePolicy::Block, dead_letter_topic: "outbox.dead-letter".into(), max_attempts: 5 }
+    }
 }
 
 /// How an event is laid out in a broker message.
@@ -136,11 +172,29 @@ pub struct PostgresConfig {
     /// Give up on one connection attempt after this long (it is then retried).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// libpq sslmode: `disable`, `prefer` (default), `require`, `verify-ca`,
+    /// `verify-full`; wins over the URL's `sslmode`.
+    pub sslmode: Option<String>,
+    /// CA certificate(s) (PEM) to verify the server with, or `system`; wins
+    /// over the URL's. Unset with a `verify-*` mode: the system trust store.
+    pub sslrootcert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for certificate authentication; needs `sslkey`.
+    pub sslcert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM, unencrypted).
+    pub sslkey: Option<std::path::PathBuf>,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        Self { url: String::new(), password_file: None, connect_timeout: Duration::from_secs(10) }
+        Self {
+            url: String::new(),
+            password_file: None,
+            connect_timeout: Duration::from_secs(10),
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+        }
     }
 }
 
@@ -264,6 +318,10 @@ pub struct ColumnMapping {
     pub last_error: String,
     /// See `attempts`.
     pub failed_at: String,
+    /// timestamptz set when a row was dead-lettered; with
+    /// `failures.policy = "dead_letter"` such rows are never claimed again.
+    /// Absent: dead-lettered rows are deleted in delete mode.
+    pub dead_lettered_at: String,
 }
 
 impl Default for ColumnMapping {
@@ -285,6 +343,7 @@ impl Default for ColumnMapping {
             attempts: "attempts".into(),
             last_error: "last_error".into(),
             failed_at: "failed_at".into(),
+            dead_lettered_at: "dead_lettered_at".into(),
         }
     }
 }
@@ -514,12 +573,16 @@ impl Config {
                 "is not set: set it in the config file or OUTBOX_RELAY_POSTGRES__URL, e.g. postgres://relay@localhost:5432/app",
             ));
         }
-        if self.postgres.url.parse::<tokio_postgres::Config>().is_err() {
+        // TLS parameters (libpq spellings) come out of the URL first: tokio-postgres rejects most of them.
+        let (url, tls) = crate::tls::resolve(&self.postgres).map_err(|e| ConfigError::invalid(e.key, e.problem))?;
+        if url.parse::<tokio_postgres::Config>().is_err() {
             return Err(ConfigError::invalid(
                 "postgres.url",
                 "is not a valid connection string: use postgres://user:password@host:port/database",
             ));
         }
+        // Reads the certificate files now, so a wrong path fails at start-up, not at the first connect.
+        tls.load().map_err(|e| ConfigError::invalid(e.key, e.problem))?;
         crate::source::table::TableName::parse(&self.source.table)
             .map_err(|problem| ConfigError::invalid("source.table", problem))?;
         if !(1..=50_000).contains(&self.source.batch_size) {
@@ -601,6 +664,14 @@ impl Config {
         if !(1..=100_000).contains(&self.published.cleanup_batch_size) {
             return Err(ConfigError::invalid("published.cleanup_batch_size", "must be between 1 and 100000"));
         }
+        if self.failures.policy == FailurePolicy::DeadLetter {
+            if self.failures.dead_letter_topic.trim().is_empty() {
+                return Err(ConfigError::invalid("failures.dead_letter_topic", "must name a topic when failures.policy = \"dead_letter\""));
+            }
+            if self.failures.max_attempts == 0 {
+                return Err(ConfigError::invalid("failures.max_attempts", "must be at least 1"));
+            }
+        }
         if self.published.cleanup_interval < Duration::from_secs(1) {
             return Err(ConfigError::invalid("published.cleanup_interval", "must be at least 1s"));
         }
@@ -638,6 +709,7 @@ impl Config {
             ("source.columns.attempts", &c.attempts),
             ("source.columns.last_error", &c.last_error),
             ("source.columns.failed_at", &c.failed_at),
+            ("source.columns.dead_lettered_at", &c.dead_lettered_at),
         ];
         for (key, name) in all {
             if !name.is_empty() && !is_identifier(name) {
@@ -736,6 +808,36 @@ mod tests {
         std::fs::write(&path, "[source]\nbatch_sise = 10\n").unwrap();
         let msg = Config::load(Some(&path)).unwrap_err().to_string();
         assert!(msg.contains("batch_sise"), "{msg}");
+    }
+
+    #[test]
+    fn tls_keys_load_from_the_file_and_bad_values_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        let base = "[sink.kafka]\nbrokers = \"k:9092\"\n[postgres]\nurl = \"postgres://a@b/c?sslmode=require\"\n";
+        std::fs::write(&path, format!("{base}sslmode = \"disable\"\n")).unwrap();
+        assert_eq!(Config::load(Some(&path)).unwrap().postgres.sslmode.as_deref(), Some("disable"));
+        std::fs::write(&path, format!("{base}sslmode = \"verify\"\n")).unwrap();
+        let msg = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(msg.contains("`postgres.sslmode`") && msg.contains("verify-ca, verify-full"), "{msg}");
+        std::fs::write(&path, format!("{base}sslcert = \"/client.pem\"\n")).unwrap();
+        let msg = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(msg.contains("`postgres.sslkey`"), "{msg}");
+    }
+
+    #[test]
+    fn libpq_tls_parameters_in_the_url_are_accepted() {
+        let mut c = valid();
+        c.postgres.url = "postgres://relay@db/app?sslmode=require&application_name=x".into();
+        c.validate().unwrap();
+        c.postgres.url = "postgres://relay@db/app?sslmode=verify-ca".into();
+        if let Err(e) = c.validate() {
+            // Only on a machine without CA certificates (verify-ca falls back to the system store).
+            assert!(e.to_string().contains("system trust store"), "{e}");
+        }
+        c.postgres.url = "postgres://relay@db/app?sslmode=verify-full&sslrootcert=/nonexistent.pem".into();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("`postgres.url`") && msg.contains("/nonexistent.pem"), "{msg}");
     }
 
     #[test]

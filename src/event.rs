@@ -42,6 +42,25 @@ pub struct Rejected {
     pub position: i64,
     /// Why, in words an operator can act on.
     pub reason: String,
+    /// The row's aggregate, when it had a usable one: `failures.policy =
+    /// "block"` holds back that aggregate's later events.
+    pub aggregate_id: Option<String>,
+    /// The event's original text, when no table row holds it (a logical
+    /// decoding message): what a dead letter carries instead.
+    pub original: Option<String>,
+}
+
+impl Rejected {
+    /// A rejection known only by position and reason.
+    pub fn new(position: i64, reason: impl Into<String>) -> Rejected {
+        Rejected { position, reason: reason.into(), aggregate_id: None, original: None }
+    }
+
+    /// The same rejection, tied to `aggregate_id`.
+    pub fn of_aggregate(mut self, aggregate_id: Option<String>) -> Rejected {
+        self.aggregate_id = aggregate_id.filter(|a| !a.is_empty());
+        self
+    }
 }
 
 /// Fields of a captured row before validation; every column may be NULL or
@@ -82,14 +101,18 @@ impl RawRow {
     /// Validates the row; `table` seeds derived event ids.
     pub fn into_event(self, table: &str) -> Result<OutboxEvent, Rejected> {
         let position = self.position;
-        let reject = |reason: String| Rejected { position, reason };
+        // Errors found once the aggregate is known name it (only on the error
+        // path is it copied), so a blocking policy can hold that aggregate.
+        let reject = |reason: String| Rejected::new(position, reason);
         let required = |value: Option<String>, what: &str| match value {
             Some(v) if !v.is_empty() => Ok(v),
             Some(_) => Err(reject(format!("{what} is empty"))),
             None => Err(reject(format!("{what} is NULL"))),
         };
-        let aggregate_type = required(self.aggregate_type, "aggregate_type")?;
+        let aggregate_type = required(self.aggregate_type, "aggregate_type")
+            .map_err(|r| r.of_aggregate(self.aggregate_id.clone()))?;
         let aggregate_id = required(self.aggregate_id, "aggregate_id")?;
+        let reject = |reason: String| Rejected::new(position, reason).of_aggregate(Some(aggregate_id.clone()));
         let event_type = required(self.event_type, "event_type")?;
         let payload_text = self.payload.ok_or_else(|| reject("payload is NULL".into()))?;
         let payload = RawValue::from_string(payload_text)
@@ -162,7 +185,7 @@ mod tests {
         let mut r = row();
         r.aggregate_id = None;
         let rejected = r.into_event("t").unwrap_err();
-        assert_eq!(rejected, Rejected { position: 7, reason: "aggregate_id is NULL".into() });
+        assert_eq!(rejected, Rejected::new(7, "aggregate_id is NULL"));
     }
 
     #[test]
@@ -171,6 +194,7 @@ mod tests {
         r.payload = Some("{not json".into());
         let rejected = r.into_event("t").unwrap_err();
         assert!(rejected.reason.starts_with("payload is not valid JSON"), "{}", rejected.reason);
+        assert_eq!(rejected.aggregate_id.as_deref(), Some("42"), "a blocking policy must know whose event failed");
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! source/     capture: poll.rs claims unpublished rows, replication/ tails a pgoutput slot
 //! event       a captured row, validated (RawRow -> OutboxEvent | Rejected)
 //! envelope/   OutboxEvent -> message: topic template, key, headers, native v1 JSON or CloudEvents
-//! sink/       brokers: kafka.rs (idempotent librdkafka producer)
+//! sink/       brokers: kafka.rs (idempotent librdkafka producer), pubsub/ (REST, ordering keys)
 //! pipeline    publish stage: enqueue batches, return outcomes in claim order
+//! blocking    failures.policy = "block": hold an aggregate back behind its failed event
+//! dead_letter failures.policy = "dead_letter": the dead-letter topic
 //! relay/      sessions (poll.rs, replication.rs): capture -> publish -> checkpoint, reconnect, drain
 //! retention   deletes published rows past retention (mark mode)
 //! migrate     applies sql/ migrations
 //! postgres    connections, NOTIFY, operator-friendly errors
+//! tls         sslmode over rustls (ring) for tokio-postgres and the replication client
 //! config      figment: defaults < TOML < OUTBOX_RELAY_* env, validation
 //! metrics     Prometheus counters, gauges, histograms
 //! http        /metrics, /healthz, /readyz
@@ -24,9 +27,11 @@
 //! demo/       zero-setup demo: throwaway Postgres + librdkafka mock cluster
 //! ```
 
+pub mod blocking;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod demo;
 pub mod envelope;
 pub mod event;
@@ -45,3 +50,4 @@ pub mod sink;
 pub mod source;
 pub mod status;
 pub mod systemd;
+pub mod tls;

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub retries: IntCounter,
     /// Events sent to the dead-letter topic.
     pub dead_lettered: IntCounter,
+    /// Aggregates held back behind a failed event (`failures.policy = "block"`):
+    /// anything above zero needs an operator.
+    pub blocked_aggregates: IntGauge,
     /// Batches claimed from the outbox.
     pub batches: IntCounter,
     /// Events per claimed batch.
@@ -76,6 +79,11 @@ impl Metrics {
         let retries = IntCounter::new("outbox_relay_retries_total", "Events retried after a failed publish").expect("valid metric");
         let dead_lettered =
             IntCounter::new("outbox_relay_dead_lettered_total", "Events sent to the dead-letter topic").expect("valid metric");
+        let blocked_aggregates = IntGauge::new(
+            "outbox_relay_blocked_aggregates",
+            "Aggregates whose events wait behind one that cannot be published (failures.policy = block)",
+        )
+        .expect("valid metric");
         let batches = IntCounter::new("outbox_relay_batches_total", "Batches claimed from the outbox").expect("valid metric");
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("outbox_relay_batch_size", "Events per claimed batch")
@@ -121,6 +129,7 @@ impl Metrics {
             Box::new(publish_failures.clone()),
             Box::new(retries.clone()),
             Box::new(dead_lettered.clone()),
+            Box::new(blocked_aggregates.clone()),
             Box::new(batches.clone()),
             Box::new(batch_size.clone()),
             Box::new(end_to_end_latency.clone()),
@@ -144,6 +153,7 @@ impl Metrics {
             publish_failures,
             retries,
             dead_lettered,
+            blocked_aggregates,
             batches,
             batch_size,
             end_to_end_latency,

@@ -8,8 +8,10 @@ use tracing::info;
 use crate::postgres::{describe, PostgresError};
 
 /// Every migration, in the order it must be applied.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "outbox", sql: include_str!("../sql/0001_outbox.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "outbox", sql: include_str!("../sql/0001_outbox.sql") },
+    Migration { version: 2, name: "dead_letter", sql: include_str!("../sql/0002_dead_letter.sql") },
+];
 
 /// One schema change.
 #[derive(Debug)]

@@ -17,6 +17,8 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use crate::blocking::Blocked;
+use crate::dead_letter::DeadLetter;
 use crate::envelope::EnvelopeMapper;
 use crate::metrics::Metrics;
 use crate::event::Rejected;
@@ -32,6 +34,9 @@ pub struct BatchOutcome {
     pub delivered: Vec<i64>,
     /// Rows not published, with the reason (rejected rows and failed sends).
     pub failed: Vec<FailedRow>,
+    /// Events not sent because an earlier event of their aggregate failed
+    /// (`failures.policy = "block"`): they stay unpublished and unrecorded.
+    pub held: Vec<i64>,
 }
 
 /// A row that was not published.
@@ -41,6 +46,17 @@ pub struct FailedRow {
     pub row: Rejected,
     /// Where it failed, which also says whether retrying can help.
     pub kind: FailureKind,
+    /// The event as the dead-letter topic should see it, when the stage had
+    /// it in hand (mapping and broker failures); rows rejected before that
+    /// are read back from the table.
+    pub letter: Option<Box<DeadLetter>>,
+}
+
+impl FailedRow {
+    /// The aggregate whose later events must wait for this one.
+    pub fn aggregate_id(&self) -> Option<&str> {
+        self.letter.as_ref().and_then(|l| l.aggregate_id.as_deref()).or(self.row.aggregate_id.as_deref())
+    }
 }
 
 /// Where a row failed.
@@ -52,6 +68,9 @@ pub enum FailureKind {
     BrokerTransient,
     /// The broker refused it for good (too large, not authorized...).
     BrokerPermanent,
+    /// Too many aggregates are blocked to hold back one more: the session
+    /// stops and retries (see [`crate::blocking::MAX_BLOCKED`]).
+    TooManyBlocked,
 }
 
 impl FailureKind {
@@ -61,11 +80,14 @@ impl FailureKind {
             FailureKind::Envelope => "envelope",
             FailureKind::BrokerTransient => "broker_transient",
             FailureKind::BrokerPermanent => "broker_permanent",
+            FailureKind::TooManyBlocked => "too_many_blocked",
         }
     }
 }
 
 /// Runs until `batches` closes and every enqueued batch has an outcome.
+/// With `blocked`, later events of an aggregate whose event failed are held
+/// back (see [`crate::blocking`]).
 pub async fn publish_stage<S: Sink>(
     sink: Arc<S>,
     mapper: EnvelopeMapper,
@@ -73,6 +95,7 @@ pub async fn publish_stage<S: Sink>(
     mut batches: mpsc::Receiver<ClaimedBatch>,
     outcomes: mpsc::Sender<BatchOutcome>,
     max_in_flight: usize,
+    blocked: Option<Blocked>,
 ) {
     let mut pending = FuturesOrdered::new();
     let mut open = true;
@@ -85,10 +108,27 @@ pub async fn publish_stage<S: Sink>(
                 let _ = outcomes.send(outcome).await;
             }
             batch = batches.recv(), if open && pending.len() < max_in_flight => match batch {
-                Some(batch) => pending.push_back(publish(sink.as_ref(), &mapper, &metrics, batch).await),
+                Some(batch) => pending.push_back(publish(sink.as_ref(), &mapper, &metrics, blocked.as_ref(), batch).await),
                 None => open = false,
             },
         }
+    }
+}
+
+/// Blocks the aggregate of `failure` (if any); past the bound the failure
+/// says so, and the session's checkpoint ends it.
+fn block(blocked: Option<&Blocked>, failure: &mut FailedRow) {
+    let Some(blocked) = blocked else { return };
+    // An event without a usable aggregate holds nothing back by its
+    // aggregate, but still halts a halting set (its key stands for itself).
+    let aggregate = match failure.aggregate_id() {
+        Some(aggregate) => aggregate.to_owned(),
+        None if blocked.halts() => format!("position {}", failure.row.position),
+        None => return,
+    };
+    if let Err(too_many) = blocked.block(&aggregate, failure.row.position) {
+        failure.row.reason = format!("{}; {too_many}", failure.row.reason);
+        failure.kind = FailureKind::TooManyBlocked;
     }
 }
 
@@ -97,15 +137,26 @@ async fn publish<S: Sink>(
     sink: &S,
     mapper: &EnvelopeMapper,
     metrics: &Metrics,
+    blocked: Option<&Blocked>,
     batch: ClaimedBatch,
 ) -> impl std::future::Future<Output = BatchOutcome> + Send + 'static {
-    let mut failed: Vec<FailedRow> =
-        batch.rejected.into_iter().map(|row| FailedRow { row, kind: FailureKind::Envelope }).collect();
+    let mut failed: Vec<FailedRow> = Vec::new();
+    for row in batch.rejected {
+        let mut failure = FailedRow { row, kind: FailureKind::Envelope, letter: None };
+        block(blocked, &mut failure);
+        failed.push(failure);
+    }
+    let mut held = Vec::new();
     let mut messages = Vec::with_capacity(batch.events.len());
-    // Per message: creation time (for latency) and an index into `labels`.
-    let mut sent: Vec<(i64, i64, usize)> = Vec::with_capacity(batch.events.len());
+    // Per message: index into `events`, creation time (for latency) and an index into `labels`.
+    let mut sent: Vec<(usize, i64, usize)> = Vec::with_capacity(batch.events.len());
     let mut labels: Vec<(String, String)> = Vec::new();
-    for event in &batch.events {
+    let events = batch.events;
+    for (index, event) in events.iter().enumerate() {
+        if blocked.is_some_and(|b| b.holds(&event.aggregate_id, event.position)) {
+            held.push(event.position);
+            continue;
+        }
         match mapper.to_message(event) {
             Ok(message) => {
                 let label = match labels.iter().position(|(t, e)| *t == message.topic && *e == event.event_type) {
@@ -115,36 +166,49 @@ async fn publish<S: Sink>(
                         labels.len() - 1
                     }
                 };
-                sent.push((message.position, event.created_at.timestamp_micros(), label));
+                sent.push((index, event.created_at.timestamp_micros(), label));
                 messages.push(message);
             }
-            Err(error) => failed.push(FailedRow {
-                row: Rejected { position: event.position, reason: error.to_string() },
-                kind: FailureKind::Envelope,
-            }),
+            Err(error) => {
+                let reason = error.to_string();
+                let mut failure = FailedRow {
+                    letter: Some(Box::new(DeadLetter::from_event(event, &reason))),
+                    row: Rejected::new(event.position, reason).of_aggregate(Some(event.aggregate_id.clone())),
+                    kind: FailureKind::Envelope,
+                };
+                block(blocked, &mut failure);
+                failed.push(failure);
+            }
         }
     }
     let enqueued_at = std::time::Instant::now();
     let delivery = sink.enqueue(messages).await;
     let sequence = batch.sequence;
     let metrics = metrics.clone();
+    let blocked = blocked.cloned();
     async move {
         let results = delivery.await;
         metrics.broker_ack_latency.observe(enqueued_at.elapsed().as_secs_f64());
         let now = chrono::Utc::now().timestamp_micros();
         let mut counts = vec![0u64; labels.len()];
         let mut delivered = Vec::with_capacity(sent.len());
-        for ((position, created, label), result) in sent.into_iter().zip(results) {
+        for ((index, created, label), result) in sent.into_iter().zip(results) {
+            let event = &events[index];
             match result {
                 Ok(()) => {
-                    delivered.push(position);
+                    delivered.push(event.position);
                     counts[label] += 1;
                     metrics.end_to_end_latency.observe((now - created).max(0) as f64 / 1e6);
                 }
-                Err(error) => failed.push(FailedRow {
-                    row: Rejected { position, reason: error.reason },
-                    kind: if error.permanent { FailureKind::BrokerPermanent } else { FailureKind::BrokerTransient },
-                }),
+                Err(error) => {
+                    let mut failure = FailedRow {
+                        letter: Some(Box::new(DeadLetter::from_event(event, &error.reason))),
+                        row: Rejected::new(event.position, error.reason).of_aggregate(Some(event.aggregate_id.clone())),
+                        kind: if error.permanent { FailureKind::BrokerPermanent } else { FailureKind::BrokerTransient },
+                    };
+                    block(blocked.as_ref(), &mut failure);
+                    failed.push(failure);
+                }
             }
         }
         for ((topic, event_type), count) in labels.iter().zip(counts) {
@@ -152,6 +216,6 @@ async fn publish<S: Sink>(
                 metrics.published(topic, event_type, count);
             }
         }
-        BatchOutcome { sequence, delivered, failed }
+        BatchOutcome { sequence, delivered, failed, held }
     }
 }

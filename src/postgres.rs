@@ -4,13 +4,17 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, warn};
 
 use crate::config::PostgresConfig;
+use crate::tls::{SslMode as TlsMode, TlsSettings};
 
 /// Failures talking to Postgres, worded for operators.
 #[derive(Debug, thiserror::Error)]
@@ -52,31 +56,91 @@ impl Connection {
     }
 }
 
+/// The resolved connection settings: what tokio-postgres gets (TLS
+/// parameters removed, password file applied, timeouts) and the TLS side.
+#[derive(Debug)]
+pub struct Prepared {
+    /// For tokio-postgres.
+    pub config: tokio_postgres::Config,
+    /// sslmode, certificates.
+    pub tls: TlsSettings,
+    /// The rustls client configuration; `None` for `sslmode=disable`.
+    pub rustls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Resolves `[postgres]` into connection settings, reading the password and
+/// certificate files (again at every call, so rotated secrets are picked up).
+pub fn prepare(config: &PostgresConfig) -> Result<Prepared, PostgresError> {
+    let target = redacted_target(&config.url);
+    let connect_error = |detail: String| PostgresError::Connect { target: target.clone(), detail };
+    let (url, tls) = crate::tls::resolve(config).map_err(|e| connect_error(e.to_string()))?;
+    let mut pg: tokio_postgres::Config =
+        url.parse().map_err(|e| connect_error(format!("invalid postgres.url: {e}")))?;
+    if let Some(path) = &config.password_file {
+        let password = std::fs::read_to_string(path)
+            .map_err(|e| connect_error(format!("cannot read postgres.password_file {}: {e}", path.display())))?;
+        pg.password(password.trim_end_matches(['\n', '\r']));
+    }
+    pg.connect_timeout(config.connect_timeout);
+    // Unix sockets never use TLS (as in libpq); TCP hosts get the mode's nearest tokio-postgres mode:
+    // the certificate checks themselves are in the rustls configuration.
+    let only_unix = pg.get_hosts().iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+        && !pg.get_hosts().is_empty();
+    pg.ssl_mode(match tls.mode {
+        _ if only_unix => SslMode::Disable,
+        TlsMode::Disable => SslMode::Disable,
+        TlsMode::Prefer => SslMode::Prefer,
+        TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+    });
+    let rustls = tls.load().map_err(|e| connect_error(e.to_string()))?;
+    Ok(Prepared { config: pg, tls, rustls })
+}
+
 /// Opens one connection (no retry; callers decide how to retry).
 pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<Connection, PostgresError> {
     let target = redacted_target(&config.url);
-    let mut pg: tokio_postgres::Config = config
-        .url
-        .parse()
-        .map_err(|e| PostgresError::Connect { target: target.clone(), detail: format!("invalid postgres.url: {e}") })?;
-    if let Some(path) = &config.password_file {
-        let password = std::fs::read_to_string(path).map_err(|e| PostgresError::Connect {
-            target: target.clone(),
-            detail: format!("cannot read postgres.password_file {}: {e}", path.display()),
-        })?;
-        pg.password(password.trim_end_matches(['\n', '\r']));
-    }
-    pg.application_name(&format!("{application_name} {}", relay_id()).chars().take(63).collect::<String>());
-    pg.connect_timeout(config.connect_timeout);
+    let Prepared { config: mut pg, tls, rustls } = prepare(config)?;
+    pg.application_name(format!("{application_name} {}", relay_id()).chars().take(63).collect::<String>());
     pg.keepalives(true);
     pg.keepalives_idle(std::time::Duration::from_secs(30));
-    let (client, mut connection) = pg
-        .connect(NoTls)
-        .await
-        .map_err(|e| PostgresError::Connect { target: target.clone(), detail: describe(&e) })?;
+    let connect_error = |e: tokio_postgres::Error| PostgresError::Connect { target: target.clone(), detail: connect_detail(&e, &tls) };
     let notifications = Arc::new(Notify::new());
-    let notify = notifications.clone();
-    let driver = tokio::spawn(async move {
+    let (client, driver) = match rustls {
+        None => {
+            let (client, connection) = pg.connect(NoTls).await.map_err(connect_error)?;
+            (client, drive(connection, notifications.clone()))
+        }
+        Some(rustls) => {
+            let (client, connection) =
+                pg.connect(MakeRustlsConnect::new((*rustls).clone())).await.map_err(connect_error)?;
+            (client, drive(connection, notifications.clone()))
+        }
+    };
+    Ok(Connection { client, notifications, driver })
+}
+
+/// How this session is protected, as the server sees it (`pg_stat_ssl`),
+/// with the configured mode: e.g. `TLSv1.3 TLS_AES_256_GCM_SHA384,
+/// sslmode=verify-full` or `no TLS, sslmode=prefer`. For `check`.
+pub async fn tls_status(client: &Client, config: &PostgresConfig) -> String {
+    let mode = crate::tls::resolve(config).map(|(_, tls)| tls.label()).unwrap_or_default();
+    let sql = "SELECT ssl, coalesce(version, ''), coalesce(cipher, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    match client.query_opt(sql, &[]).await {
+        Ok(Some(row)) if row.get::<_, bool>(0) => {
+            format!("{} {}, {mode}", row.get::<_, String>(1), row.get::<_, String>(2))
+        }
+        Ok(Some(_)) => format!("no TLS, {mode}"),
+        _ => mode,
+    }
+}
+
+/// Runs the connection, forwarding notifications, until it closes.
+fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>, notify: Arc<Notify>) -> JoinHandle<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
@@ -91,8 +155,22 @@ pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<
         }
         // Wake anyone waiting so they notice the closed connection quickly.
         notify.notify_one();
-    });
-    Ok(Connection { client, notifications, driver })
+    })
+}
+
+/// A failed connect, with the TLS context when TLS is what failed.
+fn connect_detail(error: &tokio_postgres::Error, tls: &TlsSettings) -> String {
+    if let Some(message) = crate::tls::explain(error) {
+        return message;
+    }
+    let text = describe(error);
+    if text.contains("server does not support TLS") {
+        return format!(
+            "the server does not accept TLS connections ({}): turn ssl on in the server, or use sslmode=prefer or disable",
+            tls.label()
+        );
+    }
+    text
 }
 
 /// This relay's name in `pg_stat_activity` and logs: the host (pod) name.
@@ -110,6 +188,9 @@ pub fn relay_id() -> String {
 /// The driver error with the server's message and a hint for common causes.
 pub fn describe(error: &tokio_postgres::Error) -> String {
     let Some(db) = error.as_db_error() else {
+        if let Some(message) = crate::tls::explain(error) {
+            return message;
+        }
         let text = error.to_string();
         return match std::error::Error::source(error) {
             Some(source) if !text.contains(&source.to_string()) => format!("{text}: {source}"),
@@ -120,6 +201,12 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
         SqlState::UNDEFINED_TABLE => " (is the schema installed? run `outbox-relay migrate`, or check source.table)",
         SqlState::UNDEFINED_COLUMN => " (check source.columns against the outbox table)",
         SqlState::INSUFFICIENT_PRIVILEGE => " (grant the relay's role SELECT, UPDATE and DELETE on the outbox table)",
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION if db.message().contains("no encryption") => {
+            " (the server accepts this connection only over TLS: set postgres.sslmode, e.g. require or verify-full)"
+        }
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION if db.message().contains("client certificate") => {
+            " (the server authenticates by certificate: set postgres.sslcert and postgres.sslkey)"
+        }
         SqlState::INVALID_PASSWORD | SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
             " (check the user and password in postgres.url)"
         }
@@ -131,6 +218,7 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 
 /// `host:port/db` of a connection string, never its password.
 pub fn redacted_target(url: &str) -> String {
+    let url = crate::tls::split_connection_string(url).map(|(rest, _)| rest).unwrap_or_default();
     match url.parse::<tokio_postgres::Config>() {
         Ok(config) => {
             let host = config
@@ -160,5 +248,26 @@ mod tests {
         let shown = redacted_target("postgres://relay:s3cret@db.internal:6432/app");
         assert_eq!(shown, "relay@db.internal:6432/app");
         assert!(!shown.contains("s3cret"));
+    }
+
+    #[test]
+    fn redaction_understands_libpq_tls_parameters() {
+        let shown = redacted_target("postgres://relay:s3cret@db:5432/app?sslmode=verify-full&sslrootcert=/ca.pem");
+        assert_eq!(shown, "relay@db:5432/app");
+    }
+
+    #[test]
+    fn prepare_maps_sslmodes_onto_tokio_postgres() {
+        let config = |url: &str| PostgresConfig { url: url.into(), ..PostgresConfig::default() };
+        let p = prepare(&config("postgres://a@b/c")).unwrap();
+        assert_eq!((p.config.get_ssl_mode(), p.tls.mode), (SslMode::Prefer, TlsMode::Prefer));
+        assert!(p.rustls.is_some());
+        let p = prepare(&config("postgres://a@b/c?sslmode=disable")).unwrap();
+        assert_eq!(p.config.get_ssl_mode(), SslMode::Disable);
+        assert!(p.rustls.is_none());
+        let p = prepare(&config("host=/run/postgresql user=a sslmode=require")).unwrap();
+        assert_eq!(p.config.get_ssl_mode(), SslMode::Disable, "unix sockets never use TLS");
+        let err = prepare(&config("postgres://a:pw@b/c?sslmode=bogus")).unwrap_err().to_string();
+        assert!(err.contains("sslmode") && !err.contains("pw@"), "{err}");
     }
 }

@@ -29,6 +29,9 @@ pub struct Selection {
     pub aggregate_id: Option<String>,
     /// One event type.
     pub event_type: Option<String>,
+    /// Re-drive dead-lettered rows (instead of published ones): on success
+    /// their `dead_lettered_at` is cleared (delete mode: the row is deleted).
+    pub dead_lettered: bool,
 }
 
 /// Why replay stopped.
@@ -68,7 +71,14 @@ fn build(config: &Config, selection: &Selection) -> Result<(TableName, Query), R
         params.push(value);
         clauses.push(clause.replace('?', &format!("${}", params.len() + 1)));
     };
-    if !c.published_at.is_empty() {
+    if selection.dead_lettered {
+        if c.dead_lettered_at.is_empty() {
+            return Err(ReplayError::Selection(
+                "--dead-lettered needs source.columns.dead_lettered_at, but it is empty".into(),
+            ));
+        }
+        clauses.push(format!("{} IS NOT NULL", quote_ident(&c.dead_lettered_at)));
+    } else if !c.published_at.is_empty() {
         clauses.push(format!("{} IS NOT NULL", quote_ident(&c.published_at)));
     }
     let position = quote_ident(&c.position);
@@ -139,6 +149,19 @@ pub async fn run<S: Sink>(
         query.filter
     );
     let statement = connection.client.prepare(&sql).await.map_err(|e| PostgresError::query("preparing replay", &e))?;
+    // Re-driven dead letters are done once acknowledged: clear the stamp, or delete the row in delete mode.
+    let redriven = if !selection.dead_lettered {
+        None
+    } else {
+        let sql = match config.published.mode {
+            crate::config::PublishedMode::Delete => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
+            _ => format!(
+                "UPDATE {table} SET {} = NULL WHERE {position} = ANY($1::int8[])",
+                quote_ident(&config.source.columns.dead_lettered_at)
+            ),
+        };
+        Some(connection.client.prepare(&sql).await.map_err(|e| PostgresError::query("preparing replay", &e))?)
+    };
     let mut cursor = i64::MIN;
     let mut summary = Summary { matched, published: 0 };
     let mut failures: Vec<String> = Vec::new();
@@ -159,12 +182,24 @@ pub async fn run<S: Sink>(
                 Err(reason) => failures.push(format!("position {cursor}: {reason}")),
             }
         }
+        let positions: Vec<i64> = messages.iter().map(|m| m.position).collect();
         let results = sink.enqueue(messages).await.await;
-        for result in results {
+        let mut acknowledged = Vec::with_capacity(positions.len());
+        for (position, result) in positions.into_iter().zip(results) {
             match result {
-                Ok(()) => summary.published += 1,
-                Err(e) => failures.push(e.reason),
+                Ok(()) => {
+                    summary.published += 1;
+                    acknowledged.push(position);
+                }
+                Err(e) => failures.push(format!("position {position}: {}", e.reason)),
             }
+        }
+        if let (Some(statement), false) = (&redriven, acknowledged.is_empty()) {
+            connection
+                .client
+                .execute(statement, &[&acknowledged])
+                .await
+                .map_err(|e| PostgresError::query("clearing re-driven dead letters", &e))?;
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             progress(summary.published, matched);
@@ -203,6 +238,9 @@ mod tests {
             event_type: Some("OrderPlaced".into()),
             ..Selection::default()
         };
+        let dead = Selection { dead_lettered: true, ..selection.clone() };
+        let (_, query) = build(&config, &dead).unwrap();
+        assert!(query.filter.starts_with("\"dead_lettered_at\" IS NOT NULL AND"), "{}", query.filter);
         let (_, query) = build(&config, &selection).unwrap();
         assert_eq!(
             query.filter,

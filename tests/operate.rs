@@ -4,28 +4,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::relay::{connect, http_get, metric_sum, migrate, relay_env, wait_all_published, write_events, RelayProcess};
+use common::relay::{cli, connect, http_get, metric_sum, migrate, relay_env, wait_all_published, write_events, RelayProcess};
 use common::{consume, TestBroker};
 use outbox_relay::demo::postgres::{StopMode, ThrowawayPostgres};
 
 const TOPIC: &str = "outbox.Order";
-
-fn cli(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    command.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let out = command.output().expect("run outbox-relay");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -58,6 +58,28 @@ pub enum ThrowawayPostgresError {
     Io(#[from] std::io::Error),
 }
 
+/// How to set up a cluster beyond the defaults (see [`ThrowawayPostgres::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Serve TLS (`ssl = on`) with these files.
+    pub tls: Option<ServerTls>,
+    /// The whole `pg_hba.conf`, replacing the default trust-everything one
+    /// (e.g. `hostssl` lines only, or `cert` authentication).
+    pub hba: Option<String>,
+}
+
+/// Server-side TLS files (PEM). They are copied into the cluster directory,
+/// owned by the server's user, the key with mode 0600 as Postgres demands.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// Server certificate (chain).
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// CA whose client certificates the server accepts (`ssl_ca_file`), if any.
+    pub ca_file: Option<PathBuf>,
+}
+
 /// A private PostgreSQL server for one demo run or one test, reachable on
 /// 127.0.0.1 with trust authentication as the `postgres` superuser.
 pub struct ThrowawayPostgres {
@@ -78,6 +100,11 @@ impl ThrowawayPostgres {
     /// Retries on another port if the chosen one was taken in the meantime
     /// (tests start clusters in parallel).
     pub fn start() -> Result<Self, ThrowawayPostgresError> {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// Like [`start`](Self::start), with TLS and/or a custom `pg_hba.conf`.
+    pub fn start_with(options: ClusterOptions) -> Result<Self, ThrowawayPostgresError> {
         let bin = find_bin_dir().ok_or(ThrowawayPostgresError::BinariesMissing)?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -93,7 +120,7 @@ impl ThrowawayPostgres {
             std::os::unix::fs::chown(&pg.dir, Some(uid), Some(gid))?;
             pg.owner = Some((uid, gid));
         }
-        pg.initdb()?;
+        pg.initdb(&options)?;
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -200,7 +227,7 @@ impl ThrowawayPostgres {
         Err(ThrowawayPostgresError::StartTimeout { port: self.port, log_tail: self.log_tail() })
     }
 
-    fn initdb(&self) -> Result<(), ThrowawayPostgresError> {
+    fn initdb(&self, options: &ClusterOptions) -> Result<(), ThrowawayPostgresError> {
         let data = self.dir.join("data");
         let mut command = Command::new(self.bin.join("initdb"));
         command.arg("-D").arg(&data).args(["-N", "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale"]);
@@ -214,11 +241,33 @@ impl ThrowawayPostgres {
         // logical replication); the socket only listens on 127.0.0.1 anyway.
         let hba = "local all all trust\nlocal replication all trust\n\
                    host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n";
-        fs::write(data.join("pg_hba.conf"), hba)?;
+        fs::write(data.join("pg_hba.conf"), options.hba.as_deref().unwrap_or(hba))?;
         // In the config file rather than on the command line, so a test can
         // lower it with ALTER SYSTEM to check the relay's wal_level message.
         let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
         std::io::Write::write_all(&mut conf, b"\nwal_level = logical\n")?;
+        if let Some(tls) = &options.tls {
+            // Relative paths are read from the data directory.
+            self.install_file(&tls.cert_file, &data.join("server.crt"), 0o644)?;
+            self.install_file(&tls.key_file, &data.join("server.key"), 0o600)?;
+            let mut settings = String::from("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            if let Some(ca) = &tls.ca_file {
+                self.install_file(ca, &data.join("root.crt"), 0o644)?;
+                settings.push_str("ssl_ca_file = 'root.crt'\n");
+            }
+            std::io::Write::write_all(&mut conf, settings.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Copies `from` to `to`, owned by the server's user, with `mode`.
+    fn install_file(&self, from: &Path, to: &Path, mode: u32) -> Result<(), ThrowawayPostgresError> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::copy(from, to)?;
+        fs::set_permissions(to, fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(to, Some(uid), Some(gid))?;
+        }
         Ok(())
     }
 

@@ -48,6 +48,14 @@ pub enum RelayError {
     /// The replication stream failed; reconnecting may help.
     #[error("replication stream: {0}")]
     Stream(String),
+    /// The broker client failed in a way only a new session can fix (a
+    /// Kafka producer's fatal error); the rows stay unpublished.
+    #[error("{0}")]
+    Broker(String),
+    /// An event cannot be published and `failures.policy = "block"` keeps
+    /// everything behind it waiting; the session retries from the same place.
+    #[error("{0}")]
+    Blocked(String),
 }
 
 /// Relays one outbox to one sink until shutdown.
@@ -58,6 +66,10 @@ pub struct Relay<S: Sink> {
     metrics: Metrics,
     health: Health,
     shutdown: Shutdown,
+    /// Replication with `failures.policy = "block"`: the highest commit LSN
+    /// settled before the stream stopped at an event it cannot publish; the
+    /// blocked gauge clears once a later one settles.
+    blocked_behind_lsn: u64,
 }
 
 
@@ -74,7 +86,7 @@ impl<S: Sink> Relay<S> {
     pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
         let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
         let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| RelayError::Config(e.to_string()))?;
-        Ok(Relay { config, sink, mapper, metrics, health, shutdown })
+        Ok(Relay { config, sink, mapper, metrics, health, shutdown, blocked_behind_lsn: 0 })
     }
 
     /// Runs sessions until shutdown; errors are logged and retried.
@@ -84,6 +96,7 @@ impl<S: Sink> Relay<S> {
             if self.shutdown.is_triggered() {
                 return Ok(());
             }
+            self.sink.recover().await;
             let result = match self.config.source.mode {
                 SourceMode::Poll => self.poll_session(&mut backoff, false).await,
                 SourceMode::Replication => self.replication_session(&mut backoff).await,

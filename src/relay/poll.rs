@@ -4,7 +4,9 @@
 //! A session claims batches in position order and keeps at most
 //! `max_in_flight_batches` of them unacknowledged. Outcomes return in claim
 //! order; delivered rows are marked (or deleted) on the same connection that
-//! holds the outbox lock, failed rows are recorded and parked for a retry.
+//! holds the outbox lock. Failed rows are recorded and parked for a retry
+//! with their aggregate blocked behind them (`failures.policy = "block"`,
+//! see [`crate::blocking`]), or published to the dead-letter topic.
 //! Nothing is marked before the broker acknowledged it, so a crash at any
 //! point re-publishes at most the in-flight window and never loses an event.
 
@@ -16,8 +18,11 @@ use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd, STANDBY_RETRY};
-use crate::config::PublishedMode;
-use crate::pipeline::{publish_stage, BatchOutcome};
+use crate::config::{FailurePolicy, PublishedMode};
+use crate::dead_letter::{self, DeadLetter};
+use crate::event::Rejected;
+use crate::blocking::Blocked;
+use crate::pipeline::{publish_stage, BatchOutcome, FailedRow, FailureKind};
 use crate::postgres::{self, PostgresError};
 use crate::retention;
 use crate::sink::Sink;
@@ -68,7 +73,9 @@ impl<S: Sink> Relay<S> {
         until_caught_up: bool,
     ) -> Result<SessionEnd, RelayError> {
         let connection = postgres::connect(&self.config.postgres, "outbox-relay").await?;
-        let mut source = PollSource::prepare(connection, &self.config.source, self.config.published.mode).await?;
+        let exclude_dead_lettered = self.config.failures.policy == FailurePolicy::DeadLetter;
+        let mut source =
+            PollSource::prepare(connection, &self.config.source, self.config.published.mode, exclude_dead_lettered).await?;
         self.health.set_postgres(true);
         let mut announced = false;
         while !source.try_lock().await? {
@@ -94,6 +101,7 @@ impl<S: Sink> Relay<S> {
         let max_in_flight = self.config.source.max_in_flight_batches;
         let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
         let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
+        let blocked = Blocked::default();
         let stage = tokio::spawn(publish_stage(
             self.sink.clone(),
             self.mapper.clone(),
@@ -101,9 +109,10 @@ impl<S: Sink> Relay<S> {
             batch_rx,
             outcome_tx,
             max_in_flight,
+            (self.config.failures.policy == FailurePolicy::Block).then(|| blocked.clone()),
         ));
 
-        let result = self.claim_loop(&mut source, batch_tx, &mut outcome_rx, until_caught_up).await;
+        let result = self.claim_loop(&mut source, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
 
         // Whatever is still enqueued finishes first, so the next session
         // cannot overtake it; its acknowledgements are dropped (rows stay
@@ -136,6 +145,7 @@ impl<S: Sink> Relay<S> {
         batches: mpsc::Sender<crate::source::ClaimedBatch>,
         outcomes: &mut mpsc::Receiver<BatchOutcome>,
         until_caught_up: bool,
+        blocked: &Blocked,
     ) -> Result<SessionEnd, RelayError> {
         let max_in_flight = self.config.source.max_in_flight_batches;
         let batch_size = self.config.source.batch_size;
@@ -148,6 +158,8 @@ impl<S: Sink> Relay<S> {
         let mut want_claim = true;
         let mut drain_deadline: Option<Instant> = None;
         let mut shutdown = self.shutdown.clone();
+        let mut review = interval(self.config.source.retry_failed_after);
+        review.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
             self.health.beat();
@@ -162,7 +174,7 @@ impl<S: Sink> Relay<S> {
             if can_claim && want_claim {
                 let top = if resync { None } else { in_flight.top() };
                 let claim_started = std::time::Instant::now();
-                let claim = source.claim(top, in_flight.rows, &parked.current()).await?;
+                let claim = source.claim(top, in_flight.rows, &parked.current(), blocked).await?;
                 tracing::trace!(took_us = claim_started.elapsed().as_micros() as u64, "claim");
                 match claim {
                     Claim::Resync => {
@@ -199,7 +211,7 @@ impl<S: Sink> Relay<S> {
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
                     let apply_started = std::time::Instant::now();
-                    self.apply(source, &outcome, &mut parked).await?;
+                    self.apply(source, &outcome, &mut parked, blocked).await?;
                     tracing::trace!(rows = outcome.delivered.len(), took_us = apply_started.elapsed().as_micros() as u64, "checkpoint");
                     in_flight.complete(outcome.sequence);
                     if (resync || until_caught_up) && in_flight.is_empty() {
@@ -208,36 +220,154 @@ impl<S: Sink> Relay<S> {
                 }
                 _ = notify.notified(), if !stopping => want_claim = true,
                 _ = poll.tick(), if !stopping => want_claim = true,
+                _ = review.tick(), if !stopping && !blocked.is_empty() => {
+                    self.release_resolved(source, blocked).await?;
+                    want_claim = true;
+                }
             }
         }
     }
 
-    /// Checkpoints one outcome: mark delivered rows, record and park failed ones.
-    async fn apply(&self, source: &PollSource, outcome: &BatchOutcome, parked: &mut Parked) -> Result<(), RelayError> {
+    /// Checkpoints one outcome: mark delivered rows, then handle failed ones
+    /// by `failures.policy`.
+    async fn apply(&self, source: &PollSource, outcome: &BatchOutcome, parked: &mut Parked, blocked: &Blocked) -> Result<(), RelayError> {
         source.checkpoint(&outcome.delivered).await?;
         let published = outcome.delivered.len();
-        self.metrics.events_in_flight.sub((published + outcome.failed.len()) as i64);
+        self.metrics.events_in_flight.sub((published + outcome.failed.len() + outcome.held.len()) as i64);
         if published > 0 {
             self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
+            if blocked.release(&outcome.delivered) > 0 {
+                info!(blocked = blocked.len(), "a failed event was published; its aggregate's held-back events follow");
+            }
+        }
+        if !outcome.held.is_empty() {
+            debug!(events = outcome.held.len(), "events held back behind a failed event of their aggregate");
         }
         if outcome.failed.is_empty() {
+            self.metrics.blocked_aggregates.set(blocked.len() as i64);
             return Ok(());
         }
-        let retry_after = self.config.source.retry_failed_after;
-        for failure in &outcome.failed {
-            let kind = failure.kind.label();
-            self.metrics.publish_failures.with_label_values(&[kind]).inc();
-            self.metrics.retries.inc();
-            error!(
-                position = failure.row.position,
-                reason = %failure.row.reason,
-                kind,
-                retry_in = ?retry_after,
-                "event not published; the row stays unpublished and will be retried"
-            );
-            parked.park(failure.row.position, retry_after);
+        if let Some(systemic) = outcome.failed.iter().find(|f| f.kind == FailureKind::TooManyBlocked) {
+            return Err(RelayError::Blocked(systemic.row.reason.clone()));
         }
-        let rows: Vec<_> = outcome.failed.iter().map(|f| f.row.clone()).collect();
-        source.record_failures(&rows).await?;
+        let retry_after = self.config.source.retry_failed_after;
+        let failures = &self.config.failures;
+        let mut retry: Vec<&FailedRow> = Vec::with_capacity(outcome.failed.len());
+        let mut retry_reasons: Vec<Rejected> = Vec::with_capacity(outcome.failed.len());
+        let mut letters: Vec<(DeadLetter, &FailedRow)> = Vec::new();
+        if failures.policy == FailurePolicy::DeadLetter {
+            let positions: Vec<i64> = outcome.failed.iter().map(|f| f.row.position).collect();
+            let rows = source.failed_rows(&positions).await?;
+            for failure in &outcome.failed {
+                let position = failure.row.position;
+                let seen = parked.count_attempt(position);
+                let stored = rows.get(&position).and_then(|(_, a)| *a).map(|a| a + 1).unwrap_or(0);
+                let attempts = seen.max(stored);
+                self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
+                if dead_letter::should_dead_letter(failures, failure.kind, attempts) {
+                    let letter = match (rows.get(&position), &failure.letter) {
+                        (Some((raw, _)), _) => DeadLetter::from_row(raw, &failure.row.reason),
+                        (None, Some(letter)) => (**letter).clone(),
+                        (None, None) => DeadLetter::bare(position, &failure.row.reason),
+                    };
+                    letters.push((letter, failure));
+                } else {
+                    retry.push(failure);
+                    retry_reasons.push(failure.row.clone());
+                }
+            }
+        } else {
+            for failure in &outcome.failed {
+                self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
+                retry.push(failure);
+                retry_reasons.push(failure.row.clone());
+            }
+        }
+        let mut done: Vec<Rejected> = Vec::with_capacity(letters.len());
+        if !letters.is_empty() {
+            let just_letters: Vec<DeadLetter> = letters.iter().map(|(l, _)| l.clone()).collect();
+            let results = dead_letter::publish(self.sink.as_ref(), failures, &self.config.source.table, &just_letters).await;
+            for ((letter, failure), result) in letters.iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        self.metrics.dead_lettered.inc();
+                        error!(
+                            position = letter.position,
+                            aggregate_id = letter.aggregate_id.as_deref().unwrap_or(""),
+                            reason = %letter.error,
+                            topic = %failures.dead_letter_topic,
+                            "event dead-lettered: published to the dead-letter topic and not retried (re-drive it with `outbox-relay replay`)"
+                        );
+                        parked.forget(letter.position);
+                        done.push(Rejected::new(letter.position, letter.error.clone()));
+                    }
+                    Err(error) => {
+                        error!(
+                            position = letter.position,
+                            reason = %letter.error,
+                            topic = %failures.dead_letter_topic,
+                            dead_letter_error = %error.reason,
+                            "publishing to the dead-letter topic failed; the row stays unpublished and will be retried"
+                        );
+                        retry.push(failure);
+                        retry_reasons.push(Rejected::new(
+                            letter.position,
+                            format!("{} (dead-lettering failed: {})", letter.error, error.reason),
+                        ));
+                    }
+                }
+            }
+        }
+        for (failure, row) in retry.iter().zip(&retry_reasons) {
+            self.metrics.retries.inc();
+            match (failures.policy, failure.aggregate_id()) {
+                (FailurePolicy::Block, Some(aggregate_id)) => error!(
+                    position = row.position,
+                    aggregate_id,
+                    reason = %row.reason,
+                    retry_in = ?retry_after,
+                    "event not published; it stays unpublished and will be retried, and its aggregate's later events wait for it \
+                     (fix the row, or set failures.policy = \"dead_letter\" to move on)"
+                ),
+                _ => error!(
+                    position = row.position,
+                    reason = %row.reason,
+                    retry_in = ?retry_after,
+                    "event not published; the row stays unpublished and will be retried"
+                ),
+            }
+            parked.park(row.position, retry_after);
+        }
+        let transient = retry.iter().find(|f| f.kind == FailureKind::BrokerTransient).map(|f| f.row.clone());
+        let recorded: Vec<Rejected> = retry_reasons.into_iter().chain(done.iter().cloned()).collect();
+        source.record_failures(&recorded).await?;
+        let dead: Vec<i64> = done.iter().map(|r| r.position).collect();
+        source.mark_dead_lettered(&dead).await?;
+        self.metrics.blocked_aggregates.set(blocked.len() as i64);
+        if let Some(row) = transient {
+            // librdkafka retries transient errors itself; one that reaches us means the
+            // client gave up (a fatal producer error): start over from the oldest unpublished row.
+            return Err(RelayError::Broker(format!(
+                "event at position {} was not acknowledged ({}); restarting the session so nothing is skipped or reordered",
+                row.position, row.reason
+            )));
+        }
         Ok(())
-    }}
+    }
+
+    /// Releases blocked aggregates whose failed row is no longer waiting
+    /// (fixed and published by hand, deleted, or dead-lettered elsewhere).
+    async fn release_resolved(&self, source: &PollSource, blocked: &Blocked) -> Result<(), RelayError> {
+        let (_, behind) = blocked.snapshot();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        let pending: std::collections::HashSet<i64> = source.still_pending(&behind).await?.into_iter().collect();
+        let gone: Vec<i64> = behind.into_iter().filter(|p| !pending.contains(p)).collect();
+        if blocked.release(&gone) > 0 {
+            info!(positions = ?gone, "failed rows are no longer waiting; their aggregates flow again");
+        }
+        self.metrics.blocked_aggregates.set(blocked.len() as i64);
+        Ok(())
+    }
+}

@@ -10,14 +10,18 @@ use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd, STANDBY_RETRY};
-use crate::config::PublishedMode;
+use crate::blocking::Blocked;
+use crate::config::{FailurePolicy, PublishedMode};
+use crate::dead_letter::{self, DeadLetter};
 use crate::event::Rejected;
-use crate::pipeline::{publish_stage, BatchOutcome, FailureKind};
+use crate::pipeline::{publish_stage, BatchOutcome, FailedRow, FailureKind};
 use crate::postgres::{self, PostgresError};
 use crate::sink::Sink;
-use crate::source::poll::PollQueries;
+use crate::source::poll::{read_failed_rows, PollQueries};
 use crate::source::replication::pgoutput::{Logical, WalMessage};
-use crate::source::replication::wire::{format_lsn, parse_lsn, ConnectParams, ReplicationConnection, ReplicationStream, WireError};
+use crate::source::replication::wire::{
+    format_lsn, parse_lsn, ConnectParams, ReplicationConnection, ReplicationStream, WireError, WireTls,
+};
 use crate::source::replication::{self, pg_time, Decoded, EventDecoder, SlotState, HEARTBEAT_PREFIX};
 use crate::source::table::TableName;
 use crate::source::ClaimedBatch;
@@ -81,6 +85,8 @@ struct MarkJob {
     rows: Vec<i64>,
     /// Rows that cannot be published, to record.
     failed: Vec<Rejected>,
+    /// Rows whose event went to the dead-letter topic, to stamp as done.
+    dead_lettered: Vec<i64>,
     /// LSN that may be confirmed once this job is done.
     commit_lsn: Option<u64>,
 }
@@ -126,6 +132,13 @@ impl Marker {
                         return;
                     }
                 }
+                let dead: Vec<i64> = batch.iter().flat_map(|j| j.dead_lettered.iter().copied()).collect();
+                if !dead.is_empty() {
+                    if let Err(e) = connection.client.execute(queries.dead_lettered_sql(), &[&dead]).await {
+                        error!(error = %postgres::describe(&e), "stamping dead-lettered rows failed");
+                        return;
+                    }
+                }
                 if done_tx.send((batch.len(), lsn)).await.is_err() {
                     return;
                 }
@@ -134,6 +147,21 @@ impl Marker {
         Marker { jobs, done, task }
     }
 }
+
+/// What the operator reads when replication stops at an event it cannot publish.
+fn blocked_message(what: &str, position: &str, aggregate_id: Option<&str>, reason: &str, dead_letter_topic: &str) -> String {
+    format!(
+        "{what} {position} (aggregate {}) cannot be published: {reason}; with failures.policy = \"block\" the stream stops here \
+         and retries (replication cannot hold one aggregate back): fix the cause, or set failures.policy = \"dead_letter\" \
+         to publish it to {dead_letter_topic} and move on",
+        aggregate_id.unwrap_or("unknown"),
+    )
+}
+
+/// Soonest a standby status update follows progress (besides the regular
+/// `status_interval` ones): prompt enough that a crash re-streams little,
+/// rare enough to cost the walsender nothing at 100k events/s.
+const PROMPT_STATUS_EVERY: Duration = Duration::from_millis(100);
 
 fn stream_error(error: WireError) -> RelayError {
     RelayError::Stream(error.to_string())
@@ -175,15 +203,11 @@ impl<S: Sink> Relay<S> {
             }
         }
 
-        let mut pg: tokio_postgres::Config =
-            config.postgres.url.parse().map_err(|e| RelayError::Config(format!("postgres.url: {e}")))?;
-        if let Some(path) = &config.postgres.password_file {
-            let password = std::fs::read_to_string(path)
-                .map_err(|e| RelayError::Config(format!("cannot read postgres.password_file {}: {e}", path.display())))?;
-            pg.password(password.trim_end_matches(['\n', '\r']));
-        }
-        let params = ConnectParams::from_config(&pg, &format!("outbox-relay {}", postgres::relay_id()))
-            .map_err(|e| RelayError::Config(e.to_string()))?;
+        // Same URL, password file and TLS settings as every other connection.
+        let prepared = postgres::prepare(&config.postgres)?;
+        let params = ConnectParams::from_config(&prepared.config, &format!("outbox-relay {}", postgres::relay_id()))
+            .map_err(|e| RelayError::Config(e.to_string()))?
+            .with_tls(WireTls { settings: prepared.tls, config: prepared.rustls });
         let connection = ReplicationConnection::connect(&params).await.map_err(stream_error)?;
         let stream = match connection.start_replication(&replication::start_command(r)).await {
             Ok(stream) => stream,
@@ -222,6 +246,7 @@ impl<S: Sink> Relay<S> {
             batch_rx,
             outcome_tx,
             max_in_flight,
+            (config.failures.policy == FailurePolicy::Block).then(Blocked::halting),
         ));
         let result = self.stream_loop(&control, stream, confirmed, batch_tx, &mut outcome_rx).await;
         let mut beat = interval(Duration::from_secs(5));
@@ -247,7 +272,7 @@ impl<S: Sink> Relay<S> {
         let config = self.config.clone();
         let r = &config.source.replication;
         let table = TableName::parse(&config.source.table).map_err(RelayError::Config)?;
-        let queries = PollQueries::new(&table, &config.source.columns, config.published.mode);
+        let queries = PollQueries::new(&table, &config.source.columns, config.published.mode, config.failures.policy == FailurePolicy::DeadLetter);
         let mut decoder = EventDecoder::new(&config).map_err(RelayError::Config)?;
         let max_in_flight = config.source.max_in_flight_batches;
         let batch_size = config.source.batch_size;
@@ -272,6 +297,14 @@ impl<S: Sink> Relay<S> {
             None
         };
         let mut marking = 0usize;
+        // Last confirmed LSN sent to the server, and when.
+        let mut reported = confirmed;
+        let mut last_report = Instant::now();
+        // Highest commit LSN whose batch settled: where a block is recorded.
+        let mut settled_lsn = confirmed;
+        // Set when the stream reached an event that cannot be published
+        // under failures.policy = "block": nothing after it is read.
+        let mut halt: Option<String> = None;
 
         loop {
             self.health.beat();
@@ -282,12 +315,26 @@ impl<S: Sink> Relay<S> {
                 info!(confirmed = %format_lsn(confirmed), "replication stopped");
                 return Ok(SessionEnd::Stopped);
             }
+            if let (Some(stop), true) = (&halt, pending.is_empty() && marking == 0) {
+                // Everything before the event that cannot be published is settled: confirm it, then stop.
+                let _ = stream.send_status(confirmed, false).await;
+                self.metrics.blocked_aggregates.set(1);
+                self.blocked_behind_lsn = self.blocked_behind_lsn.max(settled_lsn);
+                return Err(RelayError::Blocked(stop.clone()));
+            }
             let idle = pending.is_empty() && marking == 0 && building.batch.is_empty() && !in_transaction;
             if idle && last_keepalive > confirmed {
                 // Nothing read is unacknowledged: everything the server sent up to its last keepalive is done.
                 confirmed = last_keepalive;
             }
-            let can_read = !stopping && pending.len() < max_in_flight;
+            if confirmed > reported && last_report.elapsed() >= PROMPT_STATUS_EVERY {
+                // Tell the server soon after progress, not only on the status timer: a relay
+                // killed between timer ticks would otherwise re-stream everything since the last one.
+                stream.send_status(confirmed, false).await.map_err(stream_error)?;
+                reported = confirmed;
+                last_report = Instant::now();
+            }
+            let can_read = !stopping && halt.is_none() && pending.len() < max_in_flight;
             tokio::select! {
                 biased;
                 _ = shutdown.wait(), if !stopping => {
@@ -305,7 +352,23 @@ impl<S: Sink> Relay<S> {
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
                     let batch = pending.pop_front().ok_or(RelayError::StageStopped)?;
-                    let job = self.settle(batch, &outcome)?;
+                    let commit_lsn = batch.commit_lsn;
+                    let job = match self.settle(control, batch, &outcome).await {
+                        Ok(job) => job,
+                        Err(error @ RelayError::Blocked(_)) => {
+                            self.metrics.blocked_aggregates.set(1);
+                            self.blocked_behind_lsn = self.blocked_behind_lsn.max(settled_lsn);
+                            return Err(error);
+                        }
+                        Err(error) => return Err(error),
+                    };
+                    if let Some(lsn) = commit_lsn {
+                        settled_lsn = settled_lsn.max(lsn);
+                        if lsn > self.blocked_behind_lsn && self.metrics.blocked_aggregates.get() > 0 {
+                            info!("the stream moved past the event it was blocked on");
+                            self.metrics.blocked_aggregates.set(0);
+                        }
+                    }
                     match &marker {
                         // No rows to stamp: the acknowledgement alone completes the batch.
                         None => {
@@ -327,6 +390,8 @@ impl<S: Sink> Relay<S> {
                     }
                 }
                 _ = status.tick() => stream.send_status(confirmed, false).await.map_err(stream_error)?,
+                // Wakes the loop to send the prompt status update above.
+                _ = sleep_until(last_report + PROMPT_STATUS_EVERY), if confirmed > reported => {}
                 _ = lag.tick() => self.measure_lag(control, &r.slot).await,
                 _ = heartbeat.tick(), if !r.heartbeat_interval.is_zero() => {
                     if let Err(e) = control.client.execute("SELECT pg_logical_emit_message(false, $1, '')", &[&HEARTBEAT_PREFIX]).await {
@@ -361,14 +426,26 @@ impl<S: Sink> Relay<S> {
                                     }
                                 }
                                 Logical::Relation { oid, namespace, name, columns } => decoder.relation(oid, &namespace, &name, &columns),
-                                Logical::Insert { oid, values } => building.push(decoder.insert(oid, &values, commit_time)),
+                                Logical::Insert { oid, values } => {
+                                    let decoded = decoder.insert(oid, &values, commit_time);
+                                    if let Some(stop) = self.halt_on(&decoded, true) {
+                                        halt = Some(stop);
+                                    } else {
+                                        building.push(decoded);
+                                    }
+                                }
                                 Logical::Message { prefix, content, lsn, transactional } => {
                                     let time = if transactional { commit_time } else { chrono::Utc::now() };
-                                    building.push(decoder.message(&prefix, &content, lsn, time));
+                                    let decoded = decoder.message(&prefix, &content, lsn, time);
+                                    if let Some(stop) = self.halt_on(&decoded, false) {
+                                        halt = Some(stop);
+                                    } else {
+                                        building.push(decoded);
+                                    }
                                 }
                                 Logical::Origin | Logical::Type | Logical::OtherChange => {}
                             }
-                            if building.batch.len() >= batch_size {
+                            if (halt.is_some() && !building.batch.is_empty()) || building.batch.len() >= batch_size {
                                 self.flush(&mut building, &mut next_sequence, &mut pending, &batches).await?;
                             }
                         }
@@ -402,10 +479,14 @@ impl<S: Sink> Relay<S> {
     }
 
     /// Turns one acknowledged batch into a mark job (rows to stamp, rows
-    /// that failed, the LSN it completes); transient failures end the session.
-    fn settle(&self, batch: PendingBatch, outcome: &BatchOutcome) -> Result<MarkJob, RelayError> {
+    /// that failed, the LSN it completes). Transient failures end the
+    /// session; events that cannot be published stop the stream
+    /// (`failures.policy = "block"`) or go to the dead-letter topic first.
+    async fn settle(&self, control: &postgres::Connection, batch: PendingBatch, outcome: &BatchOutcome) -> Result<MarkJob, RelayError> {
         debug_assert_eq!(batch.sequence, outcome.sequence);
-        self.metrics.events_in_flight.sub((outcome.delivered.len() + outcome.failed.len()) as i64);
+        self.metrics
+            .events_in_flight
+            .sub((outcome.delivered.len() + outcome.failed.len() + outcome.held.len()) as i64);
         if !outcome.delivered.is_empty() {
             self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
         }
@@ -420,21 +501,102 @@ impl<S: Sink> Relay<S> {
         if !rows.is_empty() {
             job.rows = outcome.delivered.iter().copied().filter(|p| rows.contains(p)).collect();
         }
+        if outcome.failed.is_empty() {
+            return Ok(job);
+        }
         for failure in &outcome.failed {
             self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
-            let is_row = rows.contains(&failure.row.position);
+        }
+        if self.config.failures.policy == FailurePolicy::Block {
+            let failure = &outcome.failed[0];
+            let what = if rows.contains(&failure.row.position) { "outbox row" } else { "logical message at LSN" };
+            let position = if rows.contains(&failure.row.position) {
+                failure.row.position.to_string()
+            } else {
+                format_lsn(failure.row.position as u64)
+            };
+            return Err(RelayError::Blocked(blocked_message(
+                what,
+                &position,
+                failure.aggregate_id(),
+                &failure.row.reason,
+                &self.config.failures.dead_letter_topic,
+            )));
+        }
+        let letters = self.dead_letters(control, &rows, &outcome.failed).await?;
+        let results = dead_letter::publish(self.sink.as_ref(), &self.config.failures, &self.config.source.table, &letters).await;
+        for (letter, result) in letters.iter().zip(results) {
+            if let Err(error) = result {
+                return Err(RelayError::Stream(format!(
+                    "publishing event {} to the dead-letter topic {} failed ({}); restarting from the slot so it is not lost",
+                    letter.position, self.config.failures.dead_letter_topic, error.reason
+                )));
+            }
+            self.metrics.dead_lettered.inc();
+            let is_row = rows.contains(&letter.position);
             error!(
-                position = failure.row.position,
-                reason = %failure.row.reason,
-                kind = failure.kind.label(),
+                position = letter.position,
+                aggregate_id = letter.aggregate_id.as_deref().unwrap_or(""),
+                reason = %letter.error,
                 source = if is_row { "outbox row" } else { "logical message (position is its LSN)" },
-                "event cannot be published; it is recorded and the stream moves on (dead-lettering is configured separately)"
+                topic = %self.config.failures.dead_letter_topic,
+                "event dead-lettered: published to the dead-letter topic; the stream moves on"
             );
             if is_row {
-                job.failed.push(failure.row.clone());
+                job.failed.push(Rejected::new(letter.position, letter.error.clone()));
+                job.dead_lettered.push(letter.position);
             }
         }
         Ok(job)
+    }
+
+    /// Under `failures.policy = "block"`, the message that stops the stream
+    /// at a rejected event (`row`: an outbox row, else a logical message).
+    fn halt_on(&self, decoded: &Decoded, row: bool) -> Option<String> {
+        let Decoded::Rejected { rejected, .. } = decoded else { return None };
+        if self.config.failures.policy != FailurePolicy::Block {
+            return None;
+        }
+        self.metrics.publish_failures.with_label_values(&[FailureKind::Envelope.label()]).inc();
+        let position = if row { rejected.position.to_string() } else { format_lsn(rejected.position as u64) };
+        Some(blocked_message(
+            if row { "outbox row" } else { "logical message at LSN" },
+            &position,
+            rejected.aggregate_id.as_deref(),
+            &rejected.reason,
+            &self.config.failures.dead_letter_topic,
+        ))
+    }
+
+    /// The dead letters for `failed`: the event as the publish stage had it,
+    /// else the row read back from the table, else what the stream carried.
+    async fn dead_letters(
+        &self,
+        control: &postgres::Connection,
+        rows: &HashSet<i64>,
+        failed: &[FailedRow],
+    ) -> Result<Vec<DeadLetter>, RelayError> {
+        let unread: Vec<i64> =
+            failed.iter().filter(|f| f.letter.is_none() && rows.contains(&f.row.position)).map(|f| f.row.position).collect();
+        let read = if unread.is_empty() {
+            Default::default()
+        } else {
+            let table = TableName::parse(&self.config.source.table).map_err(RelayError::Config)?;
+            let queries = PollQueries::new(&table, &self.config.source.columns, self.config.published.mode, false);
+            read_failed_rows(&control.client, &queries, &unread).await?
+        };
+        Ok(failed
+            .iter()
+            .map(|f| match (&f.letter, read.get(&f.row.position)) {
+                (Some(letter), _) => (**letter).clone(),
+                (None, Some((raw, _))) => DeadLetter::from_row(raw, &f.row.reason),
+                (None, None) => DeadLetter {
+                    aggregate_id: f.row.aggregate_id.clone(),
+                    payload: f.row.original.clone(),
+                    ..DeadLetter::bare(f.row.position, &f.row.reason)
+                },
+            })
+            .collect())
     }
 
     async fn measure_lag(&self, control: &postgres::Connection, slot: &str) {

@@ -6,7 +6,14 @@
 //! by default (`message.timeout.ms=0`): while the broker is away they wait in
 //! librdkafka's bounded queue, the relay stops claiming, and nothing is
 //! reordered by a give-up-and-retry cycle.
+//!
+//! A producer that hit a fatal error (for example `UnknownProducerId` from a
+//! broker that lost its idempotence state) refuses everything after it. The
+//! sink then fails new messages at once, the relay ends its session, and the
+//! next session [`recover`](Sink::recover)s with a fresh producer and claims
+//! again from the oldest unpublished event, so order survives the swap.
 
+use std::sync::RwLock;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -34,7 +41,10 @@ pub enum KafkaSinkError {
 
 /// Publishes to Kafka.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    /// Replaced only by [`Sink::recover`], between sessions.
+    producer: RwLock<FutureProducer>,
+    /// What `recover` builds a new producer from.
+    client: ClientConfig,
     brokers: String,
 }
 
@@ -62,17 +72,23 @@ impl KafkaSink {
             client.set(key, value.trim_end_matches(['\n', '\r']));
         }
         let producer: FutureProducer = client.create().map_err(KafkaSinkError::Config)?;
-        Ok(KafkaSink { producer, brokers: config.brokers.clone() })
+        Ok(KafkaSink { producer: RwLock::new(producer), client, brokers: config.brokers.clone() })
     }
 
     /// The underlying producer (metadata look-ups, statistics).
     pub fn producer(&self) -> FutureProducer {
-        self.producer.clone()
+        // Only a panic inside the two-line critical sections below could poison this lock.
+        self.producer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The fatal error the current producer hit, if any.
+    fn fatal(&self) -> Option<String> {
+        self.producer().client().fatal_error().map(|(code, reason)| format!("{reason} ({code:?})"))
     }
 
     /// Asks the cluster for metadata, proving at least one broker answers.
     pub async fn check_reachable(&self, timeout: Duration) -> Result<(), KafkaSinkError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let result = match tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(None, timeout).map(|_| ())
         })
@@ -87,9 +103,19 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     async fn enqueue(&self, messages: Vec<OutgoingMessage>) -> PendingDelivery {
+        if let Some(fatal) = self.fatal() {
+            // Sending on a new producer now could overtake the messages the old one failed.
+            let error = PublishError {
+                reason: format!("the Kafka producer failed fatally: {fatal}; the relay restarts its session with a new producer"),
+                permanent: false,
+            };
+            let results = vec![Err(error); messages.len()];
+            return async move { results }.boxed();
+        }
+        let producer = self.producer();
         let mut slots = Vec::with_capacity(messages.len());
         for message in &messages {
-            slots.push(self.enqueue_one(message).await);
+            slots.push(Self::enqueue_one(&producer, message).await);
         }
         async move {
             let mut results = Vec::with_capacity(slots.len());
@@ -117,14 +143,25 @@ impl Sink for KafkaSink {
     }
 
     async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+    }
+
+    async fn recover(&self) {
+        let Some(fatal) = self.fatal() else { return };
+        match self.client.create::<FutureProducer>() {
+            Ok(fresh) => {
+                *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                tracing::warn!(error = %fatal, "the Kafka producer had failed fatally; replaced it with a new one");
+            }
+            Err(error) => tracing::error!(%error, "cannot create a new Kafka producer; the next session tries again"),
+        }
     }
 }
 
 impl KafkaSink {
     /// Enqueues one message, waiting while librdkafka's queue is full.
-    async fn enqueue_one(&self, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
+    async fn enqueue_one(producer: &FutureProducer, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
         for (name, value) in &message.headers {
             headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
@@ -135,7 +172,7 @@ impl KafkaSink {
             .headers(headers);
         let mut backoff = Duration::from_millis(1);
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     // Backpressure: librdkafka's queue is full until deliveries complete.

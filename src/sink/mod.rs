@@ -50,6 +50,13 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Waits up to `timeout` for everything enqueued to be acknowledged.
     fn flush(&self, timeout: std::time::Duration) -> impl Future<Output = ()> + Send;
+
+    /// Called before each relay session: a client that failed for good
+    /// (a Kafka producer's fatal error) is replaced here, between sessions,
+    /// so nothing sent on the new one can overtake what the old one failed.
+    fn recover(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The sink the configuration chose (`sink.kind`), so every command (run,
@@ -90,6 +97,13 @@ impl Sink for AnySink {
         match self {
             AnySink::Kafka(sink) => sink.flush(timeout).await,
             AnySink::PubSub(sink) => sink.flush(timeout).await,
+        }
+    }
+
+    async fn recover(&self) {
+        match self {
+            AnySink::Kafka(sink) => sink.recover().await,
+            AnySink::PubSub(sink) => sink.recover().await,
         }
     }
 }

@@ -30,6 +30,7 @@ use tokio_postgres::{Row, Statement};
 
 use super::table::{quote_ident, TableName};
 use super::ClaimedBatch;
+use crate::blocking::Blocked;
 use crate::config::{ColumnMapping, PublishedMode, SourceConfig};
 use crate::event::{RawRow, Rejected};
 use crate::postgres::{Connection, PostgresError};
@@ -44,30 +45,52 @@ pub struct PollQueries {
     claim: String,
     checkpoint: String,
     record_failures: Option<String>,
+    dead_lettered: String,
+    failed_rows: String,
+    still_pending: String,
     lock_key: String,
 }
 
 impl PollQueries {
     /// Builds the statements; names were validated by `Config::validate`.
-    pub fn new(table: &TableName, columns: &ColumnMapping, published: PublishedMode) -> PollQueries {
+    /// With `exclude_dead_lettered` (policy dead_letter and a mapped
+    /// `dead_lettered_at` column), dead-lettered rows are never claimed.
+    pub fn new(table: &TableName, columns: &ColumnMapping, published: PublishedMode, exclude_dead_lettered: bool) -> PollQueries {
         let position = quote_ident(&columns.position);
-        let unpublished = if columns.published_at.is_empty() {
+        let mut unpublished = if columns.published_at.is_empty() {
             "true".to_owned()
         } else {
             format!("{} IS NULL", quote_ident(&columns.published_at))
         };
+        if exclude_dead_lettered && !columns.dead_lettered_at.is_empty() {
+            unpublished = format!("{unpublished} AND {} IS NULL", quote_ident(&columns.dead_lettered_at));
+        }
         let select_list = select_list(columns);
-        // $1: highest in-flight position, $2: batch size, $3: parked positions.
+        // Rows of blocked aggregates ($4) wait, except the failed events they wait for ($5).
+        let aggregate = if columns.aggregate_id.is_empty() {
+            "NULL::text".to_owned()
+        } else {
+            format!("{}::text", quote_ident(&columns.aggregate_id))
+        };
+        let eligible = format!(
+            "NOT ({position} = ANY($3::int8[])) \
+             AND (NOT coalesce({aggregate} = ANY($4::text[]), false) OR {position} = ANY($5::int8[]))"
+        );
+        // $1: highest in-flight position, $2: batch size, $3: parked positions,
+        // $4: blocked aggregates, $5: the positions they are blocked behind.
         let claim = format!(
             "WITH behind AS ( \
                SELECT count(*) AS n FROM {table} \
-               WHERE {unpublished} AND {position} <= $1::int8 AND NOT ({position} = ANY($3::int8[])) \
+               WHERE {unpublished} AND {position} <= $1::int8 AND {eligible} \
              ), next AS ( \
                SELECT {select_list} FROM {table} \
-               WHERE {unpublished} AND {position} > $1::int8 AND NOT ({position} = ANY($3::int8[])) \
+               WHERE {unpublished} AND {position} > $1::int8 AND {eligible} \
                ORDER BY {position} LIMIT $2::int8 \
              ) \
              SELECT behind.n, next.* FROM behind LEFT JOIN next ON true ORDER BY 2"
+        );
+        let still_pending = format!(
+            "SELECT {position}::int8 FROM {table} WHERE {unpublished} AND {position} = ANY($1::int8[])"
         );
         let checkpoint = match published {
             PublishedMode::Mark => format!(
@@ -87,8 +110,30 @@ impl PollQueries {
                 quote_ident(&columns.failed_at),
             )
         });
+        let dead_lettered_at = (!columns.dead_lettered_at.is_empty()).then(|| quote_ident(&columns.dead_lettered_at));
+        let dead_lettered = match (published, &dead_lettered_at) {
+            (PublishedMode::Mark, Some(d)) => format!(
+                "UPDATE {table} SET {} = now(), {d} = now() WHERE {position} = ANY($1::int8[])",
+                quote_ident(&columns.published_at)
+            ),
+            (PublishedMode::Mark, None) => format!(
+                "UPDATE {table} SET {} = now() WHERE {position} = ANY($1::int8[])",
+                quote_ident(&columns.published_at)
+            ),
+            (PublishedMode::Delete, Some(d)) => format!("UPDATE {table} SET {d} = now() WHERE {position} = ANY($1::int8[])"),
+            (PublishedMode::Delete, None) => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
+            (PublishedMode::None, _) => "SELECT count(*) FROM unnest($1::int8[])".to_owned(),
+        };
+        let attempts = if columns.attempts.is_empty() {
+            "NULL::int8".to_owned()
+        } else {
+            format!("{}::int8", quote_ident(&columns.attempts))
+        };
+        let failed_rows = format!(
+            "SELECT {select_list}, {attempts} FROM {table} WHERE {position} = ANY($1::int8[]) ORDER BY {position}"
+        );
         let lock_key = lock_key(table);
-        PollQueries { claim, checkpoint, record_failures, lock_key }
+        PollQueries { claim, checkpoint, record_failures, dead_lettered, failed_rows, still_pending, lock_key }
     }
 }
 
@@ -153,6 +198,40 @@ impl PollQueries {
     pub fn record_failures_sql(&self) -> Option<&str> {
         self.record_failures.as_deref()
     }
+
+    /// `$1::int8[]` positions just dead-lettered: stamp (mark mode: also
+    /// published_at) so they are not claimed again; delete mode without a
+    /// dead_lettered_at column deletes them.
+    pub fn dead_lettered_sql(&self) -> &str {
+        &self.dead_lettered
+    }
+
+    /// `$1::int8[]` positions: [`select_list`] plus the attempts so far (or NULL).
+    pub fn failed_rows_sql(&self) -> &str {
+        &self.failed_rows
+    }
+}
+
+/// Reads failed rows back (for dead-lettering): the raw row and its attempts so far.
+pub async fn read_failed_rows(
+    client: &tokio_postgres::Client,
+    queries: &PollQueries,
+    positions: &[i64],
+) -> Result<HashMap<i64, (RawRow, Option<i64>)>, PostgresError> {
+    let mut found = HashMap::new();
+    if positions.is_empty() {
+        return Ok(found);
+    }
+    let rows = client
+        .query(queries.failed_rows_sql(), &[&positions])
+        .await
+        .map_err(|e| PostgresError::query("reading failed rows", &e))?;
+    for row in &rows {
+        let Some(raw) = decode(row, 0)? else { continue };
+        let attempts: Option<i64> = row.try_get(12).map_err(|e| PostgresError::query("reading failed rows", &e))?;
+        found.insert(raw.position, (raw, attempts));
+    }
+    Ok(found)
 }
 
 /// What one claim found.
@@ -168,6 +247,8 @@ pub enum Claim {
 #[derive(Debug, Default)]
 pub struct Parked {
     until: HashMap<i64, Instant>,
+    /// Failed attempts seen by this session, for tables without an attempts column.
+    attempts: HashMap<i64, i64>,
 }
 
 impl Parked {
@@ -176,6 +257,22 @@ impl Parked {
         if self.until.len() < MAX_PARKED {
             self.until.insert(position, Instant::now() + delay);
         }
+    }
+
+    /// Counts one more failed attempt of `position` in this session; returns the count.
+    pub fn count_attempt(&mut self, position: i64) -> i64 {
+        if self.attempts.len() >= MAX_PARKED {
+            self.attempts.clear();
+        }
+        let n = self.attempts.entry(position).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// Forgets `position` (it was dead-lettered).
+    pub fn forget(&mut self, position: i64) {
+        self.attempts.remove(&position);
+        self.until.remove(&position);
     }
 
     /// Positions still parked now, forgetting the expired ones.
@@ -201,9 +298,14 @@ pub struct PollSource {
 impl PollSource {
     /// Prepares statements on `connection` and LISTENs on the channel.
     /// A missing table, column or privilege fails here with the fix.
-    pub async fn prepare(connection: Connection, config: &SourceConfig, published: PublishedMode) -> Result<PollSource, PostgresError> {
+    pub async fn prepare(
+        connection: Connection,
+        config: &SourceConfig,
+        published: PublishedMode,
+        exclude_dead_lettered: bool,
+    ) -> Result<PollSource, PostgresError> {
         let table = TableName::parse(&config.table).map_err(PostgresError::Query)?;
-        let queries = PollQueries::new(&table, &config.columns, published);
+        let queries = PollQueries::new(&table, &config.columns, published, exclude_dead_lettered);
         let client = &connection.client;
         // The relay's statements are small and latency-bound: parallel
         // workers and JIT only add start-up cost. A mark lost in a Postgres
@@ -255,9 +357,17 @@ impl PollSource {
 
     /// Claims the next rows above `in_flight_top` (None: from the start),
     /// given that `in_flight_rows` rows at or below it are still in flight.
-    pub async fn claim(&mut self, in_flight_top: Option<i64>, in_flight_rows: usize, parked: &[i64]) -> Result<Claim, PostgresError> {
+    /// Rows parked for a retry and rows of `blocked` aggregates are left out.
+    pub async fn claim(
+        &mut self,
+        in_flight_top: Option<i64>,
+        in_flight_rows: usize,
+        parked: &[i64],
+        blocked: &Blocked,
+    ) -> Result<Claim, PostgresError> {
         let top = in_flight_top.unwrap_or(i64::MIN);
-        let params: [&(dyn ToSql + Sync); 3] = [&top, &self.batch_size, &parked];
+        let (blocked_aggregates, blocked_behind) = blocked.snapshot();
+        let params: [&(dyn ToSql + Sync); 5] = [&top, &self.batch_size, &parked, &blocked_aggregates, &blocked_behind];
         let rows = self
             .connection
             .client
@@ -319,6 +429,36 @@ impl PollSource {
         Ok(())
     }
 
+    /// Which of `positions` are still unpublished (a blocked aggregate
+    /// whose failed row was fixed by hand, deleted or replayed is released).
+    pub async fn still_pending(&self, positions: &[i64]) -> Result<Vec<i64>, PostgresError> {
+        let rows = self
+            .connection
+            .client
+            .query(&self.queries.still_pending, &[&positions])
+            .await
+            .map_err(|e| PostgresError::query("checking failed rows", &e))?;
+        rows.iter().map(|r| r.try_get(0).map_err(|e| PostgresError::query("checking failed rows", &e))).collect()
+    }
+
+    /// Reads failed rows back with their attempts so far (for dead-lettering).
+    pub async fn failed_rows(&self, positions: &[i64]) -> Result<HashMap<i64, (RawRow, Option<i64>)>, PostgresError> {
+        read_failed_rows(&self.connection.client, &self.queries, positions).await
+    }
+
+    /// Marks dead-lettered rows done (see [`PollQueries::dead_lettered_sql`]).
+    pub async fn mark_dead_lettered(&self, positions: &[i64]) -> Result<(), PostgresError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        self.connection
+            .client
+            .execute(self.queries.dead_lettered_sql(), &[&positions])
+            .await
+            .map_err(|e| PostgresError::query("marking dead-lettered rows", &e))?;
+        Ok(())
+    }
+
     /// True once the connection is gone; the session must end.
     pub fn is_closed(&self) -> bool {
         self.connection.client.is_closed()
@@ -372,9 +512,10 @@ mod tests {
             attempts: "".into(),
             last_error: "".into(),
             failed_at: "".into(),
+            dead_lettered_at: "".into(),
         };
         let table = TableName::parse("public.outbox").unwrap();
-        let q = PollQueries::new(&table, &columns, PublishedMode::Delete);
+        let q = PollQueries::new(&table, &columns, PublishedMode::Delete, true);
         assert!(q.claim.contains("\"aggregatetype\"::text"));
         assert!(q.claim.contains("NULL::int4"));
         assert!(q.claim.contains("WHERE true AND \"id\" > $1::int8"));

@@ -100,6 +100,17 @@ impl TestBroker {
         }
     }
 
+    /// Freezes (`true`, SIGSTOP) or resumes (`false`, SIGCONT) the broker
+    /// process: unavailable, its state intact, as a real broker's is
+    /// across a restart (tansu's memory storage would lose it on a kill).
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: signalling our own child process by pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     /// Starts the broker again on the same port, empty (storage is in
     /// memory): create the topics again before producing.
     pub fn start_again(&mut self) {

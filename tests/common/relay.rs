@@ -206,15 +206,35 @@ pub async fn unpublished(client: &Client) -> i64 {
 
 /// Waits until no row is unpublished; panics with the count after `timeout`.
 pub async fn wait_all_published(client: &Client, timeout: Duration) {
+    wait_all_published_or(client, timeout, String::new).await
+}
+
+/// Like [`wait_all_published`]; a timeout also prints `context()` (a relay's log).
+pub async fn wait_all_published_or(client: &Client, timeout: Duration, context: impl Fn() -> String) {
     let deadline = Instant::now() + timeout;
     loop {
         let left = unpublished(client).await;
         if left == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "{left} events still unpublished after {timeout:?}");
+        assert!(Instant::now() < deadline, "{left} events still unpublished after {timeout:?}\n{}", context());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Runs `outbox-relay <args>` to completion: (exit code, stdout, stderr).
+pub fn cli(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    command.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().expect("run outbox-relay");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// What consumers received, checked against what was written.

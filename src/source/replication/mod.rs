@@ -276,7 +276,7 @@ impl EventDecoder {
             Some(position) => position,
             None => {
                 return Decoded::Rejected {
-                    rejected: Rejected { position: 0, reason: format!("outbox row without an integer {}", self.mapping.position) },
+                    rejected: Rejected::new(0, format!("outbox row without an integer {}", self.mapping.position)),
                     row: false,
                 }
             }
@@ -303,7 +303,7 @@ impl EventDecoder {
                 },
             })
         };
-        match build().map_err(|reason| Rejected { position, reason }).and_then(|raw| raw.into_event(&self.label)) {
+        match build().map_err(|reason| Rejected::new(position, reason)).and_then(|raw| raw.into_event(&self.label)) {
             Ok(event) => Decoded::Event { event: Box::new(event), row: true },
             Err(rejected) => Decoded::Rejected { rejected, row: true },
         }
@@ -319,7 +319,10 @@ impl EventDecoder {
             Ok(parsed) => parsed,
             Err(e) => {
                 return Decoded::Rejected {
-                    rejected: Rejected { position, reason: format!("logical message at LSN {} is not a valid outbox event: {e}", wire::format_lsn(lsn)) },
+                    rejected: Rejected {
+                        original: Some(String::from_utf8_lossy(content).into_owned()),
+                        ..Rejected::new(position, format!("logical message at LSN {} is not a valid outbox event: {e}", wire::format_lsn(lsn)))
+                    },
                     row: false,
                 }
             }
@@ -340,7 +343,10 @@ impl EventDecoder {
         };
         match raw.into_event(&self.label) {
             Ok(event) => Decoded::Event { event: Box::new(event), row: false },
-            Err(rejected) => Decoded::Rejected { rejected, row: false },
+            Err(rejected) => Decoded::Rejected {
+                rejected: Rejected { original: Some(String::from_utf8_lossy(content).into_owned()), ..rejected },
+                row: false,
+            },
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A minimal Postgres wire client for a `replication=database` connection:
-//! startup, authentication (trust, cleartext, MD5, SCRAM-SHA-256), simple
-//! queries, and the CopyBoth stream that carries logical replication.
+//! TLS (SSLRequest, then rustls, per `sslmode`), startup, authentication
+//! (trust, cleartext, MD5, SCRAM-SHA-256), simple queries, and the CopyBoth
+//! stream that carries logical replication.
 //!
 //! Upstream tokio-postgres cannot speak replication, so this module frames
 //! backend messages itself (postgres-protocol's parser rejects
@@ -9,11 +10,22 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+
+use crate::tls::{SslMode, TlsSettings};
+
+/// The socket, plain or TLS; split into reader and writer halves.
+trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+type Stream = Box<dyn Duplex>;
+type Reader = ReadHalf<Stream>;
+type Writer = WriteHalf<Stream>;
 
 /// Microseconds between the Unix epoch and Postgres's epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -35,6 +47,10 @@ pub enum WireError {
     /// Something the client cannot handle.
     #[error("replication protocol: {0}")]
     Protocol(String),
+    /// TLS could not be set up: the server refused it, or the certificate
+    /// was refused (the message names the host, the sslmode and the fix).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl WireError {
@@ -103,11 +119,34 @@ pub fn parse_error(body: &[u8]) -> (String, String) {
     (code, message)
 }
 
-/// Where and as whom to connect.
+/// TLS for the replication connection: the mode and, unless `disable`,
+/// the rustls client configuration (see [`crate::tls`]).
 #[derive(Debug, Clone)]
+pub struct WireTls {
+    /// sslmode and certificate settings (for messages).
+    pub settings: TlsSettings,
+    /// `None` for `disable`.
+    pub config: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl WireTls {
+    /// Plaintext.
+    pub fn disabled() -> WireTls {
+        WireTls { settings: TlsSettings::disabled(), config: None }
+    }
+}
+
+/// Where and as whom to connect.
+#[derive(Clone)]
 pub struct ConnectParams {
     /// `host:port`.
     pub address: String,
+    /// The host name (or IP) the server certificate must be valid for.
+    pub host: String,
+    /// sslmode and certificates.
+    pub tls: WireTls,
+    /// Limit for TCP connect plus TLS handshake.
+    pub connect_timeout: Option<Duration>,
     /// Role.
     pub user: String,
     /// Password, if any.
@@ -118,8 +157,27 @@ pub struct ConnectParams {
     pub application_name: String,
 }
 
+impl std::fmt::Debug for ConnectParams {
+    /// Everything but the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectParams")
+            .field("address", &self.address)
+            .field("host", &self.host)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("database", &self.database)
+            .field("application_name", &self.application_name)
+            .field("sslmode", &self.tls.settings.mode)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
 impl ConnectParams {
-    /// From a tokio-postgres config (the relay's `postgres.url`).
+    /// From a tokio-postgres config. Its `sslmode` (disable, prefer,
+    /// require) is honoured without certificate checks; the relay replaces
+    /// that with [`with_tls`](Self::with_tls) and the full `[postgres]`
+    /// settings.
     pub fn from_config(config: &tokio_postgres::Config, application_name: &str) -> Result<ConnectParams, WireError> {
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
@@ -132,20 +190,93 @@ impl ConnectParams {
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let user = config.get_user().unwrap_or("postgres").to_owned();
+        let settings = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => TlsSettings::disabled(),
+            tokio_postgres::config::SslMode::Require => TlsSettings::unverified(SslMode::Require),
+            _ => TlsSettings::unverified(SslMode::Prefer),
+        };
+        let tls_config = settings.load().map_err(|e| WireError::Tls(e.to_string()))?;
         Ok(ConnectParams {
             address: format!("{host}:{port}"),
+            tls: WireTls { settings, config: tls_config },
+            connect_timeout: config.get_connect_timeout().copied(),
             database: config.get_dbname().unwrap_or(&user).to_owned(),
             user,
             password: config.get_password().map(<[u8]>::to_vec),
             application_name: application_name.to_owned(),
+            host,
         })
     }
+
+    /// The same, with these TLS settings (the relay's resolved `[postgres]`).
+    pub fn with_tls(mut self, tls: WireTls) -> ConnectParams {
+        self.tls = tls;
+        self
+    }
+}
+
+/// An open socket and, over TLS, the `tls-server-end-point` channel
+/// binding data (RFC 5929) for SCRAM-SHA-256-PLUS.
+struct Opened {
+    stream: Stream,
+    channel_binding: Option<Vec<u8>>,
+}
+
+/// TCP connect, then SSLRequest and the TLS handshake unless `disable`.
+async fn open(params: &ConnectParams) -> Result<Opened, WireError> {
+    let mut tcp = TcpStream::connect(&params.address).await?;
+    tcp.set_nodelay(true)?;
+    let mode = params.tls.settings.mode;
+    let plain = |tcp: TcpStream| Opened { stream: Box::new(tcp), channel_binding: None };
+    let Some(config) = params.tls.config.clone() else { return Ok(plain(tcp)) };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await?;
+    // Exactly one byte, straight from the socket: nothing the server (or a
+    // man in the middle) sends before the handshake can end up buffered.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if mode == SslMode::Prefer => return Ok(plain(tcp)),
+        b'N' => {
+            return Err(WireError::Tls(format!(
+                "the server at {} does not accept TLS connections ({}): turn ssl on in the server, or use sslmode=prefer or disable",
+                params.address,
+                params.tls.settings.label()
+            )))
+        }
+        b'E' => {
+            // A server that cannot even answer the SSLRequest (e.g. too many connections).
+            let mut length = [0u8; 4];
+            tcp.read_exact(&mut length).await?;
+            let length = (u32::from_be_bytes(length) as usize).clamp(4, 64 * 1024);
+            let mut body = vec![0u8; length - 4];
+            tcp.read_exact(&mut body).await?;
+            return Err(server_error(&body));
+        }
+        other => return Err(WireError::Protocol(format!("unexpected answer {other:#04x} to SSLRequest"))),
+    }
+    let name = rustls::pki_types::ServerName::try_from(params.host.clone())
+        .map_err(|_| WireError::Tls(format!("{:?} is not a host name TLS can verify ({})", params.host, params.tls.settings.label())))?;
+    let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
+        WireError::Tls(
+            crate::tls::explain(&e).unwrap_or_else(|| format!("TLS handshake with {} failed: {e}", params.address)),
+        )
+    })?;
+    let channel_binding = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|certificate| crate::tls::tls_server_end_point(certificate));
+    Ok(Opened { stream: Box::new(stream), channel_binding })
 }
 
 /// An authenticated replication connection, before streaming starts.
 pub struct ReplicationConnection {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     buffer: BytesMut,
 }
 
@@ -153,12 +284,19 @@ pub struct ReplicationConnection {
 pub type TextRow = Vec<Option<String>>;
 
 impl ReplicationConnection {
-    /// Connects, sends the startup message with `replication=database`, and
-    /// authenticates.
+    /// Connects (over TLS per `params.tls`), sends the startup message with
+    /// `replication=database`, and authenticates.
     pub async fn connect(params: &ConnectParams) -> Result<ReplicationConnection, WireError> {
-        let stream = TcpStream::connect(&params.address).await?;
-        stream.set_nodelay(true)?;
-        let (reader, writer) = stream.into_split();
+        let opened = match params.connect_timeout.filter(|t| !t.is_zero()) {
+            None => open(params).await?,
+            Some(limit) => tokio::time::timeout(limit, open(params)).await.map_err(|_| {
+                WireError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {} timed out after {limit:?}", params.address),
+                ))
+            })??,
+        };
+        let (reader, writer) = tokio::io::split(opened.stream);
         let mut conn = ReplicationConnection { reader, writer, buffer: BytesMut::with_capacity(64 * 1024) };
         let mut out = BytesMut::new();
         frontend::startup_message(
@@ -174,7 +312,7 @@ impl ReplicationConnection {
             &mut out,
         )?;
         conn.send(&out).await?;
-        conn.authenticate(params).await?;
+        conn.authenticate(params, opened.channel_binding).await?;
         // Parameter status, backend key data, then ReadyForQuery.
         loop {
             let frame = conn.read_frame().await?;
@@ -186,7 +324,7 @@ impl ReplicationConnection {
         }
     }
 
-    async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), WireError> {
+    async fn authenticate(&mut self, params: &ConnectParams, channel_binding: Option<Vec<u8>>) -> Result<(), WireError> {
         let missing_password = || {
             WireError::Protocol("the server asks for a password but postgres.url has none (or set postgres.password_file)".into())
         };
@@ -221,10 +359,11 @@ impl ReplicationConnection {
                 10 => {
                     let password = params.password.as_deref().ok_or_else(missing_password)?;
                     let mechanisms = String::from_utf8_lossy(&body);
-                    if !mechanisms.split('\0').any(|m| m == SCRAM_SHA_256) {
-                        return Err(WireError::Protocol(format!("no supported SASL mechanism in {mechanisms:?}")));
-                    }
-                    self.scram(password).await?;
+                    let offered: Vec<&str> = mechanisms.split('\0').filter(|m| !m.is_empty()).collect();
+                    let Some((mechanism, binding)) = choose_scram(&offered, channel_binding.clone()) else {
+                        return Err(WireError::Protocol(format!("no supported SASL mechanism in {offered:?}")));
+                    };
+                    self.scram(password, mechanism, binding).await?;
                     continue;
                 }
                 other => return Err(WireError::Protocol(format!("unsupported authentication method {other}"))),
@@ -233,10 +372,10 @@ impl ReplicationConnection {
         }
     }
 
-    async fn scram(&mut self, password: &[u8]) -> Result<(), WireError> {
-        let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
+    async fn scram(&mut self, password: &[u8], mechanism: &str, binding: ChannelBinding) -> Result<(), WireError> {
+        let mut scram = ScramSha256::new(password, binding);
         let mut out = BytesMut::new();
-        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut out)?;
+        frontend::sasl_initial_response(mechanism, scram.message(), &mut out)?;
         self.send(&out).await?;
         let continue_body = self.expect_auth(11).await?;
         scram.update(&continue_body)?;
@@ -305,6 +444,8 @@ impl ReplicationConnection {
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.writer.write_all(bytes).await?;
+        // TLS buffers records: flush, or the message may sit in the client.
+        self.writer.flush().await?;
         Ok(())
     }
 
@@ -317,6 +458,20 @@ impl ReplicationConnection {
                 return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
+    }
+}
+
+/// SCRAM-SHA-256-PLUS when TLS gives channel binding data and the server
+/// offers it (as tokio-postgres does); else SCRAM-SHA-256, telling the
+/// server whether the client could have bound the channel.
+fn choose_scram(offered: &[&str], channel_binding: Option<Vec<u8>>) -> Option<(&'static str, ChannelBinding)> {
+    match channel_binding {
+        Some(data) if offered.contains(&SCRAM_SHA_256_PLUS) => {
+            Some((SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(data)))
+        }
+        _ if !offered.contains(&SCRAM_SHA_256) => None,
+        Some(_) => Some((SCRAM_SHA_256, ChannelBinding::unrequested())),
+        None => Some((SCRAM_SHA_256, ChannelBinding::unsupported())),
     }
 }
 
@@ -354,7 +509,7 @@ fn parse_data_row(body: &[u8]) -> Result<TextRow, WireError> {
 
 /// Reads CopyData payloads from the stream.
 pub struct FrameReader {
-    reader: OwnedReadHalf,
+    reader: Reader,
     buffer: BytesMut,
 }
 
@@ -382,7 +537,7 @@ impl FrameReader {
 pub struct ReplicationStream {
     /// Incoming WAL data and keepalives.
     pub reader: FrameReader,
-    writer: OwnedWriteHalf,
+    writer: Writer,
 }
 
 impl ReplicationStream {
@@ -401,6 +556,7 @@ impl ReplicationStream {
         out.put_i32(4 + message.len() as i32);
         out.extend_from_slice(&message);
         self.writer.write_all(&out).await?;
+        self.writer.flush().await?;
         Ok(())
     }
 
@@ -409,6 +565,7 @@ impl ReplicationStream {
         let mut out = BytesMut::new();
         frontend::copy_done(&mut out);
         self.writer.write_all(&out).await?;
+        self.writer.flush().await?;
         Ok(())
     }
 }
@@ -450,6 +607,15 @@ mod tests {
     fn error_fields_become_code_and_message() {
         let body = b"SERROR\0C42704\0Mreplication slot \"x\" does not exist\0\0";
         assert_eq!(parse_error(body), ("42704".into(), "replication slot \"x\" does not exist".into()));
+    }
+
+    #[test]
+    fn scram_binds_the_channel_only_when_both_sides_can() {
+        let both = [SCRAM_SHA_256_PLUS, SCRAM_SHA_256];
+        assert_eq!(choose_scram(&both, Some(vec![1, 2])).unwrap().0, SCRAM_SHA_256_PLUS);
+        assert_eq!(choose_scram(&both, None).unwrap().0, SCRAM_SHA_256);
+        assert_eq!(choose_scram(&[SCRAM_SHA_256], Some(vec![1])).unwrap().0, SCRAM_SHA_256);
+        assert!(choose_scram(&["SCRAM-SHA-1"], None).is_none());
     }
 
     #[test]
