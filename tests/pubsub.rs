@@ -51,7 +51,7 @@ fn pubsub_env(pg_url: &str, emulator_host: &str, mode: Mode) -> Vec<(&'static st
         ("OUTBOX_RELAY_POSTGRES__URL", pg_url.to_owned()),
         ("OUTBOX_RELAY_SINK__KIND", "pubsub".to_owned()),
         ("OUTBOX_RELAY_SINK__PUBSUB__PROJECT", PROJECT.to_owned()),
-        ("OUTBOX_RELAY_SINK__PUBSUB__REQUEST_TIMEOUT", "3s".to_owned()),
+        ("OUTBOX_RELAY_SINK__PUBSUB__REQUEST_TIMEOUT", "5s".to_owned()),
         ("OUTBOX_RELAY_SINK__PUBSUB__RETRY_MAX_DELAY", "2s".to_owned()),
         ("PUBSUB_EMULATOR_HOST", emulator_host.to_owned()),
         ("OUTBOX_RELAY_SOURCE__POLL_INTERVAL", "200ms".to_owned()),
@@ -191,7 +191,14 @@ async fn delivers_everything_once_in_order(mode: Mode) {
     let received = s.client.pull_all(SUBSCRIPTION, EVENTS, Duration::from_secs(120)).await;
     let verdict = verify(&as_consumed(&received), AGGREGATES, PER_AGGREGATE);
     assert_complete(&verdict, received.len(), &relay.log());
-    assert_eq!(verdict.duplicates, 0, "no crash, no retry: no duplicates");
+    // No crash: a duplicate can only come from a retried request (one that
+    // timed out on a loaded machine may have been published after all).
+    let log = relay.log();
+    if log.contains("Pub/Sub publish failed; retrying") {
+        eprintln!("pubsub {mode:?}: {} duplicates after retried requests", verdict.duplicates);
+    } else {
+        assert_eq!(verdict.duplicates, 0, "no crash, no retry: no duplicates; log:\n{}", tail(&log));
+    }
     // AND attributes and data are right
     check_native_attributes(&received);
 }
