@@ -132,6 +132,24 @@ fn block(blocked: Option<&Blocked>, failure: &mut FailedRow) {
     }
 }
 
+/// At debug level, a `publish` span per event that carries W3C trace
+/// context, naming the row's trace and parent span, so the relay's hop can
+/// be found in the logs by the trace id the application started. The header
+/// itself always travels unchanged.
+fn trace_publish(event: &crate::event::OutboxEvent, topic: &str) {
+    let Some(traceparent) = event.traceparent.as_deref() else { return };
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let mut parts = traceparent.split('-');
+    let (trace_id, parent_span_id) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(_version), Some(trace), Some(parent)) => (trace, parent),
+        _ => ("invalid", "invalid"),
+    };
+    let span = tracing::debug_span!("publish", trace_id, parent_span_id, event_id = %event.event_id, topic);
+    span.in_scope(|| tracing::debug!(position = event.position, "event handed to the broker"));
+}
+
 /// Enqueues one batch; the returned future resolves with its outcome.
 async fn publish<S: Sink>(
     sink: &S,
@@ -167,6 +185,7 @@ async fn publish<S: Sink>(
                     }
                 };
                 sent.push((index, event.created_at.timestamp_micros(), label));
+                trace_publish(event, &message.topic);
                 messages.push(message);
             }
             Err(error) => {
