@@ -43,6 +43,7 @@ const MAX_PARKED: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct PollQueries {
     claim: String,
+    claim_blocked: String,
     checkpoint: String,
     record_failures: Option<String>,
     dead_lettered: String,
@@ -78,7 +79,9 @@ impl PollQueries {
         );
         // $1: highest in-flight position, $2: batch size, $3: parked positions,
         // $4: blocked aggregates, $5: the positions they are blocked behind.
-        let claim = format!(
+        // Used only while something is blocked: the aggregate test needs the
+        // heap row, where the common statement below needs only the index.
+        let claim_blocked = format!(
             "WITH behind AS ( \
                SELECT count(*) AS n FROM {table} \
                WHERE {unpublished} AND {position} <= $1::int8 AND {eligible} \
@@ -89,6 +92,8 @@ impl PollQueries {
              ) \
              SELECT behind.n, next.* FROM behind LEFT JOIN next ON true ORDER BY 2"
         );
+        let parked_only = format!("NOT ({position} = ANY($3::int8[]))");
+        let claim = claim_blocked.replace(&eligible, &parked_only);
         let still_pending = format!(
             "SELECT {position}::int8 FROM {table} WHERE {unpublished} AND {position} = ANY($1::int8[])"
         );
@@ -133,7 +138,7 @@ impl PollQueries {
             "SELECT {select_list}, {attempts} FROM {table} WHERE {position} = ANY($1::int8[]) ORDER BY {position}"
         );
         let lock_key = lock_key(table);
-        PollQueries { claim, checkpoint, record_failures, dead_lettered, failed_rows, still_pending, lock_key }
+        PollQueries { claim, claim_blocked, checkpoint, record_failures, dead_lettered, failed_rows, still_pending, lock_key }
     }
 }
 
@@ -289,6 +294,7 @@ pub struct PollSource {
     table_label: String,
     queries: PollQueries,
     claim: Statement,
+    claim_blocked: Statement,
     checkpoint: Statement,
     record_failures: Option<Statement>,
     batch_size: i64,
@@ -317,6 +323,7 @@ impl PollSource {
             .map_err(|e| PostgresError::query("configuring the relay session", &e))?;
         let context = format!("outbox table {}", config.table);
         let claim = client.prepare(&queries.claim).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let claim_blocked = client.prepare(&queries.claim_blocked).await.map_err(|e| PostgresError::query(&context, &e))?;
         let checkpoint =
             client.prepare(&queries.checkpoint).await.map_err(|e| PostgresError::query(&context, &e))?;
         let record_failures = match &queries.record_failures {
@@ -332,6 +339,7 @@ impl PollSource {
             table_label: config.table.clone(),
             queries,
             claim,
+            claim_blocked,
             checkpoint,
             record_failures,
             batch_size: config.batch_size as i64,
@@ -366,14 +374,15 @@ impl PollSource {
         blocked: &Blocked,
     ) -> Result<Claim, PostgresError> {
         let top = in_flight_top.unwrap_or(i64::MIN);
-        let (blocked_aggregates, blocked_behind) = blocked.snapshot();
-        let params: [&(dyn ToSql + Sync); 5] = [&top, &self.batch_size, &parked, &blocked_aggregates, &blocked_behind];
-        let rows = self
-            .connection
-            .client
-            .query(&self.claim, &params)
-            .await
-            .map_err(|e| PostgresError::query("claiming outbox rows", &e))?;
+        let rows = if blocked.is_empty() {
+            let params: [&(dyn ToSql + Sync); 3] = [&top, &self.batch_size, &parked];
+            self.connection.client.query(&self.claim, &params).await
+        } else {
+            let (blocked_aggregates, blocked_behind) = blocked.snapshot();
+            let params: [&(dyn ToSql + Sync); 5] = [&top, &self.batch_size, &parked, &blocked_aggregates, &blocked_behind];
+            self.connection.client.query(&self.claim_blocked, &params).await
+        }
+        .map_err(|e| PostgresError::query("claiming outbox rows", &e))?;
         let behind: i64 = match rows.first() {
             Some(row) => row.try_get(0).map_err(|e| PostgresError::query("reading the claim", &e))?,
             None => 0,
@@ -519,6 +528,8 @@ mod tests {
         assert!(q.claim.contains("\"aggregatetype\"::text"));
         assert!(q.claim.contains("NULL::int4"));
         assert!(q.claim.contains("WHERE true AND \"id\" > $1::int8"));
+        assert!(!q.claim.contains("$4"), "the common claim never reads the heap for the aggregate");
+        assert!(q.claim_blocked.contains("coalesce(\"aggregateid\"::text = ANY($4::text[]), false) OR \"id\" = ANY($5::int8[])"));
         assert_eq!(q.checkpoint, "DELETE FROM \"public\".\"outbox\" WHERE \"id\" = ANY($1::int8[])");
         assert!(q.record_failures.is_none());
     }
