@@ -14,7 +14,7 @@ use crate::postgres;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::pubsub::PubSubSink;
 use crate::sink::AnySink;
-use crate::source::poll::PollSource;
+use crate::source::poll::{ClaimScope, PollSource};
 use crate::source::table::{quote_ident, TableName};
 
 /// Outcome of one check.
@@ -75,6 +75,7 @@ pub async fn run(config: &Config, sink: Result<&AnySink, String>) -> Vec<CheckRe
                 .and_then(|r| r.try_get::<_, String>(0).ok())
                 .unwrap_or_default();
             results.push(ok("postgres", format!("connected to {target} (PostgreSQL {version})")));
+            results.push(check_leases(&connection).await);
             results.extend(check_outbox(config, &connection, &mut pending_topics).await);
             if config.source.mode == crate::config::SourceMode::Replication {
                 results.extend(check_replication(config, &connection).await);
@@ -157,6 +158,29 @@ async fn check_pubsub_topics(sink: &PubSubSink, topics: &BTreeSet<String>) -> Ch
     }
 }
 
+/// The lease tables every relay needs, even alone (see `crate::coordination`).
+async fn check_leases(connection: &postgres::Connection) -> CheckResult {
+    let sql = "SELECT to_regclass('outbox.relay_leases') IS NOT NULL AND to_regclass('outbox.relay_members') IS NOT NULL, \
+               coalesce(has_table_privilege(to_regclass('outbox.relay_leases'), 'SELECT, INSERT, UPDATE'), false) \
+               AND coalesce(has_table_privilege(to_regclass('outbox.relay_members'), 'SELECT, INSERT, UPDATE, DELETE'), false)";
+    match connection.client.query_one(sql, &[]).await {
+        Ok(row) => match (row.try_get::<_, bool>(0), row.try_get::<_, bool>(1)) {
+            (Ok(true), Ok(true)) => ok("lease tables", "outbox.relay_leases and outbox.relay_members are writable"),
+            (Ok(false), _) => fail(
+                "lease tables",
+                "outbox.relay_leases or outbox.relay_members does not exist",
+                "run `outbox-relay migrate` (several relays coordinate through these tables; one relay needs them too)",
+            ),
+            _ => fail(
+                "lease tables",
+                "the relay role may not write outbox.relay_leases / outbox.relay_members",
+                "re-run the role script in sql/roles (it grants SELECT, INSERT, UPDATE, DELETE on them)",
+            ),
+        },
+        Err(e) => fail("lease tables", postgres::describe(&e), "run `outbox-relay migrate`"),
+    }
+}
+
 async fn check_outbox(config: &Config, connection: &postgres::Connection, topics: &mut BTreeSet<String>) -> Vec<CheckResult> {
     let mut results = Vec::new();
     let Ok(table) = TableName::parse(&config.source.table) else { return results };
@@ -164,7 +188,15 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
     // Preparing the relay's own statements proves the table and columns exist.
     let probe = postgres::connect(&config.postgres, "outbox-relay check").await;
     match probe {
-        Ok(probe) => match PollSource::prepare(probe, &config.source, config.published.mode, config.failures.policy == crate::config::FailurePolicy::DeadLetter).await {
+        Ok(probe) => match PollSource::prepare(
+            probe,
+            &config.source,
+            config.published.mode,
+            config.failures.policy == crate::config::FailurePolicy::DeadLetter,
+            &ClaimScope { resource: config.source.table.clone(), lanes: config.replicas.lanes as i32, instance: uuid::Uuid::nil(), by_lane: true },
+        )
+        .await
+        {
             Ok(_) => results.push(ok("outbox table", format!("{} has the mapped columns", config.source.table))),
             Err(e) => {
                 results.push(fail(

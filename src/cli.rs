@@ -135,10 +135,15 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         return crate::demo::run(events).await.map_err(CliError::Runtime);
     }
     let config = Config::load(cli.config.as_deref())?;
+    crate::postgres::set_relay_id(config.replicas.resolved_relay_id());
     let reload = init_logging(&config.log.level, config.log.format);
     match cli.command {
         Command::Demo { .. } => Ok(()),
-        Command::Run => run(config, cli.config, reload).await,
+        Command::Run => {
+            // Every line this relay logs names it, so several relays' logs can be told apart.
+            let span = tracing::info_span!("relay", relay_id = %crate::postgres::relay_id());
+            tracing::Instrument::instrument(run(config, cli.config, reload), span).await
+        }
         Command::Migrate => migrate(&config).await.map_err(CliError::Runtime),
         Command::Check { json } => check(&config, json).await,
         Command::Status { json } => status(&config, json).await,

@@ -55,6 +55,44 @@ pub struct Config {
     pub envelope: EnvelopeConfig,
     /// What happens to events that cannot be published (retry or dead-letter).
     pub failures: FailuresConfig,
+    /// How several relays on one outbox share the work and take over.
+    pub replicas: ReplicasConfig,
+}
+
+/// The `[replicas]` section: several relays (one per application pod) on one
+/// outbox, coordinated through leases in Postgres (`src/coordination`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicasConfig {
+    /// This relay's name in logs, metrics, `status` and the lease table;
+    /// `""` uses the host name (the pod name in Kubernetes).
+    pub relay_id: String,
+    /// Polling: the outbox is split into this many lanes by a hash of
+    /// aggregate_id, and relays share the lanes. Every relay on one outbox
+    /// must use the same number (a relay with another one waits until the
+    /// relays with the old number are gone).
+    pub lanes: u32,
+    /// When a relay dies, freezes or loses its database, its lanes (or the
+    /// replication slot) are taken over by another relay within about this long.
+    #[serde(with = "humantime_serde")]
+    pub takeover_within: Duration,
+}
+
+impl Default for ReplicasConfig {
+    fn default() -> Self {
+        ReplicasConfig { relay_id: String::new(), lanes: 32, takeover_within: Duration::from_secs(10) }
+    }
+}
+
+impl ReplicasConfig {
+    /// `relay_id`, or the host (pod) name when it is not set.
+    pub fn resolved_relay_id(&self) -> String {
+        if self.relay_id.trim().is_empty() {
+            crate::postgres::host_name()
+        } else {
+            self.relay_id.trim().to_owned()
+        }
+    }
 }
 
 /// What the relay does with an event whose publish failed.
@@ -674,6 +712,15 @@ impl Config {
         }
         if self.published.cleanup_interval < Duration::from_secs(1) {
             return Err(ConfigError::invalid("published.cleanup_interval", "must be at least 1s"));
+        }
+        if !(1..=1024).contains(&self.replicas.lanes) {
+            return Err(ConfigError::invalid("replicas.lanes", "must be between 1 and 1024 (and the same on every relay of this outbox)"));
+        }
+        if self.replicas.takeover_within < Duration::from_secs(1) || self.replicas.takeover_within > Duration::from_secs(600) {
+            return Err(ConfigError::invalid("replicas.takeover_within", "must be between 1s and 10m"));
+        }
+        if self.replicas.relay_id.chars().count() > 63 || self.replicas.relay_id.chars().any(char::is_control) {
+            return Err(ConfigError::invalid("replicas.relay_id", "must be at most 63 printable characters (the pod or host name)"));
         }
         Ok(())
     }

@@ -31,6 +31,7 @@ pub mod blocking;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod coordination;
 pub mod dead_letter;
 pub mod demo;
 pub mod envelope;

@@ -47,9 +47,9 @@ pub struct Metrics {
     pub replication_slot_lag: IntGauge,
     /// Unix time of the last broker acknowledgement.
     pub last_publish_timestamp: IntGauge,
-    /// 1 while this relay holds the outbox lock (it is the one publishing).
+    /// 1 while this relay publishes: it holds lanes (polling) or the slot (replication).
     pub leader: IntGauge,
-    /// Lanes this relay owns (scale-out mode).
+    /// Lanes this relay holds and claims from (polling).
     pub lanes_owned: IntGauge,
     /// Events sent but not yet acknowledged.
     pub events_in_flight: IntGauge,
@@ -117,13 +117,14 @@ impl Metrics {
             "Unix time of the last broker acknowledgement",
         )
         .expect("valid metric");
-        let leader = IntGauge::new("outbox_relay_leader", "1 while this relay holds the outbox lock").expect("valid metric");
-        let lanes_owned = IntGauge::new("outbox_relay_lanes_owned", "Lanes owned by this relay").expect("valid metric");
+        let leader = IntGauge::new("outbox_relay_leader", "1 while this relay publishes: it holds lanes (polling) or the replication slot's lease").expect("valid metric");
+        let lanes_owned = IntGauge::new("outbox_relay_lanes_owned", "Outbox lanes this relay holds and claims from (polling)").expect("valid metric");
         let events_in_flight =
             IntGauge::new("outbox_relay_events_in_flight", "Events sent but not yet acknowledged").expect("valid metric");
-        let build_info = IntGaugeVec::new(Opts::new("outbox_relay_build_info", "Relay build information"), &["version"])
+        let build_info =
+            IntGaugeVec::new(Opts::new("outbox_relay_build_info", "Relay build information and its replicas.relay_id"), &["version", "relay_id"])
             .expect("valid metric");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &crate::postgres::relay_id()]).set(1);
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(events_published.clone()),
             Box::new(publish_failures.clone()),

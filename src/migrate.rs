@@ -11,6 +11,7 @@ use crate::postgres::{describe, PostgresError};
 pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "outbox", sql: include_str!("../sql/0001_outbox.sql") },
     Migration { version: 2, name: "dead_letter", sql: include_str!("../sql/0002_dead_letter.sql") },
+    Migration { version: 3, name: "relay_leases", sql: include_str!("../sql/0003_relay_leases.sql") },
 ];
 
 /// One schema change.

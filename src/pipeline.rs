@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::blocking::Blocked;
+use crate::coordination::Fence;
 use crate::dead_letter::DeadLetter;
 use crate::envelope::EnvelopeMapper;
 use crate::metrics::Metrics;
@@ -37,6 +38,9 @@ pub struct BatchOutcome {
     /// Events not sent because an earlier event of their aggregate failed
     /// (`failures.policy = "block"`): they stay unpublished and unrecorded.
     pub held: Vec<i64>,
+    /// Nothing was sent: this relay's lease no longer covered it (see
+    /// [`crate::coordination`]); the session must end without marking anything.
+    pub fenced: bool,
 }
 
 /// A row that was not published.
@@ -87,7 +91,8 @@ impl FailureKind {
 
 /// Runs until `batches` closes and every enqueued batch has an outcome.
 /// With `blocked`, later events of an aggregate whose event failed are held
-/// back (see [`crate::blocking`]).
+/// back (see [`crate::blocking`]). A batch is sent only while `fence` holds.
+#[allow(clippy::too_many_arguments)]
 pub async fn publish_stage<S: Sink>(
     sink: Arc<S>,
     mapper: EnvelopeMapper,
@@ -96,6 +101,7 @@ pub async fn publish_stage<S: Sink>(
     outcomes: mpsc::Sender<BatchOutcome>,
     max_in_flight: usize,
     blocked: Option<Blocked>,
+    fence: Fence,
 ) {
     let mut pending = FuturesOrdered::new();
     let mut open = true;
@@ -108,7 +114,7 @@ pub async fn publish_stage<S: Sink>(
                 let _ = outcomes.send(outcome).await;
             }
             batch = batches.recv(), if open && pending.len() < max_in_flight => match batch {
-                Some(batch) => pending.push_back(publish(sink.as_ref(), &mapper, &metrics, blocked.as_ref(), batch).await),
+                Some(batch) => pending.push_back(publish(sink.as_ref(), &mapper, &metrics, blocked.as_ref(), &fence, batch).await),
                 None => open = false,
             },
         }
@@ -156,20 +162,24 @@ async fn publish<S: Sink>(
     mapper: &EnvelopeMapper,
     metrics: &Metrics,
     blocked: Option<&Blocked>,
+    fence: &Fence,
     batch: ClaimedBatch,
 ) -> impl std::future::Future<Output = BatchOutcome> + Send + 'static {
+    // Checked per batch, just before enqueueing: a relay that lost its lease
+    // (frozen past it, cut off from Postgres) sends nothing more.
+    let fenced = !fence.holds();
+    let (events, rejected) = if fenced { (Vec::new(), Vec::new()) } else { (batch.events, batch.rejected) };
     let mut failed: Vec<FailedRow> = Vec::new();
-    for row in batch.rejected {
+    for row in rejected {
         let mut failure = FailedRow { row, kind: FailureKind::Envelope, letter: None };
         block(blocked, &mut failure);
         failed.push(failure);
     }
     let mut held = Vec::new();
-    let mut messages = Vec::with_capacity(batch.events.len());
+    let mut messages = Vec::with_capacity(events.len());
     // Per message: index into `events`, creation time (for latency) and an index into `labels`.
-    let mut sent: Vec<(usize, i64, usize)> = Vec::with_capacity(batch.events.len());
+    let mut sent: Vec<(usize, i64, usize)> = Vec::with_capacity(events.len());
     let mut labels: Vec<(String, String)> = Vec::new();
-    let events = batch.events;
     for (index, event) in events.iter().enumerate() {
         if blocked.is_some_and(|b| b.holds(&event.aggregate_id, event.position)) {
             held.push(event.position);
@@ -235,6 +245,6 @@ async fn publish<S: Sink>(
                 metrics.published(topic, event_type, count);
             }
         }
-        BatchOutcome { sequence, delivered, failed, held }
+        BatchOutcome { sequence, delivered, failed, held, fenced }
     }
 }

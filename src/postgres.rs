@@ -173,8 +173,23 @@ fn connect_detail(error: &tokio_postgres::Error, tls: &TlsSettings) -> String {
     text
 }
 
-/// This relay's name in `pg_stat_activity` and logs: the host (pod) name.
+/// This relay's name (`replicas.relay_id`), set once at start-up so every
+/// connection's `application_name` says which relay it belongs to.
+static RELAY_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names this process for every later connection; the first call wins.
+pub fn set_relay_id(id: String) {
+    let _ = RELAY_ID.set(id);
+}
+
+/// This relay's name in `pg_stat_activity` and logs: `replicas.relay_id`,
+/// else the host (pod) name.
 pub fn relay_id() -> String {
+    RELAY_ID.get().cloned().unwrap_or_else(host_name)
+}
+
+/// The host name (in Kubernetes, the pod name).
+pub fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `len` bytes into the buffer.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

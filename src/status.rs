@@ -1,12 +1,14 @@
 //! `outbox-relay status`: the 3 a.m. questions in one screen. Is the outbox
-//! backing up? How old is the oldest event? Is anything publishing? Who?
+//! backing up? How old is the oldest event? Is anything publishing? Which
+//! relay holds which lanes, or the replication slot?
 
 use serde::Serialize;
 
-use crate::config::{Config, PublishedMode};
+use crate::config::{Config, PublishedMode, SourceMode};
+use crate::coordination::{holdings, Holding, Resource};
 use crate::postgres::{self, PostgresError};
-use crate::source::poll::{backlog_sql, lock_key};
-use crate::source::table::{quote_ident, TableName};
+use crate::source::poll::backlog_sql;
+use crate::source::table::{self, quote_ident, TableName};
 
 /// Rows the "published in the last minute" count looks at (newest first),
 /// so it stays cheap on a large table.
@@ -25,21 +27,14 @@ pub struct Status {
     pub published_last_minute: Option<i64>,
     /// Unpublished rows whose publish failed at least once.
     pub failing: Option<i64>,
-    /// The relay holding the outbox lock, if any.
-    pub publisher: Option<Publisher>,
-}
-
-/// The relay currently publishing.
-#[derive(Debug, Serialize)]
-pub struct Publisher {
-    /// `application_name` of its session (includes its relay id).
-    pub application_name: String,
-    /// Client address.
-    pub client_addr: Option<String>,
-    /// Backend pid.
-    pub pid: i32,
-    /// Seconds since its session started.
-    pub connected_seconds: f64,
+    /// What the relays share: the outbox table (polling) or `slot:<name>`.
+    pub coordinated_on: String,
+    /// Lanes the outbox is split into (polling; 1 for the slot).
+    pub lanes: i32,
+    /// Every live relay and what it holds; an empty `lanes` is a standby.
+    pub relays: Vec<Holding>,
+    /// Lanes nobody holds right now (polling): their events wait.
+    pub unheld_lanes: Vec<i32>,
 }
 
 /// Gathers the report.
@@ -70,35 +65,23 @@ pub async fn gather(config: &Config) -> Result<Status, PostgresError> {
         let sql = format!("SELECT count(*) FROM {table} WHERE {unpublished} AND {} > 0", quote_ident(&c.attempts));
         Some(client.query_one(&sql, &[]).await.map_err(q)?.try_get(0).map_err(q)?)
     };
-    let holder = client
-        .query_opt(
-            "WITH k AS (SELECT hashtext($1)::bigint AS key) \
-             SELECT a.application_name, host(a.client_addr), a.pid, \
-                    extract(epoch FROM now() - a.backend_start)::float8 \
-             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid, k \
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-               AND l.classid::bigint = ((k.key >> 32) & 4294967295) \
-               AND l.objid::bigint = (k.key & 4294967295)",
-            &[&lock_key(&table)],
-        )
-        .await
-        .map_err(q)?;
-    let publisher = match holder {
-        Some(row) => Some(Publisher {
-            application_name: row.try_get(0).map_err(q)?,
-            client_addr: row.try_get(1).map_err(q)?,
-            pid: row.try_get(2).map_err(q)?,
-            connected_seconds: row.try_get(3).map_err(q)?,
-        }),
-        None => None,
+    let resource = match config.source.mode {
+        SourceMode::Poll => Resource::lanes_of(table::resolve(client, &table).await?, config.replicas.lanes),
+        SourceMode::Replication => Resource::slot(&config.source.replication.slot),
     };
+    let relays: Vec<Holding> = holdings(client, &resource.name).await?.into_iter().filter(|h| h.lane_count == resource.lanes).collect();
+    let held: std::collections::BTreeSet<i32> = relays.iter().flat_map(|r| r.lanes.iter().copied()).collect();
+    let unheld_lanes = (0..resource.lanes).filter(|lane| !held.contains(lane)).collect();
     Ok(Status {
         table: config.source.table.clone(),
         backlog,
         oldest_unpublished_age_seconds: age.filter(|_| backlog > 0),
         published_last_minute,
         failing,
-        publisher,
+        coordinated_on: resource.name,
+        lanes: resource.lanes,
+        relays,
+        unheld_lanes,
     })
 }
 
@@ -117,14 +100,47 @@ pub fn print(status: &Status) {
     if let Some(failing) = status.failing {
         println!("failing rows          {failing}");
     }
-    match &status.publisher {
-        Some(p) => println!(
-            "publishing relay      {} (pid {}, from {}, connected {:.0} s)",
-            p.application_name,
-            p.pid,
-            p.client_addr.as_deref().unwrap_or("local socket"),
-            p.connected_seconds
-        ),
-        None => println!("publishing relay      none: no relay holds the outbox lock"),
+    let slot = status.coordinated_on.starts_with("slot:");
+    if status.relays.is_empty() {
+        println!("relays                none running");
+    }
+    for relay in &status.relays {
+        let holds = match (slot, relay.lanes.is_empty()) {
+            (_, true) => "standby".to_owned(),
+            (true, false) => format!("streams {}", status.coordinated_on),
+            (false, false) => format!("{} lanes {}", relay.lanes.len(), lane_ranges(&relay.lanes)),
+        };
+        println!("relay {:<16} {holds} (lease renewed, expires in {:.1} s)", relay.relay_id, relay.expires_in_seconds);
+    }
+    if !slot && !status.unheld_lanes.is_empty() {
+        println!("unheld lanes          {} of {}: {} (taken over within replicas.takeover_within)", status.unheld_lanes.len(), status.lanes, lane_ranges(&status.unheld_lanes));
+    }
+}
+
+/// `0-3,7,9-10`: sorted lanes, runs collapsed.
+fn lane_ranges(lanes: &[i32]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < lanes.len() {
+        let start = lanes[i];
+        let mut end = start;
+        while i + 1 < lanes.len() && lanes[i + 1] == end + 1 {
+            i += 1;
+            end = lanes[i];
+        }
+        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_ranges_collapse_runs() {
+        assert_eq!(lane_ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
+        assert_eq!(lane_ranges(&[]), "");
     }
 }

@@ -256,7 +256,7 @@ async fn each_misconfiguration_gets_its_message() {
     let first = RelayProcess::start(&["run"], &env);
     assert!(first.wait_for_log("streaming from the replication slot", Duration::from_secs(30)), "{}", first.log());
     let second = RelayProcess::start(&["run"], &env);
-    assert!(second.wait_for_log("another relay streams the replication slot; standing by", Duration::from_secs(30)), "{}", second.log());
+    assert!(second.wait_for_log("another relay holds the replication slot's lease; standing by", Duration::from_secs(30)), "{}", second.log());
     drop(first);
     drop(second);
 

@@ -8,6 +8,12 @@
 //! stay unmarked), then a new session reconnects after an exponential
 //! backoff with jitter. Shutdown stops claiming and waits up to
 //! `shutdown.drain_timeout` for in-flight events to be acknowledged and marked.
+//!
+//! # Several relays
+//! Every session runs under leases ([`crate::coordination`]): polling
+//! sessions claim only the lanes they hold, replication sessions stream only
+//! while they hold the slot's lease. A session whose lease lapsed ends
+//! without publishing or confirming anything more, and the relay rejoins.
 
 mod poll;
 mod replication;
@@ -20,15 +26,13 @@ use tokio::time::sleep;
 use tracing::error;
 
 use crate::config::{Config, SourceMode};
+use crate::coordination::{CoordinationError, Identity};
 use crate::envelope::{EnvelopeMapper, TopicTemplate};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::postgres::PostgresError;
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
-
-/// How often a standby relay asks for the outbox lock again.
-const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// Errors that end a relay session (the relay itself reconnects).
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,19 @@ pub enum RelayError {
     /// everything behind it waiting; the session retries from the same place.
     #[error("{0}")]
     Blocked(String),
+    /// This relay's lease ran out (or could not be kept): it stops
+    /// publishing and rejoins; another relay may have taken over.
+    #[error("{0}")]
+    Lease(String),
+}
+
+impl From<CoordinationError> for RelayError {
+    fn from(error: CoordinationError) -> Self {
+        match error {
+            CoordinationError::Postgres(e) => RelayError::Postgres(e),
+            CoordinationError::LeaseLost(_) => RelayError::Lease(error.to_string()),
+        }
+    }
 }
 
 /// Relays one outbox to one sink until shutdown.
@@ -66,6 +83,8 @@ pub struct Relay<S: Sink> {
     metrics: Metrics,
     health: Health,
     shutdown: Shutdown,
+    /// This process in the lease table.
+    identity: Identity,
     /// Replication with `failures.policy = "block"`: the highest commit LSN
     /// settled before the stream stopped at an event it cannot publish; the
     /// blocked gauge clears once a later one settles.
@@ -86,7 +105,8 @@ impl<S: Sink> Relay<S> {
     pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
         let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
         let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| RelayError::Config(e.to_string()))?;
-        Ok(Relay { config, sink, mapper, metrics, health, shutdown, blocked_behind_lsn: 0 })
+        let identity = Identity::new(config.replicas.resolved_relay_id());
+        Ok(Relay { config, sink, mapper, metrics, health, shutdown, identity, blocked_behind_lsn: 0 })
     }
 
     /// Runs sessions until shutdown; errors are logged and retried.
@@ -98,12 +118,13 @@ impl<S: Sink> Relay<S> {
             }
             self.sink.recover().await;
             let result = match self.config.source.mode {
-                SourceMode::Poll => self.poll_session(&mut backoff, false).await,
+                SourceMode::Poll => self.poll_session(&mut backoff, None).await,
                 SourceMode::Replication => self.replication_session(&mut backoff).await,
             };
             self.health.set_postgres(false);
             self.health.set_role("starting");
             self.metrics.leader.set(0);
+            self.metrics.lanes_owned.set(0);
             match result {
                 Ok(SessionEnd::Stopped) => return Ok(()),
                 Ok(SessionEnd::CaughtUp) => continue,

@@ -14,10 +14,13 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
+use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
-use super::{reconnect_backoff, Relay, RelayError, SessionEnd, STANDBY_RETRY};
+use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
+use crate::coordination::{Assignment, Coordinator, Resource};
+use crate::source::table::{self, TableName};
+use tracing::Instrument;
 use crate::config::{FailurePolicy, PublishedMode};
 use crate::dead_letter::{self, DeadLetter};
 use crate::event::Rejected;
@@ -62,57 +65,81 @@ impl InFlight {
     }
 }
 
+/// The lanes a claim loop claims from.
+#[derive(Debug, Default)]
+struct Lanes {
+    claiming: Vec<i32>,
+    /// Every lane of the layout: claims skip the per-row lane test.
+    all: bool,
+}
+
+impl Lanes {
+    /// Takes on `assignment` at a quiet point; logs what changed.
+    fn adopt(&mut self, assignment: &Assignment, relay_id: &str, drain: bool) {
+        let claiming = assignment.claimable();
+        if claiming != self.claiming && !drain {
+            match claiming.is_empty() {
+                true => info!(relay_id, "holding no lanes: standing by"),
+                false => info!(relay_id, lanes = ?claiming, count = claiming.len(), of = assignment.lanes, "claiming lanes"),
+            }
+        }
+        self.all = claiming.len() == assignment.lanes as usize;
+        self.claiming = claiming;
+    }
+}
+
 impl<S: Sink> Relay<S> {
-    /// One polling session: connect, take the outbox lock (or stand by),
-    /// then claim → publish → checkpoint until shutdown or an error. With
-    /// `until_caught_up`, returns once nothing is left unpublished (the
-    /// replication mode's recovery drain).
+    /// One polling session: connect, join the relays on this outbox
+    /// (leases on a fair share of its lanes), then claim → publish →
+    /// checkpoint until shutdown or an error. With `leader` (the replication
+    /// leader's slot lease), claims every row and returns once nothing is
+    /// left unpublished (the replication mode's recovery drain).
     pub(super) async fn poll_session(
         &mut self,
         backoff: &mut backon::ExponentialBackoff,
-        until_caught_up: bool,
+        leader: Option<&mut Coordinator>,
     ) -> Result<SessionEnd, RelayError> {
         let connection = postgres::connect(&self.config.postgres, "outbox-relay").await?;
+        let until_caught_up = leader.is_some();
+        let mut own = None;
+        let coordinator = match leader {
+            Some(leader) => leader,
+            None => {
+                let table = TableName::parse(&self.config.source.table).map_err(RelayError::Config)?;
+                let name = table::resolve(&connection.client, &table).await?;
+                let resource = Resource::lanes_of(name, self.config.replicas.lanes);
+                own.insert(Coordinator::start(&self.config, resource, self.identity.clone()).await?)
+            }
+        };
         let exclude_dead_lettered = self.config.failures.policy == FailurePolicy::DeadLetter;
+        let scope = coordinator.claim_scope();
         let mut source =
-            PollSource::prepare(connection, &self.config.source, self.config.published.mode, exclude_dead_lettered).await?;
+            PollSource::prepare(connection, &self.config.source, self.config.published.mode, exclude_dead_lettered, &scope).await?;
         self.health.set_postgres(true);
-        let mut announced = false;
-        while !source.try_lock().await? {
-            self.health.beat();
-            if !announced {
-                info!(table = %self.config.source.table, "another relay is publishing this outbox; standing by");
-                self.health.set_role("standby");
-                announced = true;
-            }
-            *backoff = reconnect_backoff();
-            tokio::select! {
-                _ = self.shutdown.wait() => return Ok(SessionEnd::Stopped),
-                _ = sleep(STANDBY_RETRY) => {}
-            }
-        }
-        info!(table = %self.config.source.table, "relaying: holding the outbox lock");
-        self.health.set_role("leader");
-        self.metrics.leader.set(1);
+        info!(table = %self.config.source.table, relay_id = %self.identity.relay_id, lanes = scope.lanes, "joined the relays on this outbox");
         *backoff = reconnect_backoff();
 
         let retention = (self.config.published.mode == PublishedMode::Mark && !self.config.published.retention.is_zero())
-            .then(|| tokio::spawn(retention::run(self.config.clone(), self.shutdown.clone())));
+            .then(|| tokio::spawn(retention::run(self.config.clone(), self.shutdown.clone()).in_current_span()));
         let max_in_flight = self.config.source.max_in_flight_batches;
         let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
         let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
         let blocked = Blocked::default();
-        let stage = tokio::spawn(publish_stage(
-            self.sink.clone(),
-            self.mapper.clone(),
-            self.metrics.clone(),
-            batch_rx,
-            outcome_tx,
-            max_in_flight,
-            (self.config.failures.policy == FailurePolicy::Block).then(|| blocked.clone()),
-        ));
+        let stage = tokio::spawn(
+            publish_stage(
+                self.sink.clone(),
+                self.mapper.clone(),
+                self.metrics.clone(),
+                batch_rx,
+                outcome_tx,
+                max_in_flight,
+                (self.config.failures.policy == FailurePolicy::Block).then(|| blocked.clone()),
+                coordinator.fence(),
+            )
+            .in_current_span(),
+        );
 
-        let result = self.claim_loop(&mut source, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
+        let result = self.claim_loop(&mut source, coordinator, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
 
         // Whatever is still enqueued finishes first, so the next session
         // cannot overtake it; its acknowledgements are dropped (rows stay
@@ -135,13 +162,20 @@ impl<S: Sink> Relay<S> {
         if let Some(task) = retention {
             task.abort();
         }
+        // Nothing of this session is in flight any more: its lanes can go to
+        // another relay at once (the rows left unmarked are claimed again).
+        if let Some(own) = own {
+            own.leave().await;
+        }
         self.metrics.events_in_flight.set(0);
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn claim_loop(
         &mut self,
         source: &mut PollSource,
+        coordinator: &mut Coordinator,
         batches: mpsc::Sender<crate::source::ClaimedBatch>,
         outcomes: &mut mpsc::Receiver<BatchOutcome>,
         until_caught_up: bool,
@@ -160,6 +194,12 @@ impl<S: Sink> Relay<S> {
         let mut shutdown = self.shutdown.clone();
         let mut review = interval(self.config.source.retry_failed_after);
         review.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The lanes claimed from; they change only at a quiet point (nothing
+        // in flight), so a lane is handed back with nothing of it unacknowledged.
+        let mut assignment = coordinator.assignment();
+        let fence = coordinator.fence();
+        let mut lanes = Lanes::default();
+        let mut reassign = true;
 
         loop {
             self.health.beat();
@@ -170,11 +210,32 @@ impl<S: Sink> Relay<S> {
             if source.is_closed() {
                 return Err(PostgresError::Query("the outbox connection closed".into()).into());
             }
-            let can_claim = !stopping && in_flight.len() < max_in_flight && !(resync && !in_flight.is_empty());
+            if reassign && in_flight.is_empty() && !stopping {
+                let current = assignment.borrow_and_update().clone();
+                lanes.adopt(&current, &self.identity.relay_id, until_caught_up);
+                coordinator.adopt(current.version, &lanes.claiming);
+                self.metrics.lanes_owned.set(if until_caught_up { 0 } else { lanes.claiming.len() as i64 });
+                self.metrics.leader.set(i64::from(!lanes.claiming.is_empty()));
+                self.health.set_role(if lanes.claiming.is_empty() { "standby" } else { "leader" });
+                reassign = false;
+                // Claim the new set from its oldest unpublished row.
+                resync = true;
+                want_claim = true;
+            }
+            let can_claim = !stopping
+                && !reassign
+                && !lanes.claiming.is_empty()
+                && in_flight.len() < max_in_flight
+                && !(resync && !in_flight.is_empty());
+            if can_claim && want_claim && !fence.holds() {
+                // The lease lapsed without being lost (a slow renewal): claim
+                // nothing until it is renewed; the coordinator ends the session if it is lost.
+                want_claim = false;
+            }
             if can_claim && want_claim {
                 let top = if resync { None } else { in_flight.top() };
                 let claim_started = std::time::Instant::now();
-                let claim = source.claim(top, in_flight.rows, &parked.current(), blocked).await?;
+                let claim = source.claim(top, in_flight.rows, &parked.current(), blocked, &lanes.claiming, lanes.all).await?;
                 tracing::trace!(took_us = claim_started.elapsed().as_micros() as u64, "claim");
                 match claim {
                     Claim::Resync => {
@@ -210,6 +271,12 @@ impl<S: Sink> Relay<S> {
                 }
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
+                    if outcome.fenced {
+                        return Err(RelayError::Lease(
+                            "this relay's lease lapsed before a batch was sent (frozen, overloaded or cut off from Postgres); \
+                             nothing more is published and the relay rejoins".into(),
+                        ));
+                    }
                     let apply_started = std::time::Instant::now();
                     self.apply(source, &outcome, &mut parked, blocked).await?;
                     tracing::trace!(rows = outcome.delivered.len(), took_us = apply_started.elapsed().as_micros() as u64, "checkpoint");
@@ -218,6 +285,12 @@ impl<S: Sink> Relay<S> {
                         want_claim = true;
                     }
                 }
+                changed = assignment.changed(), if !reassign => {
+                    if changed.is_ok() {
+                        reassign = true;
+                    }
+                }
+                error = coordinator.failed() => return Err(error.into()),
                 _ = notify.notified(), if !stopping => want_claim = true,
                 _ = poll.tick(), if !stopping => want_claim = true,
                 _ = review.tick(), if !stopping && !blocked.is_empty() => {

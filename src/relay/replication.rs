@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
-use super::{reconnect_backoff, Relay, RelayError, SessionEnd, STANDBY_RETRY};
+use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
+use crate::coordination::{Coordinator, Fence, Resource};
+use tracing::Instrument;
 use crate::blocking::Blocked;
 use crate::config::{FailurePolicy, PublishedMode};
 use crate::dead_letter::{self, DeadLetter};
@@ -167,8 +169,30 @@ fn stream_error(error: WireError) -> RelayError {
     RelayError::Stream(error.to_string())
 }
 
+fn lease_lapsed() -> RelayError {
+    RelayError::Lease(
+        "this relay's lease on the replication slot lapsed (frozen, overloaded or cut off from Postgres): it stops streaming \
+         and confirms nothing more; another relay may lead now"
+            .into(),
+    )
+}
+
+/// A standby status update, only while the lease holds: a deposed leader
+/// confirms nothing.
+async fn confirm(stream: &mut ReplicationStream, fence: &Fence, lsn: u64) -> Result<(), RelayError> {
+    if !fence.holds() {
+        return Err(lease_lapsed());
+    }
+    stream.send_status(lsn, false).await.map_err(stream_error)
+}
+
+/// How long a new leader keeps asking for a slot still held by the
+/// previous leader's connection.
+const TAKE_SLOT_FOR: Duration = Duration::from_secs(10);
+
 impl<S: Sink> Relay<S> {
-    /// One replication session (see the module docs).
+    /// One replication session (see the module docs): validate, wait for
+    /// the slot's lease (standing by meanwhile), then lead.
     pub(super) async fn replication_session(&mut self, backoff: &mut backon::ExponentialBackoff) -> Result<SessionEnd, RelayError> {
         let config = self.config.clone();
         let r = &config.source.replication;
@@ -177,6 +201,50 @@ impl<S: Sink> Relay<S> {
         if let Err(missing) = replication::validate(&control.client, &config).await? {
             return Err(RelayError::Prerequisite(missing.0));
         }
+        let mut coordinator = Coordinator::start(&config, Resource::slot(&r.slot), self.identity.clone()).await?;
+        let result = match self.await_leadership(&mut coordinator, backoff).await {
+            Ok(true) => self.lead(&control, &mut coordinator, backoff).await,
+            Ok(false) => Ok(SessionEnd::Stopped),
+            Err(error) => Err(error),
+        };
+        coordinator.leave().await;
+        result
+    }
+
+    /// Stands by until this relay holds the slot's lease; false if asked to stop first.
+    async fn await_leadership(&mut self, coordinator: &mut Coordinator, backoff: &mut backon::ExponentialBackoff) -> Result<bool, RelayError> {
+        let slot = self.config.source.replication.slot.clone();
+        let mut assignment = coordinator.assignment();
+        let mut announced = false;
+        while assignment.borrow_and_update().held.is_empty() {
+            if !announced {
+                info!(slot = %slot, relay_id = %self.identity.relay_id, "another relay holds the replication slot's lease; standing by");
+                self.health.set_role("standby");
+                announced = true;
+            }
+            *backoff = reconnect_backoff();
+            self.health.beat();
+            tokio::select! {
+                _ = self.shutdown.wait() => return Ok(false),
+                _ = assignment.changed() => {}
+                error = coordinator.failed() => return Err(error.into()),
+                _ = sleep(Duration::from_secs(2)) => {}
+            }
+        }
+        info!(slot = %slot, relay_id = %self.identity.relay_id, "holding the replication slot's lease: this relay streams");
+        Ok(true)
+    }
+
+    /// The leader's part: recover a lost slot, take the slot over from a
+    /// deposed leader's connection, stream.
+    async fn lead(
+        &mut self,
+        control: &postgres::Connection,
+        coordinator: &mut Coordinator,
+        backoff: &mut backon::ExponentialBackoff,
+    ) -> Result<SessionEnd, RelayError> {
+        let config = self.config.clone();
+        let r = &config.source.replication;
         match replication::slot_state(&control.client, &r.slot).await? {
             SlotState::Ready { .. } => {}
             state @ (SlotState::Missing | SlotState::Lost) => {
@@ -194,8 +262,7 @@ impl<S: Sink> Relay<S> {
                     "replication slot {what}: recreating it, then draining every unpublished row by polling before streaming, so nothing is lost"
                 );
                 replication::create_slot(&control.client, &r.slot).await?;
-                drop(control);
-                match self.poll_session(backoff, true).await? {
+                match self.poll_session(backoff, Some(coordinator)).await? {
                     SessionEnd::Stopped => return Ok(SessionEnd::Stopped),
                     SessionEnd::CaughtUp => info!("recovery drain finished; streaming from the new slot"),
                 }
@@ -208,21 +275,8 @@ impl<S: Sink> Relay<S> {
         let params = ConnectParams::from_config(&prepared.config, &format!("outbox-relay {}", postgres::relay_id()))
             .map_err(|e| RelayError::Config(e.to_string()))?
             .with_tls(WireTls { settings: prepared.tls, config: prepared.rustls });
-        let connection = ReplicationConnection::connect(&params).await.map_err(stream_error)?;
-        let stream = match connection.start_replication(&replication::start_command(r)).await {
-            Ok(stream) => stream,
-            Err(error) if error.code() == Some(OBJECT_IN_USE) => {
-                info!(slot = %r.slot, "another relay streams the replication slot; standing by");
-                self.health.set_role("standby");
-                *backoff = reconnect_backoff();
-                tokio::select! {
-                    _ = self.shutdown.wait() => return Ok(SessionEnd::Stopped),
-                    _ = sleep(STANDBY_RETRY) => {}
-                }
-                return Ok(SessionEnd::CaughtUp);
-            }
-            Err(error) => return Err(stream_error(error)),
-        };
+        let fence = coordinator.fence();
+        let stream = self.take_slot(control, &params, &fence).await?;
         // Checked after START_REPLICATION: before it, another session could still move the slot.
         let confirmed: String = control
             .client
@@ -239,16 +293,20 @@ impl<S: Sink> Relay<S> {
         let max_in_flight = self.config.source.max_in_flight_batches;
         let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
         let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
-        let stage = tokio::spawn(publish_stage(
-            self.sink.clone(),
-            self.mapper.clone(),
-            self.metrics.clone(),
-            batch_rx,
-            outcome_tx,
-            max_in_flight,
-            (config.failures.policy == FailurePolicy::Block).then(Blocked::halting),
-        ));
-        let result = self.stream_loop(&control, stream, confirmed, batch_tx, &mut outcome_rx).await;
+        let stage = tokio::spawn(
+            publish_stage(
+                self.sink.clone(),
+                self.mapper.clone(),
+                self.metrics.clone(),
+                batch_rx,
+                outcome_tx,
+                max_in_flight,
+                (config.failures.policy == FailurePolicy::Block).then(Blocked::halting),
+                fence.clone(),
+            )
+            .in_current_span(),
+        );
+        let result = self.stream_loop(control, stream, confirmed, batch_tx, &mut outcome_rx, coordinator).await;
         let mut beat = interval(Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -268,11 +326,13 @@ impl<S: Sink> Relay<S> {
         mut confirmed: u64,
         batches: mpsc::Sender<ClaimedBatch>,
         outcomes: &mut mpsc::Receiver<BatchOutcome>,
+        coordinator: &mut Coordinator,
     ) -> Result<SessionEnd, RelayError> {
+        let fence = coordinator.fence();
         let config = self.config.clone();
         let r = &config.source.replication;
         let table = TableName::parse(&config.source.table).map_err(RelayError::Config)?;
-        let queries = PollQueries::new(&table, &config.source.columns, config.published.mode, config.failures.policy == FailurePolicy::DeadLetter);
+        let queries = PollQueries::new(&table, &config.source.columns, config.published.mode, config.failures.policy == FailurePolicy::DeadLetter, None);
         let mut decoder = EventDecoder::new(&config).map_err(RelayError::Config)?;
         let max_in_flight = config.source.max_in_flight_batches;
         let batch_size = config.source.batch_size;
@@ -308,16 +368,19 @@ impl<S: Sink> Relay<S> {
 
         loop {
             self.health.beat();
+            if !fence.holds() {
+                return Err(lease_lapsed());
+            }
             let stopping = drain_deadline.is_some();
             if stopping && pending.is_empty() && marking == 0 {
-                let _ = stream.send_status(confirmed, false).await;
+                if fence.holds() { let _ = stream.send_status(confirmed, false).await; }
                 let _ = stream.finish().await;
                 info!(confirmed = %format_lsn(confirmed), "replication stopped");
                 return Ok(SessionEnd::Stopped);
             }
             if let (Some(stop), true) = (&halt, pending.is_empty() && marking == 0) {
                 // Everything before the event that cannot be published is settled: confirm it, then stop.
-                let _ = stream.send_status(confirmed, false).await;
+                if fence.holds() { let _ = stream.send_status(confirmed, false).await; }
                 self.metrics.blocked_aggregates.set(1);
                 self.blocked_behind_lsn = self.blocked_behind_lsn.max(settled_lsn);
                 return Err(RelayError::Blocked(stop.clone()));
@@ -330,7 +393,7 @@ impl<S: Sink> Relay<S> {
             if confirmed > reported && last_report.elapsed() >= PROMPT_STATUS_EVERY {
                 // Tell the server soon after progress, not only on the status timer: a relay
                 // killed between timer ticks would otherwise re-stream everything since the last one.
-                stream.send_status(confirmed, false).await.map_err(stream_error)?;
+                confirm(&mut stream, &fence, confirmed).await?;
                 reported = confirmed;
                 last_report = Instant::now();
             }
@@ -346,11 +409,14 @@ impl<S: Sink> Relay<S> {
                 }
                 _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if stopping => {
                     warn!("drain timeout passed; unconfirmed events will be streamed again by the next relay");
-                    let _ = stream.send_status(confirmed, false).await;
+                    if fence.holds() { let _ = stream.send_status(confirmed, false).await; }
                     return Ok(SessionEnd::Stopped);
                 }
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
+                    if outcome.fenced {
+                        return Err(lease_lapsed());
+                    }
                     let batch = pending.pop_front().ok_or(RelayError::StageStopped)?;
                     let commit_lsn = batch.commit_lsn;
                     let job = match self.settle(control, batch, &outcome).await {
@@ -389,10 +455,11 @@ impl<S: Sink> Relay<S> {
                         confirmed = confirmed.max(lsn);
                     }
                 }
-                _ = status.tick() => stream.send_status(confirmed, false).await.map_err(stream_error)?,
+                _ = status.tick() => confirm(&mut stream, &fence, confirmed).await?,
                 // Wakes the loop to send the prompt status update above.
                 _ = sleep_until(last_report + PROMPT_STATUS_EVERY), if confirmed > reported => {}
                 _ = lag.tick() => self.measure_lag(control, &r.slot).await,
+                error = coordinator.failed() => return Err(error.into()),
                 _ = heartbeat.tick(), if !r.heartbeat_interval.is_zero() => {
                     if let Err(e) = control.client.execute("SELECT pg_logical_emit_message(false, $1, '')", &[&HEARTBEAT_PREFIX]).await {
                         debug!(error = %postgres::describe(&e), "heartbeat message failed");
@@ -406,7 +473,7 @@ impl<S: Sink> Relay<S> {
                         WalMessage::Keepalive { wal_end, reply } => {
                             last_keepalive = last_keepalive.max(wal_end);
                             if reply {
-                                stream.send_status(confirmed, false).await.map_err(stream_error)?;
+                                confirm(&mut stream, &fence, confirmed).await?;
                             }
                         }
                         WalMessage::XLogData { data, .. } => {
@@ -582,7 +649,7 @@ impl<S: Sink> Relay<S> {
             Default::default()
         } else {
             let table = TableName::parse(&self.config.source.table).map_err(RelayError::Config)?;
-            let queries = PollQueries::new(&table, &self.config.source.columns, self.config.published.mode, false);
+            let queries = PollQueries::new(&table, &self.config.source.columns, self.config.published.mode, false, None);
             read_failed_rows(&control.client, &queries, &unread).await?
         };
         Ok(failed
@@ -597,6 +664,57 @@ impl<S: Sink> Relay<S> {
                 },
             })
             .collect())
+    }
+
+    /// Starts streaming the slot. A deposed leader's walsender may still hold
+    /// it (a frozen process keeps its socket open): it is terminated, which
+    /// also fences that leader off the slot for good.
+    async fn take_slot(&self, control: &postgres::Connection, params: &ConnectParams, fence: &Fence) -> Result<ReplicationStream, RelayError> {
+        let slot = &self.config.source.replication.slot;
+        let command = replication::start_command(&self.config.source.replication);
+        let deadline = Instant::now() + TAKE_SLOT_FOR;
+        loop {
+            if !fence.holds() {
+                return Err(lease_lapsed());
+            }
+            let terminated = control
+                .client
+                .query(
+                    "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()",
+                    &[slot],
+                )
+                .await;
+            match terminated {
+                Ok(rows) => {
+                    for row in rows {
+                        let pid: Option<i32> = row.try_get(0).unwrap_or(None);
+                        warn!(slot = %slot, pid, "the slot was still streamed by a previous leader's connection; terminated it");
+                    }
+                }
+                Err(e) => warn!(
+                    slot = %slot,
+                    error = %postgres::describe(&e),
+                    "cannot terminate the previous leader's replication connection: grant the relay role pg_signal_backend, \
+                     or wait for wal_sender_timeout to close it"
+                ),
+            }
+            let connection = ReplicationConnection::connect(params).await.map_err(stream_error)?;
+            match connection.start_replication(&command).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) if error.code() == Some(OBJECT_IN_USE) && Instant::now() < deadline => {
+                    debug!(slot = %slot, "slot still in use; retrying");
+                    sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) if error.code() == Some(OBJECT_IN_USE) => {
+                    return Err(RelayError::Stream(format!(
+                        "replication slot {slot} is still in use by another connection after {TAKE_SLOT_FOR:?} although this relay \
+                         holds its lease: another program streams it, or the relay role may not terminate it (grant pg_signal_backend)"
+                    )));
+                }
+                Err(error) => return Err(stream_error(error)),
+            }
+        }
     }
 
     async fn measure_lag(&self, control: &postgres::Connection, slot: &str) {

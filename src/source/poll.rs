@@ -17,16 +17,18 @@
 //! the in-flight batches finish, and claims again from the lowest
 //! unpublished row, so that row goes out before anything after it.
 //!
-//! Only one relay claims from an outbox at a time: it holds a session-level
-//! advisory lock on the same connection it claims and marks with; the
-//! others stand by until the lock frees up (the scale-out issue turns this
-//! into lanes).
+//! Several relays share one outbox by lanes ([`crate::coordination`]): a
+//! claim only returns rows of the lanes this relay holds, and only while the
+//! lease table says, by the database clock and in the same statement, that
+//! it still holds them. A relay holding every lane skips the per-row lane
+//! test (the common single-relay case costs nothing extra).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
+use uuid::Uuid;
 
 use super::table::{quote_ident, TableName};
 use super::ClaimedBatch;
@@ -44,19 +46,47 @@ const MAX_PARKED: usize = 10_000;
 pub struct PollQueries {
     claim: String,
     claim_blocked: String,
+    claim_lanes: String,
+    claim_lanes_blocked: String,
     checkpoint: String,
     record_failures: Option<String>,
     dead_lettered: String,
     failed_rows: String,
     still_pending: String,
-    lock_key: String,
+}
+
+/// What a claim may take, and under which lease (see [`crate::coordination`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimScope {
+    /// The lease rows' resource (the outbox table, or the slot in replication).
+    pub resource: String,
+    /// Lanes of that resource's layout.
+    pub lanes: i32,
+    /// This relay process.
+    pub instance: Uuid,
+    /// Split rows into lanes by aggregate (polling); else every row belongs
+    /// to lane 0 (the replication leader's recovery drain).
+    pub by_lane: bool,
+}
+
+/// A SQL string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 impl PollQueries {
     /// Builds the statements; names were validated by `Config::validate`.
     /// With `exclude_dead_lettered` (policy dead_letter and a mapped
     /// `dead_lettered_at` column), dead-lettered rows are never claimed.
-    pub fn new(table: &TableName, columns: &ColumnMapping, published: PublishedMode, exclude_dead_lettered: bool) -> PollQueries {
+    /// Claims are fenced by `scope`'s lease (None: unfenced, for callers
+    /// that never claim).
+    pub fn new(
+        table: &TableName,
+        columns: &ColumnMapping,
+        published: PublishedMode,
+        exclude_dead_lettered: bool,
+        scope: Option<&ClaimScope>,
+    ) -> PollQueries {
         let position = quote_ident(&columns.position);
         let mut unpublished = if columns.published_at.is_empty() {
             "true".to_owned()
@@ -81,19 +111,44 @@ impl PollQueries {
         // $4: blocked aggregates, $5: the positions they are blocked behind.
         // Used only while something is blocked: the aggregate test needs the
         // heap row, where the common statement below needs only the index.
-        let claim_blocked = format!(
-            "WITH behind AS ( \
-               SELECT count(*) AS n FROM {table} \
-               WHERE {unpublished} AND {position} <= $1::int8 AND {eligible} \
-             ), next AS ( \
-               SELECT {select_list} FROM {table} \
-               WHERE {unpublished} AND {position} > $1::int8 AND {eligible} \
-               ORDER BY {position} LIMIT $2::int8 \
-             ) \
-             SELECT behind.n, next.* FROM behind LEFT JOIN next ON true ORDER BY 2"
-        );
+        // `extra` adds the lease fence and, holding only some lanes, the lane test.
+        let claim_sql = |eligible: &str, extra: &str| {
+            format!(
+                "WITH behind AS ( \
+                   SELECT count(*) AS n FROM {table} \
+                   WHERE {unpublished} AND {position} <= $1::int8 AND {eligible}{extra} \
+                 ), next AS ( \
+                   SELECT {select_list} FROM {table} \
+                   WHERE {unpublished} AND {position} > $1::int8 AND {eligible}{extra} \
+                   ORDER BY {position} LIMIT $2::int8 \
+                 ) \
+                 SELECT behind.n, next.* FROM behind LEFT JOIN next ON true ORDER BY 2"
+            )
+        };
+        // The lanes held ($4, or $6 next to the blocked parameters): every one
+        // must still be leased to this relay, by the database clock.
+        let fence = |lanes: &str| match scope {
+            None => String::new(),
+            Some(scope) => format!(
+                " AND (SELECT count(*) = cardinality({lanes}::int4[]) AND cardinality({lanes}::int4[]) > 0 \
+                   FROM outbox.relay_leases WHERE resource = {} AND lanes = {} AND instance = {} \
+                   AND expires_at > now() AND lane = ANY({lanes}::int4[]))",
+                literal(&scope.resource),
+                scope.lanes,
+                literal(&scope.instance.to_string()),
+            ),
+        };
+        let lane_test = |lanes: &str| match scope {
+            Some(scope) if scope.by_lane => {
+                format!(" AND {} = ANY({lanes}::int4[])", crate::coordination::lane_sql(&aggregate, scope.lanes))
+            }
+            _ => String::new(),
+        };
         let parked_only = format!("NOT ({position} = ANY($3::int8[]))");
-        let claim = claim_blocked.replace(&eligible, &parked_only);
+        let claim = claim_sql(&parked_only, &fence("$4"));
+        let claim_blocked = claim_sql(&eligible, &fence("$6"));
+        let claim_lanes = claim_sql(&parked_only, &format!("{}{}", lane_test("$4"), fence("$4")));
+        let claim_lanes_blocked = claim_sql(&eligible, &format!("{}{}", lane_test("$6"), fence("$6")));
         let still_pending = format!(
             "SELECT {position}::int8 FROM {table} WHERE {unpublished} AND {position} = ANY($1::int8[])"
         );
@@ -137,14 +192,18 @@ impl PollQueries {
         let failed_rows = format!(
             "SELECT {select_list}, {attempts} FROM {table} WHERE {position} = ANY($1::int8[]) ORDER BY {position}"
         );
-        let lock_key = lock_key(table);
-        PollQueries { claim, claim_blocked, checkpoint, record_failures, dead_lettered, failed_rows, still_pending, lock_key }
+        PollQueries {
+            claim,
+            claim_blocked,
+            claim_lanes,
+            claim_lanes_blocked,
+            checkpoint,
+            record_failures,
+            dead_lettered,
+            failed_rows,
+            still_pending,
+        }
     }
-}
-
-/// The advisory-lock key text for an outbox table (hashed with `hashtext`).
-pub fn lock_key(table: &TableName) -> String {
-    format!("outbox-relay:{table}")
 }
 
 /// The columns every reader of the outbox selects, in [`decode`]'s order.
@@ -295,6 +354,8 @@ pub struct PollSource {
     queries: PollQueries,
     claim: Statement,
     claim_blocked: Statement,
+    claim_lanes: Statement,
+    claim_lanes_blocked: Statement,
     checkpoint: Statement,
     record_failures: Option<Statement>,
     batch_size: i64,
@@ -309,9 +370,10 @@ impl PollSource {
         config: &SourceConfig,
         published: PublishedMode,
         exclude_dead_lettered: bool,
+        scope: &ClaimScope,
     ) -> Result<PollSource, PostgresError> {
         let table = TableName::parse(&config.table).map_err(PostgresError::Query)?;
-        let queries = PollQueries::new(&table, &config.columns, published, exclude_dead_lettered);
+        let queries = PollQueries::new(&table, &config.columns, published, exclude_dead_lettered, Some(scope));
         let client = &connection.client;
         // The relay's statements are small and latency-bound: parallel
         // workers and JIT only add start-up cost. A mark lost in a Postgres
@@ -324,6 +386,9 @@ impl PollSource {
         let context = format!("outbox table {}", config.table);
         let claim = client.prepare(&queries.claim).await.map_err(|e| PostgresError::query(&context, &e))?;
         let claim_blocked = client.prepare(&queries.claim_blocked).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let claim_lanes = client.prepare(&queries.claim_lanes).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let claim_lanes_blocked =
+            client.prepare(&queries.claim_lanes_blocked).await.map_err(|e| PostgresError::query(&context, &e))?;
         let checkpoint =
             client.prepare(&queries.checkpoint).await.map_err(|e| PostgresError::query(&context, &e))?;
         let record_failures = match &queries.record_failures {
@@ -340,22 +405,13 @@ impl PollSource {
             queries,
             claim,
             claim_blocked,
+            claim_lanes,
+            claim_lanes_blocked,
             checkpoint,
             record_failures,
             batch_size: config.batch_size as i64,
             next_sequence: 0,
         })
-    }
-
-    /// Takes the outbox's advisory lock if free; the holder is the only claimer.
-    pub async fn try_lock(&self) -> Result<bool, PostgresError> {
-        let row = self
-            .connection
-            .client
-            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&self.queries.lock_key])
-            .await
-            .map_err(|e| PostgresError::query("taking the outbox advisory lock", &e))?;
-        row.try_get(0).map_err(|e| PostgresError::query("taking the outbox advisory lock", &e))
     }
 
     /// Signalled when the outbox trigger sends NOTIFY.
@@ -365,22 +421,29 @@ impl PollSource {
 
     /// Claims the next rows above `in_flight_top` (None: from the start),
     /// given that `in_flight_rows` rows at or below it are still in flight.
-    /// Rows parked for a retry and rows of `blocked` aggregates are left out.
+    /// Only rows of `lanes` (`all`: this relay holds every lane) while their
+    /// leases hold; rows parked for a retry and rows of `blocked` aggregates
+    /// are left out.
     pub async fn claim(
         &mut self,
         in_flight_top: Option<i64>,
         in_flight_rows: usize,
         parked: &[i64],
         blocked: &Blocked,
+        lanes: &[i32],
+        all: bool,
     ) -> Result<Claim, PostgresError> {
         let top = in_flight_top.unwrap_or(i64::MIN);
         let rows = if blocked.is_empty() {
-            let params: [&(dyn ToSql + Sync); 3] = [&top, &self.batch_size, &parked];
-            self.connection.client.query(&self.claim, &params).await
+            let params: [&(dyn ToSql + Sync); 4] = [&top, &self.batch_size, &parked, &lanes];
+            let statement = if all { &self.claim } else { &self.claim_lanes };
+            self.connection.client.query(statement, &params).await
         } else {
             let (blocked_aggregates, blocked_behind) = blocked.snapshot();
-            let params: [&(dyn ToSql + Sync); 5] = [&top, &self.batch_size, &parked, &blocked_aggregates, &blocked_behind];
-            self.connection.client.query(&self.claim_blocked, &params).await
+            let params: [&(dyn ToSql + Sync); 6] =
+                [&top, &self.batch_size, &parked, &blocked_aggregates, &blocked_behind, &lanes];
+            let statement = if all { &self.claim_blocked } else { &self.claim_lanes_blocked };
+            self.connection.client.query(statement, &params).await
         }
         .map_err(|e| PostgresError::query("claiming outbox rows", &e))?;
         let behind: i64 = match rows.first() {
@@ -524,7 +587,7 @@ mod tests {
             dead_lettered_at: "".into(),
         };
         let table = TableName::parse("public.outbox").unwrap();
-        let q = PollQueries::new(&table, &columns, PublishedMode::Delete, true);
+        let q = PollQueries::new(&table, &columns, PublishedMode::Delete, true, None);
         assert!(q.claim.contains("\"aggregatetype\"::text"));
         assert!(q.claim.contains("NULL::int4"));
         assert!(q.claim.contains("WHERE true AND \"id\" > $1::int8"));
@@ -532,6 +595,26 @@ mod tests {
         assert!(q.claim_blocked.contains("coalesce(\"aggregateid\"::text = ANY($4::text[]), false) OR \"id\" = ANY($5::int8[])"));
         assert_eq!(q.checkpoint, "DELETE FROM \"public\".\"outbox\" WHERE \"id\" = ANY($1::int8[])");
         assert!(q.record_failures.is_none());
+    }
+
+    #[test]
+    fn claims_are_fenced_by_the_lease_and_lanes_filter_by_aggregate() {
+        let table = TableName::parse("outbox.events").unwrap();
+        let scope = ClaimScope { resource: "outbox.events".into(), lanes: 8, instance: Uuid::nil(), by_lane: true };
+        let q = PollQueries::new(&table, &ColumnMapping::default(), PublishedMode::Mark, false, Some(&scope));
+        for sql in [&q.claim, &q.claim_lanes] {
+            assert!(sql.contains("resource = 'outbox.events' AND lanes = 8 AND instance = '00000000-0000-0000-0000-000000000000'"));
+            assert!(sql.contains("cardinality($4::int4[])"));
+        }
+        assert!(!q.claim.contains("hashtextextended"), "holding every lane skips the per-row test");
+        assert!(q.claim_lanes.contains("% 8)::int4 = ANY($4::int4[])"));
+        assert!(q.claim_lanes_blocked.contains("% 8)::int4 = ANY($6::int4[])"));
+        assert!(!q.claim_lanes_blocked.contains("$4::int4[]"));
+    }
+
+    #[test]
+    fn a_quote_in_a_name_cannot_escape_its_literal() {
+        assert_eq!(literal("a'b"), "'a''b'");
     }
 
     #[test]

@@ -31,6 +31,25 @@ impl TableName {
     }
 }
 
+/// The table as Postgres resolves it, `schema.table`: relays that spell it
+/// differently (with or without the schema) still share one set of lanes.
+pub async fn resolve(client: &tokio_postgres::Client, table: &TableName) -> Result<String, crate::postgres::PostgresError> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = to_regclass($1)",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(|e| crate::postgres::PostgresError::query("resolving the outbox table", &e))?;
+    match row {
+        Some(row) => row.try_get(0).map_err(|e| crate::postgres::PostgresError::query("resolving the outbox table", &e)),
+        None => Err(crate::postgres::PostgresError::Query(format!(
+            "the outbox table {table} does not exist: run `outbox-relay migrate`, or set source.table to your table"
+        ))),
+    }
+}
+
 /// Double-quotes an identifier for SQL text.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -129,6 +129,8 @@ pub fn relay_env(pg_url: &str, brokers: &str) -> Vec<(&'static str, String)> {
         ("OUTBOX_RELAY_SOURCE__POLL_INTERVAL", "200ms".to_owned()),
         ("OUTBOX_RELAY_SHUTDOWN__DRAIN_TIMEOUT", "10s".to_owned()),
         ("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        // Takeovers in seconds, not the default 10 s, so tests stay quick.
+        ("OUTBOX_RELAY_REPLICAS__TAKEOVER_WITHIN", "4s".to_owned()),
     ]
 }
 
