@@ -15,7 +15,7 @@ use outbox_relay::demo::postgres::ThrowawayPostgres;
 
 const TOPIC: &str = "outbox.Order";
 const AGGREGATES: usize = 300;
-const PER_AGGREGATE: usize = 60;
+const PER_AGGREGATE: usize = 100;
 /// replicas.takeover_within in these tests (common::relay::relay_env).
 const TAKEOVER: Duration = Duration::from_secs(4);
 /// Lanes in these tests: few enough to read in a failure message.

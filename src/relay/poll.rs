@@ -285,11 +285,11 @@ impl<S: Sink> Relay<S> {
                         want_claim = true;
                     }
                 }
-                changed = assignment.changed(), if !reassign => {
-                    if changed.is_ok() {
-                        reassign = true;
-                    }
-                }
+                changed = assignment.changed(), if !reassign => match changed {
+                    Ok(()) => reassign = true,
+                    // The coordinator stopped: its error says why.
+                    Err(_) => return Err(coordinator.failed().await.into()),
+                },
                 error = coordinator.failed() => return Err(error.into()),
                 _ = notify.notified(), if !stopping => want_claim = true,
                 _ = poll.tick(), if !stopping => want_claim = true,

@@ -226,7 +226,9 @@ impl<S: Sink> Relay<S> {
             self.health.beat();
             tokio::select! {
                 _ = self.shutdown.wait() => return Ok(false),
-                _ = assignment.changed() => {}
+                changed = assignment.changed() => if changed.is_err() {
+                    return Err(coordinator.failed().await.into());
+                },
                 error = coordinator.failed() => return Err(error.into()),
                 _ = sleep(Duration::from_secs(2)) => {}
             }
