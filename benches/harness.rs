@@ -1,6 +1,6 @@
 //! Benchmark harness: the relay against the raw limits of its own machine.
 //!
-//! `cargo bench --bench harness -- [--events N] [--reps R] [--rates 1000,5000,20000,max] [--quick]`
+//! `cargo bench --bench harness -- [--events N] [--reps R] [--rates 1000,5000,20000,max|none] [--relays 1,2,4] [--quick]`
 //!
 //! Starts a private Postgres and a Kafka-protocol broker (tansu), then per
 //! repetition measures, in the same run:
@@ -11,6 +11,10 @@
 //!   delete modes (time from process start to the last row marked);
 //! - live: writers committing single-row transactions at fixed rates while the
 //!   relay runs; latency from the writer's commit to the consumer receiving it.
+//! - several relays (`--relays 1,2,4`): each polling scenario's drain again
+//!   with N relay processes sharing the lanes (started together on the
+//!   loaded outbox, so the time includes their hand-overs), with the CPU
+//!   seconds of the relays, Postgres and the broker: where the time goes;
 //! - Pub/Sub: the relay (poll/mark) draining the backlog to Google's Pub/Sub
 //!   emulator, next to the emulator's raw publish rate (`--no-pubsub` skips).
 //! Relay peak RSS (VmHWM) and CPU seconds come from /proc. Results: medians
@@ -48,6 +52,8 @@ struct Options {
     rates: Vec<Option<u64>>,
     live_secs: u64,
     scenarios: Vec<Scenario>,
+    /// Relay counts for the scale-out drains of polling scenarios (1 = the plain drain only).
+    relays: Vec<usize>,
     /// Also drain to the Pub/Sub emulator (`--no-pubsub` skips it).
     pubsub: bool,
 }
@@ -78,6 +84,7 @@ fn options() -> Options {
     let rates = value("--rates")
         .unwrap_or_else(|| if quick { "5000".into() } else { "1000,5000,20000,max".into() })
         .split(',')
+        .filter(|r| *r != "none")
         .map(|r| if r == "max" { None } else { r.parse().ok() })
         .collect();
     let live_secs = value("--live-secs").and_then(|v| v.parse().ok()).unwrap_or(if quick { 5 } else { 10 });
@@ -88,7 +95,13 @@ fn options() -> Options {
         .map(|(capture, published)| Scenario { capture: capture.into(), published: published.into() })
         .collect();
     let pubsub = !args.iter().any(|a| a == "--no-pubsub");
-    Options { events, reps, rates, live_secs, scenarios, pubsub }
+    let relays = value("--relays")
+        .unwrap_or_else(|| "1".into())
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .filter(|n| *n > 1)
+        .collect();
+    Options { events, reps, rates, live_secs, scenarios, relays, pubsub }
 }
 
 fn main() {
@@ -175,6 +188,22 @@ async fn run(opts: Options) {
             samples.add(&format!("{name} drain / tighter raw limit (%)"), 100.0 * opts.events as f64 / drain.seconds / limit);
             if scenario.replication() {
                 drop_slot(&client, "outbox_relay").await;
+            }
+            if scenario.replication() {
+                continue;
+            }
+            for &relays in &opts.relays {
+                reset(&client).await;
+                preload(&client, opts.events).await;
+                restart_broker(&mut broker);
+                let shared = drain_shared(&pg.url(), &broker.bootstrap(), &client, scenario, relays).await;
+                let per_million = |cpu: f64| cpu * 1e6 / opts.events as f64;
+                samples.add(&format!("{name} x{relays} relays drain (events/s)"), opts.events as f64 / shared.seconds);
+                samples.add(&format!("{name} x{relays} relays: relays' CPU s per 1M events"), per_million(shared.relays_cpu));
+                samples.add(&format!("{name} x{relays} relays: Postgres CPU s per 1M events"), per_million(shared.postgres_cpu));
+                samples.add(&format!("{name} x{relays} relays: broker CPU s per 1M events"), per_million(shared.broker_cpu));
+                samples.add(&format!("{name} x{relays} relays: machine CPU busy (%)"), shared.busy_percent);
+                samples.add(&format!("{name} x{relays} relays: peak RSS per relay (MiB)"), shared.peak_rss_mib);
             }
         }
         // Backlog drain to the Pub/Sub emulator (its own functions, below).
@@ -508,6 +537,65 @@ async fn drain_backlog(url: &str, bootstrap: &str, client: &Client, scenario: &S
     relay.stop();
     eprintln!("bench:   {} drain {:.1} s, peak RSS {:.1} MiB", scenario.name(), drain.seconds, drain.peak_rss_mib);
     drain
+}
+
+/// A drain by several relays sharing the lanes, and where the CPU went.
+struct SharedDrain {
+    seconds: f64,
+    relays_cpu: f64,
+    postgres_cpu: f64,
+    broker_cpu: f64,
+    /// All CPU used by relays, Postgres and broker over the machine's capacity.
+    busy_percent: f64,
+    /// The largest relay's peak RSS.
+    peak_rss_mib: f64,
+}
+
+/// CPU seconds used so far by every live process whose name starts with
+/// `name` (from /proc; processes that already exited are not counted).
+fn cpu_by_name(name: &str) -> f64 {
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    let mut total = 0.0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !stat[open + 1..close].starts_with(name) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (ticks(11) + ticks(12)) / hz;
+    }
+    total
+}
+
+/// Drains the preloaded backlog with `relays` relay processes started
+/// together: the time includes their joining and the lane hand-overs.
+async fn drain_shared(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario, relays: usize) -> SharedDrain {
+    let (postgres_before, broker_before) = (cpu_by_name("postgres"), cpu_by_name("tansu"));
+    let started = Instant::now();
+    let runs: Vec<RelayRun> = (0..relays).map(|_| RelayRun::start(url, bootstrap, scenario)).collect();
+    while remaining(client, scenario, "0/0").await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(started.elapsed() < Duration::from_secs(900), "drain took over 15 minutes");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let relays_cpu: f64 = runs.iter().map(RelayRun::cpu_seconds).sum();
+    let postgres_cpu = cpu_by_name("postgres") - postgres_before;
+    let broker_cpu = cpu_by_name("tansu") - broker_before;
+    let peak_rss_mib = runs.iter().map(RelayRun::peak_rss_mib).fold(0.0, f64::max);
+    for run in runs {
+        run.stop();
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let busy_percent = 100.0 * (relays_cpu + postgres_cpu + broker_cpu) / (seconds * cores);
+    eprintln!(
+        "bench:   {} x{relays} relays drain {seconds:.1} s; CPU s relays {relays_cpu:.1}, postgres {postgres_cpu:.1}, broker {broker_cpu:.1}",
+        scenario.name()
+    );
+    SharedDrain { seconds, relays_cpu, postgres_cpu, broker_cpu, busy_percent, peak_rss_mib }
 }
 
 struct Live {

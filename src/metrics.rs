@@ -239,7 +239,8 @@ mod tests {
         let metrics = Metrics::new();
         metrics.published("outbox.Order", "OrderPlaced", 3);
         let text = metrics.render();
-        assert!(text.contains("outbox_relay_build_info{version=\""));
+        assert!(text.contains("outbox_relay_build_info{relay_id=\""), "{text}");
+        assert!(text.contains(concat!("version=\"", env!("CARGO_PKG_VERSION"), "\"")), "{text}");
         assert!(text.contains("outbox_relay_events_published_total{event_type=\"OrderPlaced\",topic=\"outbox.Order\"} 3"));
     }
 }

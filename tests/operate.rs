@@ -160,7 +160,12 @@ async fn status_and_replay_answer_the_three_am_questions() {
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["backlog"], 0);
     assert_eq!(status["published_last_minute"], 300);
-    assert!(status["publisher"]["application_name"].as_str().unwrap().starts_with("outbox-relay"), "{out}");
+    let relays = status["relays"].as_array().expect("relays");
+    assert_eq!(relays.len(), 1, "{out}");
+    assert_eq!(relays[0]["lanes"].as_array().map(Vec::len), Some(32), "a lone relay holds every lane: {out}");
+    assert!(status["unheld_lanes"].as_array().is_some_and(Vec::is_empty), "{out}");
+    let (_, text, _) = cli(&["status"], &env);
+    assert!(text.contains("32 lanes 0-31"), "{text}");
     relay.kill();
 
     // replay: dry run counts, then re-publishes exactly aggregate order-1's events with seq 41..=60

@@ -109,6 +109,13 @@ GRANT USAGE ON SCHEMA :"schema" TO :"role";
 -- TRIGGER. LISTEN/NOTIFY and advisory locks need no grant.
 GRANT SELECT, UPDATE, DELETE ON TABLE :"schema".:"table" TO :"role";
 
+-- Coordination between relays (sql/0003_relay_leases.sql; every relay uses
+-- it, even a lone one): renew its membership and lane leases, create the
+-- lane rows of a new lane count, forget departed relays. No TRUNCATE, no DDL.
+GRANT USAGE ON SCHEMA outbox TO :"role";
+GRANT SELECT, INSERT, UPDATE ON TABLE outbox.relay_leases TO :"role";
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE outbox.relay_members TO :"role";
+
 -- Read-only access to the migration history, so that `outbox-relay check`
 -- and `status` can verify the schema version. Nothing else in the schema.
 SELECT format('GRANT SELECT ON TABLE %I.schema_migrations TO %I', :'schema', :'role')

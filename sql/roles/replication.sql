@@ -115,6 +115,12 @@ GRANT UPDATE, DELETE ON TABLE :"schema".:"table" TO :"role";
 -- published.mode = none: the relay never writes the table.
 REVOKE UPDATE, DELETE ON TABLE :"schema".:"table" FROM :"role";
 \endif
+-- Leader election between relays (sql/0003_relay_leases.sql): the slot's
+-- lease and the members. A new leader also terminates a deposed leader's
+-- walsender, which needs no grant: it runs as this same role.
+GRANT USAGE ON SCHEMA outbox TO :"role";
+GRANT SELECT, INSERT, UPDATE ON TABLE outbox.relay_leases TO :"role";
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE outbox.relay_members TO :"role";
 -- Lets `outbox-relay check` / `status` verify the schema version.
 SELECT format('GRANT SELECT ON TABLE %I.schema_migrations TO %I', :'schema', :'role')
  WHERE to_regclass(format('%I.schema_migrations', :'schema')) IS NOT NULL \gexec

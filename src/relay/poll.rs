@@ -3,8 +3,11 @@
 //! # Progress tracking
 //! A session claims batches in position order and keeps at most
 //! `max_in_flight_batches` of them unacknowledged. Outcomes return in claim
-//! order; delivered rows are marked (or deleted) on the same connection that
-//! holds the outbox lock. Failed rows are recorded and parked for a retry
+//! order; delivered rows are marked (or deleted) on the connection that
+//! claims. Only rows of the lanes this relay holds are claimed (see
+//! [`crate::coordination`]); the claimed set changes only when nothing is in
+//! flight, so a lane is handed back with all its events acknowledged and
+//! marked. Failed rows are recorded and parked for a retry
 //! with their aggregate blocked behind them (`failures.policy = "block"`,
 //! see [`crate::blocking`]), or published to the dead-letter topic.
 //! Nothing is marked before the broker acknowledged it, so a crash at any
