@@ -139,6 +139,8 @@ async fn debezium_style_table_works_through_column_mapping_and_reports_bad_rows(
     let pg = ThrowawayPostgres::start().unwrap();
     let broker = TestBroker::start();
     broker.create_topic("outbox.event.Order", 2);
+    // `migrate` installs the lease tables relays coordinate through (and an unused outbox.events).
+    migrate(&pg.url());
     let client = connect(&pg.url()).await;
     client
         .batch_execute(

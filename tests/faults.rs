@@ -414,6 +414,8 @@ async fn poison_rows_are_dead_lettered_with_reasons_and_replay_redrives_fixed_on
     let broker = TestBroker::start();
     broker.create_topic(TOPIC, 4);
     broker.create_topic(DEAD_LETTER, 1);
+    // `migrate` installs the lease tables relays coordinate through (and an unused outbox.events).
+    common::relay::migrate(&pg.url());
     let client = connect(&pg.url()).await;
     client
         .batch_execute(
