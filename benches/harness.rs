@@ -52,7 +52,7 @@ struct Options {
     rates: Vec<Option<u64>>,
     live_secs: u64,
     scenarios: Vec<Scenario>,
-    /// Relay counts for the scale-out drains of polling scenarios (1 = the plain drain only).
+    /// Relay counts for the scale-out drains of polling scenarios (none by default).
     relays: Vec<usize>,
     /// Also drain to the Pub/Sub emulator (`--no-pubsub` skips it).
     pubsub: bool,
@@ -95,12 +95,7 @@ fn options() -> Options {
         .map(|(capture, published)| Scenario { capture: capture.into(), published: published.into() })
         .collect();
     let pubsub = !args.iter().any(|a| a == "--no-pubsub");
-    let relays = value("--relays")
-        .unwrap_or_else(|| "1".into())
-        .split(',')
-        .filter_map(|n| n.parse().ok())
-        .filter(|n| *n > 1)
-        .collect();
+    let relays = value("--relays").unwrap_or_default().split(',').filter_map(|n| n.parse().ok()).filter(|n| *n >= 1).collect();
     Options { events, reps, rates, live_secs, scenarios, relays, pubsub }
 }
 

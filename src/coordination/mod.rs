@@ -307,12 +307,24 @@ struct State {
     warned_layout: bool,
     /// Whether the "more relays than lanes" note was logged.
     warned_idle: bool,
+    /// Rounds run so far: the first one only announces this relay.
+    rounds: u64,
 }
 
 impl State {
     fn new(resource: Resource, me: Identity, timing: Timing, fence: Fence) -> State {
         let assignment = Assignment { lanes: resource.lanes, ..Assignment::default() };
-        State { resource, me, timing, fence, assignment, releasing_since: BTreeMap::new(), warned_layout: false, warned_idle: false }
+        State {
+            resource,
+            me,
+            timing,
+            fence,
+            assignment,
+            releasing_since: BTreeMap::new(),
+            warned_layout: false,
+            warned_idle: false,
+            rounds: 0,
+        }
     }
 
     fn bump(&mut self) {
@@ -345,6 +357,15 @@ impl State {
             1
         };
         let held = self.assignment.held.len();
+        // The first round only announces this relay: relays started together
+        // (a deployment rolling out) then see each other before anyone takes
+        // lanes, instead of one taking every lane, racing ahead on a backlog
+        // and handing most of them back a tick later.
+        let joining = self.rounds == 0;
+        self.rounds += 1;
+        if joining {
+            return self.release_quiet(client, adopted).await;
+        }
         if held < share {
             let acquired = store::acquire(client, &self.resource, &self.me, share - held, self.timing.lease).await?;
             if let Some(other) = acquired.other_layout {

@@ -147,6 +147,38 @@ impl<S: Sink> Relay<S> {
 
 }
 
+/// A running publish stage: where batches go, where outcomes come back.
+struct Stage {
+    batches: tokio::sync::mpsc::Sender<crate::source::ClaimedBatch>,
+    outcomes: tokio::sync::mpsc::Receiver<crate::pipeline::BatchOutcome>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<S: Sink> Relay<S> {
+    /// Starts a session's publish stage, bounded by `source.max_in_flight_batches`,
+    /// sending only while `fence` holds.
+    fn start_stage(&self, blocked: Option<crate::blocking::Blocked>, fence: crate::coordination::Fence) -> Stage {
+        use tracing::Instrument;
+        let max_in_flight = self.config.source.max_in_flight_batches;
+        let (batches, batch_rx) = tokio::sync::mpsc::channel(max_in_flight);
+        let (outcome_tx, outcomes) = tokio::sync::mpsc::channel(max_in_flight + 1);
+        let task = tokio::spawn(
+            crate::pipeline::publish_stage(
+                self.sink.clone(),
+                self.mapper.clone(),
+                self.metrics.clone(),
+                batch_rx,
+                outcome_tx,
+                max_in_flight,
+                blocked,
+                fence,
+            )
+            .in_current_span(),
+        );
+        Stage { batches, outcomes, task }
+    }
+}
+
 /// Exponential backoff with jitter, 0.5 s to 30 s, never giving up: what
 /// every reconnect loop uses.
 pub fn reconnect_backoff() -> backon::ExponentialBackoff {

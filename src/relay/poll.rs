@@ -28,7 +28,7 @@ use crate::config::{FailurePolicy, PublishedMode};
 use crate::dead_letter::{self, DeadLetter};
 use crate::event::Rejected;
 use crate::blocking::Blocked;
-use crate::pipeline::{publish_stage, BatchOutcome, FailedRow, FailureKind};
+use crate::pipeline::{BatchOutcome, FailedRow, FailureKind};
 use crate::postgres::{self, PostgresError};
 use crate::retention;
 use crate::sink::Sink;
@@ -124,23 +124,10 @@ impl<S: Sink> Relay<S> {
 
         let retention = (self.config.published.mode == PublishedMode::Mark && !self.config.published.retention.is_zero())
             .then(|| tokio::spawn(retention::run(self.config.clone(), self.shutdown.clone()).in_current_span()));
-        let max_in_flight = self.config.source.max_in_flight_batches;
-        let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
-        let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
         let blocked = Blocked::default();
-        let stage = tokio::spawn(
-            publish_stage(
-                self.sink.clone(),
-                self.mapper.clone(),
-                self.metrics.clone(),
-                batch_rx,
-                outcome_tx,
-                max_in_flight,
-                (self.config.failures.policy == FailurePolicy::Block).then(|| blocked.clone()),
-                coordinator.fence(),
-            )
-            .in_current_span(),
-        );
+        let policy_blocks = self.config.failures.policy == FailurePolicy::Block;
+        let super::Stage { batches: batch_tx, outcomes: mut outcome_rx, task: stage } =
+            self.start_stage(policy_blocks.then(|| blocked.clone()), coordinator.fence());
 
         let result = self.claim_loop(&mut source, coordinator, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
 

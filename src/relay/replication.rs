@@ -11,12 +11,11 @@ use tracing::{debug, error, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
 use crate::coordination::{Coordinator, Fence, Resource};
-use tracing::Instrument;
 use crate::blocking::Blocked;
 use crate::config::{FailurePolicy, PublishedMode};
 use crate::dead_letter::{self, DeadLetter};
 use crate::event::Rejected;
-use crate::pipeline::{publish_stage, BatchOutcome, FailedRow, FailureKind};
+use crate::pipeline::{BatchOutcome, FailedRow, FailureKind};
 use crate::postgres::{self, PostgresError};
 use crate::sink::Sink;
 use crate::source::poll::{read_failed_rows, PollQueries};
@@ -292,22 +291,9 @@ impl<S: Sink> Relay<S> {
         self.metrics.leader.set(1);
         *backoff = reconnect_backoff();
 
-        let max_in_flight = self.config.source.max_in_flight_batches;
-        let (batch_tx, batch_rx) = mpsc::channel(max_in_flight);
-        let (outcome_tx, mut outcome_rx) = mpsc::channel(max_in_flight + 1);
-        let stage = tokio::spawn(
-            publish_stage(
-                self.sink.clone(),
-                self.mapper.clone(),
-                self.metrics.clone(),
-                batch_rx,
-                outcome_tx,
-                max_in_flight,
-                (config.failures.policy == FailurePolicy::Block).then(Blocked::halting),
-                fence.clone(),
-            )
-            .in_current_span(),
-        );
+        let policy_blocks = config.failures.policy == FailurePolicy::Block;
+        let super::Stage { batches: batch_tx, outcomes: mut outcome_rx, task: stage } =
+            self.start_stage(policy_blocks.then(Blocked::halting), fence.clone());
         let result = self.stream_loop(control, stream, confirmed, batch_tx, &mut outcome_rx, coordinator).await;
         let mut beat = interval(Duration::from_secs(5));
         loop {
