@@ -39,13 +39,3 @@ CREATE TABLE IF NOT EXISTS outbox.relay_leases (
     PRIMARY KEY (resource, lanes, lane),
     CONSTRAINT relay_leases_lane_in_range CHECK (lane >= 0 AND lane < lanes)
 );
-
--- Polling with several relays: each relay counts and claims only the rows of
--- its own lanes. This index, on the lane of the default layout
--- (replicas.lanes = 32; the expression must match the relay's exactly), lets
--- those counts skip the other relays' rows instead of reading every
--- unpublished row below the relay's position. With another lane count, or
--- another table, create the same index with that count (see the README).
-CREATE INDEX IF NOT EXISTS events_unpublished_lane32_idx
-    ON outbox.events ((((hashtextextended(coalesce(aggregate_id, ''), 0) & 9223372036854775807) % 32)::int4), id)
-    WHERE published_at IS NULL;
