@@ -34,21 +34,22 @@ use crate::retention;
 use crate::sink::Sink;
 use crate::source::poll::{Claim, Parked, PollSource};
 
-/// Batches claimed and not yet acknowledged, oldest first.
+/// Batches claimed and not yet acknowledged, oldest first:
+/// (sequence, first position, last position, rows).
 #[derive(Debug, Default)]
 struct InFlight {
-    batches: VecDeque<(u64, i64, usize)>,
+    batches: VecDeque<(u64, i64, i64, usize)>,
     rows: usize,
 }
 
 impl InFlight {
-    fn push(&mut self, sequence: u64, last_position: i64, rows: usize) {
-        self.batches.push_back((sequence, last_position, rows));
+    fn push(&mut self, sequence: u64, first_position: i64, last_position: i64, rows: usize) {
+        self.batches.push_back((sequence, first_position, last_position, rows));
         self.rows += rows;
     }
 
     fn complete(&mut self, sequence: u64) {
-        if let Some((first, _, rows)) = self.batches.front().copied() {
+        if let Some((first, _, _, rows)) = self.batches.front().copied() {
             debug_assert_eq!(first, sequence, "outcomes arrive in claim order");
             self.batches.pop_front();
             self.rows -= rows;
@@ -56,7 +57,11 @@ impl InFlight {
     }
 
     fn top(&self) -> Option<i64> {
-        self.batches.back().map(|(_, last, _)| *last)
+        self.batches.back().map(|(_, _, last, _)| *last)
+    }
+
+    fn bottom(&self) -> Option<i64> {
+        self.batches.front().map(|(_, first, _, _)| *first)
     }
 
     fn len(&self) -> usize {
@@ -225,7 +230,9 @@ impl<S: Sink> Relay<S> {
             if can_claim && want_claim {
                 let top = if resync { None } else { in_flight.top() };
                 let claim_started = std::time::Instant::now();
-                let claim = source.claim(top, in_flight.rows, &parked.current(), blocked, &lanes.claiming, lanes.all).await?;
+                let claim = source
+                    .claim(top, in_flight.rows, in_flight.bottom(), &parked.current(), blocked, &lanes.claiming, lanes.all)
+                    .await?;
                 tracing::trace!(took_us = claim_started.elapsed().as_micros() as u64, "claim");
                 match claim {
                     Claim::Resync => {
@@ -242,7 +249,8 @@ impl<S: Sink> Relay<S> {
                             self.metrics.batches.inc();
                             self.metrics.batch_size.observe(batch.len() as f64);
                             self.metrics.events_in_flight.add(batch.len() as i64);
-                            in_flight.push(batch.sequence, batch.last_position, batch.len());
+                            let first = batch.events.iter().map(|e| e.position).chain(batch.rejected.iter().map(|r| r.position)).min();
+                            in_flight.push(batch.sequence, first.unwrap_or(batch.last_position), batch.last_position, batch.len());
                             batches.send(batch).await.map_err(|_| RelayError::StageStopped)?;
                         }
                     }

@@ -23,7 +23,7 @@
 //! it still holds them. A relay holding every lane skips the per-row lane
 //! test (the common single-relay case costs nothing extra).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::ToSql;
@@ -112,17 +112,23 @@ impl PollQueries {
         // Used only while something is blocked: the aggregate test needs the
         // heap row, where the common statement below needs only the index.
         // `extra` adds the lease fence and, holding only some lanes, the lane test.
-        let claim_sql = |eligible: &str, extra: &str| {
+        // `floor` ($5, or $7 next to the blocked parameters) bounds the count
+        // below once nothing can commit late under it (see `Floor`); the
+        // statement's snapshot horizon (xmin, xmax) comes back for that test.
+        let claim_sql = |eligible: &str, extra: &str, floor: &str| {
             format!(
                 "WITH behind AS ( \
-                   SELECT count(*) AS n FROM {table} \
-                   WHERE {unpublished} AND {position} <= $1::int8 AND {eligible}{extra} \
+                   SELECT count(*) AS n, \
+                          pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS horizon, \
+                          pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS next_xid \
+                   FROM {table} \
+                   WHERE {unpublished} AND {position} <= $1::int8 AND {position} >= {floor}::int8 AND {eligible}{extra} \
                  ), next AS ( \
                    SELECT {select_list} FROM {table} \
                    WHERE {unpublished} AND {position} > $1::int8 AND {eligible}{extra} \
                    ORDER BY {position} LIMIT $2::int8 \
                  ) \
-                 SELECT behind.n, next.* FROM behind LEFT JOIN next ON true ORDER BY 2"
+                 SELECT behind.n, behind.horizon, behind.next_xid, next.* FROM behind LEFT JOIN next ON true ORDER BY 4"
             )
         };
         // The lanes held ($4, or $6 next to the blocked parameters): every one
@@ -145,10 +151,10 @@ impl PollQueries {
             _ => String::new(),
         };
         let parked_only = format!("NOT ({position} = ANY($3::int8[]))");
-        let claim = claim_sql(&parked_only, &fence("$4"));
-        let claim_blocked = claim_sql(&eligible, &fence("$6"));
-        let claim_lanes = claim_sql(&parked_only, &format!("{}{}", lane_test("$4"), fence("$4")));
-        let claim_lanes_blocked = claim_sql(&eligible, &format!("{}{}", lane_test("$6"), fence("$6")));
+        let claim = claim_sql(&parked_only, &fence("$4"), "$5");
+        let claim_blocked = claim_sql(&eligible, &fence("$6"), "$7");
+        let claim_lanes = claim_sql(&parked_only, &format!("{}{}", lane_test("$4"), fence("$4")), "$5");
+        let claim_lanes_blocked = claim_sql(&eligible, &format!("{}{}", lane_test("$6"), fence("$6")), "$7");
         let still_pending = format!(
             "SELECT {position}::int8 FROM {table} WHERE {unpublished} AND {position} = ANY($1::int8[])"
         );
@@ -347,6 +353,65 @@ impl Parked {
     }
 }
 
+/// How long a claim's snapshot must be past before rows below it count as
+/// settled: covers a transaction that took an id just before it got its xid.
+const SETTLE_AFTER: Duration = Duration::from_secs(1);
+/// Claims remembered while waiting to settle (older ones are dropped: a later
+/// one settling implies they did).
+const MAX_UNSETTLED: usize = 10_000;
+
+/// Where the count of unpublished rows below the window starts.
+///
+/// Counting every unpublished row up to the window's top is what catches a
+/// row that committed late (its id was taken before rows already claimed).
+/// With lanes that count also reads the other relays' unpublished rows, which
+/// a relay running ahead of a slower one would read again on every claim.
+/// But only a transaction already running at a claim can still commit an id
+/// at or below that claim's rows (ids are handed out in time order). Once a
+/// later claim's snapshot shows all of those transactions ended (its xmin
+/// passed the first claim's xmax) and its count still matched, nothing new can
+/// appear at or below the first claim's top, and the count may start above it
+/// (never above a row still in flight or waiting for a retry).
+#[derive(Debug)]
+pub struct Floor {
+    position: i64,
+    /// Claims not yet settled: (when, their snapshot's xmax, their top).
+    unsettled: VecDeque<(Instant, i64, i64)>,
+}
+
+impl Default for Floor {
+    fn default() -> Self {
+        Floor { position: i64::MIN, unsettled: VecDeque::new() }
+    }
+}
+
+impl Floor {
+    /// After a claim whose count matched: settle what its snapshot allows,
+    /// remember the claim itself.
+    fn advance(&mut self, horizon: i64, next_xid: i64, top: i64, lowest_live: Option<i64>) {
+        let mut settled = None;
+        while let Some(&(at, xid, upto)) = self.unsettled.front() {
+            if horizon < xid || at.elapsed() < SETTLE_AFTER {
+                break;
+            }
+            settled = Some(upto);
+            self.unsettled.pop_front();
+        }
+        if let Some(upto) = settled {
+            self.position = self.position.max(upto.saturating_add(1));
+        }
+        if let Some(live) = lowest_live {
+            self.position = self.position.min(live);
+        }
+        if top > i64::MIN {
+            if self.unsettled.len() >= MAX_UNSETTLED {
+                self.unsettled.pop_front();
+            }
+            self.unsettled.push_back((Instant::now(), next_xid, top));
+        }
+    }
+}
+
 /// A polling connection to one outbox table.
 pub struct PollSource {
     connection: Connection,
@@ -360,6 +425,8 @@ pub struct PollSource {
     record_failures: Option<Statement>,
     batch_size: i64,
     next_sequence: u64,
+    /// Where the count below the window starts (see [`Floor`]).
+    floor: Floor,
 }
 
 impl PollSource {
@@ -411,6 +478,7 @@ impl PollSource {
             record_failures,
             batch_size: config.batch_size as i64,
             next_sequence: 0,
+            floor: Floor::default(),
         })
     }
 
@@ -420,37 +488,50 @@ impl PollSource {
     }
 
     /// Claims the next rows above `in_flight_top` (None: from the start),
-    /// given that `in_flight_rows` rows at or below it are still in flight.
-    /// Only rows of `lanes` (`all`: this relay holds every lane) while their
-    /// leases hold; rows parked for a retry and rows of `blocked` aggregates
-    /// are left out.
+    /// given that `in_flight_rows` rows at or below it are still in flight,
+    /// the lowest at `in_flight_bottom`. Only rows of `lanes` (`all`: this
+    /// relay holds every lane) while their leases hold; rows parked for a
+    /// retry and rows of `blocked` aggregates are left out.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &mut self,
         in_flight_top: Option<i64>,
         in_flight_rows: usize,
+        in_flight_bottom: Option<i64>,
         parked: &[i64],
         blocked: &Blocked,
         lanes: &[i32],
         all: bool,
     ) -> Result<Claim, PostgresError> {
         let top = in_flight_top.unwrap_or(i64::MIN);
+        if in_flight_top.is_none() {
+            // A claim from the start (new lanes, or after a resync) settles nothing yet.
+            self.floor = Floor::default();
+        }
+        let floor = self.floor.position;
+        let mut lowest_waiting = parked.iter().copied().min();
         let rows = if blocked.is_empty() {
-            let params: [&(dyn ToSql + Sync); 4] = [&top, &self.batch_size, &parked, &lanes];
+            let params: [&(dyn ToSql + Sync); 5] = [&top, &self.batch_size, &parked, &lanes, &floor];
             let statement = if all { &self.claim } else { &self.claim_lanes };
             self.connection.client.query(statement, &params).await
         } else {
             let (blocked_aggregates, blocked_behind) = blocked.snapshot();
-            let params: [&(dyn ToSql + Sync); 6] =
-                [&top, &self.batch_size, &parked, &blocked_aggregates, &blocked_behind, &lanes];
+            lowest_waiting = lowest_waiting.into_iter().chain(blocked_behind.iter().copied()).min();
+            let params: [&(dyn ToSql + Sync); 7] =
+                [&top, &self.batch_size, &parked, &blocked_aggregates, &blocked_behind, &lanes, &floor];
             let statement = if all { &self.claim_blocked } else { &self.claim_lanes_blocked };
             self.connection.client.query(statement, &params).await
         }
         .map_err(|e| PostgresError::query("claiming outbox rows", &e))?;
-        let behind: i64 = match rows.first() {
-            Some(row) => row.try_get(0).map_err(|e| PostgresError::query("reading the claim", &e))?,
-            None => 0,
+        let read = |row: &Row, i: usize| -> Result<i64, PostgresError> {
+            row.try_get(i).map_err(|e| PostgresError::query("reading the claim", &e))
+        };
+        let (behind, horizon, next_xid) = match rows.first() {
+            Some(row) => (read(row, 0)?, read(row, 1)?, read(row, 2)?),
+            None => (0, 0, 0),
         };
         if behind != in_flight_rows as i64 {
+            self.floor = Floor::default();
             return Ok(Claim::Resync);
         }
         let mut batch = ClaimedBatch {
@@ -458,9 +539,11 @@ impl PollSource {
             events: Vec::with_capacity(rows.len()),
             ..ClaimedBatch::default()
         };
+        let mut first = None;
         for row in &rows {
             // The LEFT JOIN yields one row of NULLs when nothing is unpublished.
-            let Some(raw) = decode(row, 1)? else { continue };
+            let Some(raw) = decode(row, 3)? else { continue };
+            first.get_or_insert(raw.position);
             batch.last_position = raw.position;
             match raw.into_event(&self.table_label) {
                 Ok(event) => batch.events.push(event),
@@ -470,6 +553,9 @@ impl PollSource {
         if !batch.is_empty() {
             self.next_sequence += 1;
         }
+        let lowest_live = [in_flight_bottom, first, lowest_waiting].into_iter().flatten().min();
+        let claimed_top = if batch.is_empty() { top } else { batch.last_position };
+        self.floor.advance(horizon, next_xid, claimed_top, lowest_live);
         Ok(Claim::Batch(batch))
     }
 
@@ -615,6 +701,34 @@ mod tests {
     #[test]
     fn a_quote_in_a_name_cannot_escape_its_literal() {
         assert_eq!(literal("a'b"), "'a''b'");
+    }
+
+    #[test]
+    fn the_floor_rises_only_behind_settled_claims_and_never_above_a_live_row() {
+        let mut floor = Floor::default();
+        let old = Instant::now() - Duration::from_secs(5);
+        // Claim 1 (xmax 100) up to row 1000; its transactions may still run.
+        floor.advance(90, 100, 1000, Some(1));
+        assert_eq!(floor.position, i64::MIN);
+        floor.unsettled[0].0 = old;
+        // A later claim whose snapshot still has a transaction older than 100 running: nothing settles.
+        floor.advance(99, 120, 2000, Some(900));
+        assert_eq!(floor.position, i64::MIN);
+        // All of claim 1's transactions ended: rows up to 1000 are settled, but row 900 is still in flight.
+        floor.advance(100, 130, 3000, Some(900));
+        assert_eq!(floor.position, 900);
+        for entry in floor.unsettled.iter_mut() {
+            entry.0 = old;
+        }
+        floor.advance(200, 210, 4000, Some(2500));
+        assert_eq!(floor.position, 2500);
+        floor.advance(300, 310, 5000, None);
+        assert_eq!(floor.position, 2500, "the claim up to 4000 is under a second old");
+        for entry in floor.unsettled.iter_mut() {
+            entry.0 = old;
+        }
+        floor.advance(300, 320, 6000, None);
+        assert_eq!(floor.position, 4001, "settled through the claim up to 4000; the one up to 5000 (xmax 310) is not yet");
     }
 
     #[test]
