@@ -34,7 +34,8 @@ pub mod quota;
 mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
@@ -130,22 +131,31 @@ impl Identity {
     }
 }
 
-/// Whether this relay may still act on its leases; cheap to check per batch.
+/// Whether this relay may still act on its leases. Lock-free: replication
+/// checks it for every message it reads.
 #[derive(Debug, Clone, Default)]
-pub struct Fence(Arc<Mutex<Option<Instant>>>);
+pub struct Fence(Arc<AtomicU64>);
+
+/// The instant fence deadlines are measured from (nanoseconds after it; 0 = none).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
 
 impl Fence {
     /// True while the last renewal still covers now.
     pub fn holds(&self) -> bool {
-        matches!(*self.0.lock().unwrap_or_else(|e| e.into_inner()), Some(deadline) if Instant::now() < deadline)
+        let deadline = self.0.load(Ordering::Acquire);
+        deadline != 0 && (Instant::now().saturating_duration_since(epoch()).as_nanos() as u64) < deadline
     }
 
     fn extend_to(&self, deadline: Instant) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(deadline);
+        let nanos = deadline.saturating_duration_since(epoch()).as_nanos() as u64;
+        self.0.store(nanos.max(1), Ordering::Release);
     }
 
     fn revoke(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.0.store(0, Ordering::Release);
     }
 }
 

@@ -249,8 +249,8 @@ impl<S: Sink> Relay<S> {
                             self.metrics.batches.inc();
                             self.metrics.batch_size.observe(batch.len() as f64);
                             self.metrics.events_in_flight.add(batch.len() as i64);
-                            let first = batch.events.iter().map(|e| e.position).chain(batch.rejected.iter().map(|r| r.position)).min();
-                            in_flight.push(batch.sequence, first.unwrap_or(batch.last_position), batch.last_position, batch.len());
+                            let first = batch.first_position().unwrap_or(batch.last_position);
+                            in_flight.push(batch.sequence, first, batch.last_position, batch.len());
                             batches.send(batch).await.map_err(|_| RelayError::StageStopped)?;
                         }
                     }

@@ -28,6 +28,13 @@ impl ClaimedBatch {
         self.events.len() + self.rejected.len()
     }
 
+    /// Lowest position the batch covers; both lists are in position order.
+    pub fn first_position(&self) -> Option<i64> {
+        let event = self.events.first().map(|e| e.position);
+        let rejected = self.rejected.first().map(|r| r.position);
+        event.into_iter().chain(rejected).min()
+    }
+
     /// True when the claim found nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

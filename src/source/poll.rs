@@ -539,11 +539,9 @@ impl PollSource {
             events: Vec::with_capacity(rows.len()),
             ..ClaimedBatch::default()
         };
-        let mut first = None;
         for row in &rows {
             // The LEFT JOIN yields one row of NULLs when nothing is unpublished.
             let Some(raw) = decode(row, 3)? else { continue };
-            first.get_or_insert(raw.position);
             batch.last_position = raw.position;
             match raw.into_event(&self.table_label) {
                 Ok(event) => batch.events.push(event),
@@ -553,7 +551,7 @@ impl PollSource {
         if !batch.is_empty() {
             self.next_sequence += 1;
         }
-        let lowest_live = [in_flight_bottom, first, lowest_waiting].into_iter().flatten().min();
+        let lowest_live = [in_flight_bottom, batch.first_position(), lowest_waiting].into_iter().flatten().min();
         let claimed_top = if batch.is_empty() { top } else { batch.last_position };
         self.floor.advance(horizon, next_xid, claimed_top, lowest_live);
         Ok(Claim::Batch(batch))
