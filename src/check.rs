@@ -14,8 +14,9 @@ use crate::postgres;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::pubsub::PubSubSink;
 use crate::sink::AnySink;
-use crate::source::poll::{ClaimScope, PollSource};
-use crate::source::table::{quote_ident, TableName};
+use crate::coordination::ClaimScope;
+use crate::outbox::OutboxTable;
+use crate::source::poll::PollSource;
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -183,7 +184,8 @@ async fn check_leases(connection: &postgres::Connection) -> CheckResult {
 
 async fn check_outbox(config: &Config, connection: &postgres::Connection, topics: &mut BTreeSet<String>) -> Vec<CheckResult> {
     let mut results = Vec::new();
-    let Ok(table) = TableName::parse(&config.source.table) else { return results };
+    let Ok(outbox) = OutboxTable::from_config(config) else { return results };
+    let table = outbox.name();
     let client = &connection.client;
     // Preparing the relay's own statements proves the table and columns exist.
     let probe = postgres::connect(&config.postgres, "outbox-relay check").await;
@@ -191,8 +193,7 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
         Ok(probe) => match PollSource::prepare(
             probe,
             &config.source,
-            config.published.mode,
-            config.failures.policy == crate::config::FailurePolicy::DeadLetter,
+            &outbox,
             &ClaimScope { resource: config.source.table.clone(), lanes: config.replicas.lanes as i32, instance: uuid::Uuid::nil(), by_lane: true },
         )
         .await
@@ -252,15 +253,7 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
         )),
     }
     if let Ok(template) = TopicTemplate::parse(&config.sink.topic) {
-        let c = &config.source.columns;
-        let topic_col = if c.topic.is_empty() { "NULL::text".to_owned() } else { format!("{}::text", quote_ident(&c.topic)) };
-        let unpublished = if c.published_at.is_empty() { "true".to_owned() } else { format!("{} IS NULL", quote_ident(&c.published_at)) };
-        let sql = format!(
-            "SELECT DISTINCT {at}::text, {et}::text, {topic_col} FROM (SELECT * FROM {table} WHERE {unpublished} LIMIT 10000) s",
-            at = quote_ident(&c.aggregate_type),
-            et = quote_ident(&c.event_type),
-        );
-        if let Ok(rows) = client.query(&sql, &[]).await {
+        if let Ok(rows) = client.query(&outbox.pending_topics_sql(), &[]).await {
             for row in rows.iter().take(200) {
                 let explicit: Option<String> = row.try_get(2).unwrap_or(None);
                 let rendered = explicit.unwrap_or_else(|| {

@@ -9,9 +9,10 @@
 //! sink/       brokers: kafka.rs (idempotent librdkafka producer), pubsub/ (REST, ordering keys)
 //! pipeline    publish stage: enqueue batches, return outcomes in claim order
 //! blocking    failures.policy = "block": hold an aggregate back behind its failed event
-//! dead_letter failures.policy = "dead_letter": the dead-letter topic
+//! failure     the failure vocabulary (FailureKind, FailedRow) and dead letters
 //! relay/      sessions (poll.rs, replication.rs): capture -> publish -> checkpoint, reconnect, drain
 //! retention   deletes published rows past retention (mark mode)
+//! outbox      the outbox table: its name, column mapping and every statement on it
 //! migrate     applies sql/ migrations
 //! postgres    connections, NOTIFY, operator-friendly errors
 //! tls         sslmode over rustls (ring) for tokio-postgres and the replication client
@@ -32,15 +33,16 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod coordination;
-pub mod dead_letter;
 pub mod demo;
 pub mod envelope;
 pub mod event;
+pub mod failure;
 pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod migrate;
 pub mod monitor;
+pub mod outbox;
 pub mod pipeline;
 pub mod postgres;
 pub mod relay;

@@ -13,8 +13,7 @@ use crate::metrics::Metrics;
 use crate::postgres;
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
-use crate::source::poll::backlog_sql;
-use crate::source::table::TableName;
+use crate::outbox::OutboxTable;
 
 /// How often the broker is probed.
 const BROKER_EVERY: Duration = Duration::from_secs(5);
@@ -49,8 +48,11 @@ pub async fn watch_broker<S: Sink>(sink: Arc<S>, health: Health, mut shutdown: S
 
 /// Measures the backlog until shutdown, on its own connection.
 pub async fn watch_backlog(config: Config, metrics: Metrics, mut shutdown: Shutdown) {
-    let Ok(table) = TableName::parse(&config.source.table) else { return };
-    let sql = backlog_sql(&table, &config.source.columns);
+    let sql = match OutboxTable::from_config(&config) {
+        Ok(table) => table.backlog_sql(),
+        // Validated at start-up; nothing to measure otherwise.
+        Err(_) => return,
+    };
     let mut tick = interval(BACKLOG_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut connection = None;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::blocking::Blocked;
 use crate::coordination::Fence;
-use crate::dead_letter::DeadLetter;
+use crate::failure::{DeadLetter, FailedRow, FailureKind};
 use crate::envelope::EnvelopeMapper;
 use crate::metrics::Metrics;
 use crate::event::Rejected;
@@ -41,52 +41,6 @@ pub struct BatchOutcome {
     /// Nothing was sent: this relay's lease no longer covered it (see
     /// [`crate::coordination`]); the session must end without marking anything.
     pub fenced: bool,
-}
-
-/// A row that was not published.
-#[derive(Debug, Clone)]
-pub struct FailedRow {
-    /// Position and reason.
-    pub row: Rejected,
-    /// Where it failed, which also says whether retrying can help.
-    pub kind: FailureKind,
-    /// The event as the dead-letter topic should see it, when the stage had
-    /// it in hand (mapping and broker failures); rows rejected before that
-    /// are read back from the table.
-    pub letter: Option<Box<DeadLetter>>,
-}
-
-impl FailedRow {
-    /// The aggregate whose later events must wait for this one.
-    pub fn aggregate_id(&self) -> Option<&str> {
-        self.letter.as_ref().and_then(|l| l.aggregate_id.as_deref()).or(self.row.aggregate_id.as_deref())
-    }
-}
-
-/// Where a row failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The row cannot form a valid message (bad column, bad topic).
-    Envelope,
-    /// The broker refused it and a retry may succeed.
-    BrokerTransient,
-    /// The broker refused it for good (too large, not authorized...).
-    BrokerPermanent,
-    /// Too many aggregates are blocked to hold back one more: the session
-    /// stops and retries (see [`crate::blocking::MAX_BLOCKED`]).
-    TooManyBlocked,
-}
-
-impl FailureKind {
-    /// Label value for `outbox_relay_publish_failures_total{reason}`.
-    pub fn label(self) -> &'static str {
-        match self {
-            FailureKind::Envelope => "envelope",
-            FailureKind::BrokerTransient => "broker_transient",
-            FailureKind::BrokerPermanent => "broker_permanent",
-            FailureKind::TooManyBlocked => "too_many_blocked",
-        }
-    }
 }
 
 /// Runs until `batches` closes and every enqueued batch has an outcome.

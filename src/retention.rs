@@ -9,20 +9,11 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::postgres;
 use crate::shutdown::Shutdown;
-use crate::source::table::{quote_ident, TableName};
+use crate::outbox::OutboxTable;
 
 /// Deletes expired published rows every `cleanup_interval` until shutdown.
 pub async fn run(config: Config, mut shutdown: Shutdown) {
-    let Ok(table) = TableName::parse(&config.source.table) else { return };
-    let columns = &config.source.columns;
-    let position = quote_ident(&columns.position);
-    let sql = format!(
-        "DELETE FROM {table} WHERE {position} IN ( \
-           SELECT {position} FROM {table} \
-           WHERE {published} < now() - make_interval(secs => $1::float8) \
-           ORDER BY {position} LIMIT $2::int8)",
-        published = quote_ident(&columns.published_at),
-    );
+    let Some(sql) = OutboxTable::from_config(&config).ok().and_then(|t| t.retention_sql()) else { return };
     let retention_secs = config.published.retention.as_secs_f64();
     let batch = config.published.cleanup_batch_size as i64;
     loop {

@@ -7,12 +7,8 @@ use serde::Serialize;
 use crate::config::{Config, PublishedMode, SourceMode};
 use crate::coordination::{holdings, Holding, Resource};
 use crate::postgres::{self, PostgresError};
-use crate::source::poll::backlog_sql;
-use crate::source::table::{self, quote_ident, TableName};
-
-/// Rows the "published in the last minute" count looks at (newest first),
-/// so it stays cheap on a large table.
-const RECENT_WINDOW: i64 = 100_000;
+use crate::outbox::OutboxTable;
+use crate::source::table;
 
 /// The status report.
 #[derive(Debug, Serialize)]
@@ -41,32 +37,24 @@ pub struct Status {
 pub async fn gather(config: &Config) -> Result<Status, PostgresError> {
     let connection = postgres::connect(&config.postgres, "outbox-relay status").await?;
     let client = &connection.client;
-    let table = TableName::parse(&config.source.table).map_err(PostgresError::Query)?;
-    let c = &config.source.columns;
+    let outbox = OutboxTable::from_config(config).map_err(PostgresError::Query)?;
+    let table = outbox.name();
     let q = |e: tokio_postgres::Error| PostgresError::query("status", &e);
-    let row = client.query_one(&backlog_sql(&table, c), &[]).await.map_err(q)?;
+    let row = client.query_one(&outbox.backlog_sql(), &[]).await.map_err(q)?;
     let backlog: i64 = row.try_get(0).map_err(q)?;
     let age: Option<f64> = row.try_get(1).map_err(q)?;
-    let published_last_minute = if config.published.mode == PublishedMode::Mark && !c.published_at.is_empty() {
-        let sql = format!(
-            "SELECT count(*) FROM (SELECT {p} AS p FROM {table} ORDER BY {pos} DESC LIMIT {RECENT_WINDOW}) s \
-             WHERE p > now() - interval '1 minute'",
-            p = quote_ident(&c.published_at),
-            pos = quote_ident(&c.position),
-        );
-        Some(client.query_one(&sql, &[]).await.map_err(q)?.try_get(0).map_err(q)?)
-    } else {
-        None
+    let published_last_minute = match outbox.published_last_minute_sql() {
+        Some(sql) if config.published.mode == PublishedMode::Mark => {
+            Some(client.query_one(&sql, &[]).await.map_err(q)?.try_get(0).map_err(q)?)
+        }
+        _ => None,
     };
-    let failing = if c.attempts.is_empty() {
-        None
-    } else {
-        let unpublished = if c.published_at.is_empty() { "true".into() } else { format!("{} IS NULL", quote_ident(&c.published_at)) };
-        let sql = format!("SELECT count(*) FROM {table} WHERE {unpublished} AND {} > 0", quote_ident(&c.attempts));
-        Some(client.query_one(&sql, &[]).await.map_err(q)?.try_get(0).map_err(q)?)
+    let failing = match outbox.failing_sql() {
+        Some(sql) => Some(client.query_one(&sql, &[]).await.map_err(q)?.try_get(0).map_err(q)?),
+        None => None,
     };
     let resource = match config.source.mode {
-        SourceMode::Poll => Resource::lanes_of(table::resolve(client, &table).await?, config.replicas.lanes),
+        SourceMode::Poll => Resource::lanes_of(table::resolve(client, table).await?, config.replicas.lanes),
         SourceMode::Replication => Resource::slot(&config.source.replication.slot),
     };
     let relays: Vec<Holding> = holdings(client, &resource.name).await?.into_iter().filter(|h| h.lane_count == resource.lanes).collect();

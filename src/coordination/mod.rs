@@ -48,7 +48,6 @@ pub use store::{holdings, Holding};
 
 use crate::config::Config;
 use crate::postgres::{self, PostgresError};
-use crate::source::poll::ClaimScope;
 
 /// The lane an aggregate belongs to, as SQL over `aggregate` (a text
 /// expression). `hashtextextended` is the hash Postgres itself uses for hash
@@ -56,6 +55,53 @@ use crate::source::poll::ClaimScope;
 /// upgrades.
 pub fn lane_sql(aggregate: &str, lanes: i32) -> String {
     format!("((hashtextextended(coalesce({aggregate}, ''), 0) & 9223372036854775807) % {lanes})::int4")
+}
+
+/// What a claim may take, and under which lease (see [`crate::coordination`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimScope {
+    /// The lease rows' resource (the outbox table, or the slot in replication).
+    pub resource: String,
+    /// Lanes of that resource's layout.
+    pub lanes: i32,
+    /// This relay process.
+    pub instance: Uuid,
+    /// Split rows into lanes by aggregate (polling); else every row belongs
+    /// to lane 0 (the replication leader's recovery drain).
+    pub by_lane: bool,
+}
+
+/// A SQL string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+
+impl ClaimScope {
+    /// SQL that is true only while every lane in `lanes` (an int4[]
+    /// parameter such as `$4`) is still leased to this relay, by the
+    /// database clock: a claim fenced by it cannot read rows of a lane
+    /// another relay took over.
+    pub fn fence_sql(&self, lanes: &str) -> String {
+        format!(
+            " AND (SELECT count(*) = cardinality({lanes}::int4[]) AND cardinality({lanes}::int4[]) > 0 \
+               FROM outbox.relay_leases WHERE resource = {} AND lanes = {} AND instance = {} \
+               AND expires_at > now() AND lane = ANY({lanes}::int4[]))",
+            literal(&self.resource),
+            self.lanes,
+            literal(&self.instance.to_string()),
+        )
+    }
+
+    /// SQL that keeps only rows whose aggregate (`aggregate`, a text
+    /// expression) falls in `lanes`; empty when rows are not split by lane.
+    pub fn lane_test_sql(&self, aggregate: &str, lanes: &str) -> String {
+        if self.by_lane {
+            format!(" AND {} = ANY({lanes}::int4[])", lane_sql(aggregate, self.lanes))
+        } else {
+            String::new()
+        }
+    }
 }
 
 /// Errors that end a coordinated session.
@@ -485,6 +531,11 @@ mod tests {
     fn releasing_lanes_are_not_claimable() {
         let a = Assignment { version: 3, held: [1, 2, 3].into(), releasing: [3].into(), lanes: 4 };
         assert_eq!(a.claimable(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_quote_in_a_name_cannot_escape_its_literal() {
+        assert_eq!(literal("a'b"), "'a''b'");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::coordination::{CoordinationError, Identity};
 use crate::envelope::{EnvelopeMapper, TopicTemplate};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::outbox::OutboxTable;
 use crate::postgres::PostgresError;
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
@@ -78,6 +79,8 @@ impl From<CoordinationError> for RelayError {
 /// Relays one outbox to one sink until shutdown.
 pub struct Relay<S: Sink> {
     config: Config,
+    /// The outbox table and every statement on it, built once.
+    table: OutboxTable,
     sink: Arc<S>,
     mapper: EnvelopeMapper,
     metrics: Metrics,
@@ -106,7 +109,8 @@ impl<S: Sink> Relay<S> {
         let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
         let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| RelayError::Config(e.to_string()))?;
         let identity = Identity::new(config.replicas.resolved_relay_id());
-        Ok(Relay { config, sink, mapper, metrics, health, shutdown, identity, blocked_behind_lsn: 0 })
+        let table = OutboxTable::from_config(&config).map_err(RelayError::Config)?;
+        Ok(Relay { config, table, sink, mapper, metrics, health, shutdown, identity, blocked_behind_lsn: 0 })
     }
 
     /// Runs sessions until shutdown; errors are logged and retried.

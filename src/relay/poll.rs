@@ -22,13 +22,13 @@ use tracing::{debug, error, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
 use crate::coordination::{Assignment, Coordinator, Resource};
-use crate::source::table::{self, TableName};
+use crate::source::table;
 use tracing::Instrument;
 use crate::config::{FailurePolicy, PublishedMode};
-use crate::dead_letter::{self, DeadLetter};
+use crate::failure::{self as dead_letter, DeadLetter, FailedRow, FailureKind};
 use crate::event::Rejected;
 use crate::blocking::Blocked;
-use crate::pipeline::{BatchOutcome, FailedRow, FailureKind};
+use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
 use crate::retention;
 use crate::sink::Sink;
@@ -113,16 +113,13 @@ impl<S: Sink> Relay<S> {
         let coordinator = match leader {
             Some(leader) => leader,
             None => {
-                let table = TableName::parse(&self.config.source.table).map_err(RelayError::Config)?;
-                let name = table::resolve(&connection.client, &table).await?;
+                let name = table::resolve(&connection.client, self.table.name()).await?;
                 let resource = Resource::lanes_of(name, self.config.replicas.lanes);
                 own.insert(Coordinator::start(&self.config, resource, self.identity.clone()).await?)
             }
         };
-        let exclude_dead_lettered = self.config.failures.policy == FailurePolicy::DeadLetter;
         let scope = coordinator.claim_scope();
-        let mut source =
-            PollSource::prepare(connection, &self.config.source, self.config.published.mode, exclude_dead_lettered, &scope).await?;
+        let mut source = PollSource::prepare(connection, &self.config.source, &self.table, &scope).await?;
         self.health.set_postgres(true);
         info!(table = %self.config.source.table, relay_id = %self.identity.relay_id, lanes = scope.lanes, "joined the relays on this outbox");
         *backoff = reconnect_backoff();

@@ -13,18 +13,17 @@ use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
 use crate::coordination::{Coordinator, Fence, Resource};
 use crate::blocking::Blocked;
 use crate::config::{FailurePolicy, PublishedMode};
-use crate::dead_letter::{self, DeadLetter};
+use crate::failure::{self as dead_letter, DeadLetter, FailedRow, FailureKind};
 use crate::event::Rejected;
-use crate::pipeline::{BatchOutcome, FailedRow, FailureKind};
+use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
 use crate::sink::Sink;
-use crate::source::poll::{read_failed_rows, PollQueries};
+use crate::outbox::OutboxTable;
 use crate::source::replication::pgoutput::{Logical, WalMessage};
 use crate::source::replication::wire::{
     format_lsn, parse_lsn, ConnectParams, ReplicationConnection, ReplicationStream, WireError, WireTls,
 };
 use crate::source::replication::{self, pg_time, Decoded, EventDecoder, SlotState, HEARTBEAT_PREFIX};
-use crate::source::table::TableName;
 use crate::source::ClaimedBatch;
 
 /// How often slot lag is measured.
@@ -107,7 +106,7 @@ impl Drop for Marker {
 }
 
 impl Marker {
-    fn start(connection: postgres::Connection, queries: PollQueries, capacity: usize) -> Marker {
+    fn start(connection: postgres::Connection, queries: OutboxTable, capacity: usize) -> Marker {
         let (jobs, mut incoming) = mpsc::channel::<MarkJob>(capacity * 4);
         let (done_tx, done) = mpsc::channel(capacity * 4);
         let task = tokio::spawn(async move {
@@ -319,8 +318,7 @@ impl<S: Sink> Relay<S> {
         let fence = coordinator.fence();
         let config = self.config.clone();
         let r = &config.source.replication;
-        let table = TableName::parse(&config.source.table).map_err(RelayError::Config)?;
-        let queries = PollQueries::new(&table, &config.source.columns, config.published.mode, config.failures.policy == FailurePolicy::DeadLetter, None);
+        let queries = self.table.clone();
         let mut decoder = EventDecoder::new(&config).map_err(RelayError::Config)?;
         let max_in_flight = config.source.max_in_flight_batches;
         let batch_size = config.source.batch_size;
@@ -636,9 +634,7 @@ impl<S: Sink> Relay<S> {
         let read = if unread.is_empty() {
             Default::default()
         } else {
-            let table = TableName::parse(&self.config.source.table).map_err(RelayError::Config)?;
-            let queries = PollQueries::new(&table, &self.config.source.columns, self.config.published.mode, false, None);
-            read_failed_rows(&control.client, &queries, &unread).await?
+            self.table.read_failed_rows(&control.client, &unread).await?
         };
         Ok(failed
             .iter()

@@ -28,281 +28,19 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
-use uuid::Uuid;
 
-use super::table::{quote_ident, TableName};
+use super::table::quote_ident;
 use super::ClaimedBatch;
 use crate::blocking::Blocked;
-use crate::config::{ColumnMapping, PublishedMode, SourceConfig};
+use crate::config::SourceConfig;
+use crate::coordination::ClaimScope;
 use crate::event::{RawRow, Rejected};
+use crate::outbox::{decode, ClaimStatement, OutboxTable};
 use crate::postgres::{Connection, PostgresError};
 
 /// Most rows kept out of claims at once after a failed publish; past this,
 /// rows are simply retried sooner.
 const MAX_PARKED: usize = 10_000;
-
-/// SQL text for one outbox table and column mapping, built once.
-#[derive(Debug, Clone)]
-pub struct PollQueries {
-    claim: String,
-    claim_blocked: String,
-    claim_lanes: String,
-    claim_lanes_blocked: String,
-    checkpoint: String,
-    record_failures: Option<String>,
-    dead_lettered: String,
-    failed_rows: String,
-    still_pending: String,
-}
-
-/// What a claim may take, and under which lease (see [`crate::coordination`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimScope {
-    /// The lease rows' resource (the outbox table, or the slot in replication).
-    pub resource: String,
-    /// Lanes of that resource's layout.
-    pub lanes: i32,
-    /// This relay process.
-    pub instance: Uuid,
-    /// Split rows into lanes by aggregate (polling); else every row belongs
-    /// to lane 0 (the replication leader's recovery drain).
-    pub by_lane: bool,
-}
-
-/// A SQL string literal.
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-impl PollQueries {
-    /// Builds the statements; names were validated by `Config::validate`.
-    /// With `exclude_dead_lettered` (policy dead_letter and a mapped
-    /// `dead_lettered_at` column), dead-lettered rows are never claimed.
-    /// Claims are fenced by `scope`'s lease (None: unfenced, for callers
-    /// that never claim).
-    pub fn new(
-        table: &TableName,
-        columns: &ColumnMapping,
-        published: PublishedMode,
-        exclude_dead_lettered: bool,
-        scope: Option<&ClaimScope>,
-    ) -> PollQueries {
-        let position = quote_ident(&columns.position);
-        let mut unpublished = if columns.published_at.is_empty() {
-            "true".to_owned()
-        } else {
-            format!("{} IS NULL", quote_ident(&columns.published_at))
-        };
-        if exclude_dead_lettered && !columns.dead_lettered_at.is_empty() {
-            unpublished = format!("{unpublished} AND {} IS NULL", quote_ident(&columns.dead_lettered_at));
-        }
-        let select_list = select_list(columns);
-        // Rows of blocked aggregates ($4) wait, except the failed events they wait for ($5).
-        let aggregate = if columns.aggregate_id.is_empty() {
-            "NULL::text".to_owned()
-        } else {
-            format!("{}::text", quote_ident(&columns.aggregate_id))
-        };
-        let eligible = format!(
-            "NOT ({position} = ANY($3::int8[])) \
-             AND (NOT coalesce({aggregate} = ANY($4::text[]), false) OR {position} = ANY($5::int8[]))"
-        );
-        // $1: highest in-flight position, $2: batch size, $3: parked positions,
-        // $4: blocked aggregates, $5: the positions they are blocked behind.
-        // Used only while something is blocked: the aggregate test needs the
-        // heap row, where the common statement below needs only the index.
-        // `extra` adds the lease fence and, holding only some lanes, the lane test.
-        // `floor` ($5, or $7 next to the blocked parameters) bounds the count
-        // below once nothing can commit late under it (see `Floor`); the
-        // statement's snapshot horizon (xmin, xmax) comes back for that test.
-        let claim_sql = |eligible: &str, extra: &str, floor: &str| {
-            format!(
-                "WITH behind AS ( \
-                   SELECT count(*) AS n, \
-                          pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS horizon, \
-                          pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS next_xid \
-                   FROM {table} \
-                   WHERE {unpublished} AND {position} <= $1::int8 AND {position} >= {floor}::int8 AND {eligible}{extra} \
-                 ), next AS ( \
-                   SELECT {select_list} FROM {table} \
-                   WHERE {unpublished} AND {position} > $1::int8 AND {eligible}{extra} \
-                   ORDER BY {position} LIMIT $2::int8 \
-                 ) \
-                 SELECT behind.n, behind.horizon, behind.next_xid, next.* FROM behind LEFT JOIN next ON true ORDER BY 4"
-            )
-        };
-        // The lanes held ($4, or $6 next to the blocked parameters): every one
-        // must still be leased to this relay, by the database clock.
-        let fence = |lanes: &str| match scope {
-            None => String::new(),
-            Some(scope) => format!(
-                " AND (SELECT count(*) = cardinality({lanes}::int4[]) AND cardinality({lanes}::int4[]) > 0 \
-                   FROM outbox.relay_leases WHERE resource = {} AND lanes = {} AND instance = {} \
-                   AND expires_at > now() AND lane = ANY({lanes}::int4[]))",
-                literal(&scope.resource),
-                scope.lanes,
-                literal(&scope.instance.to_string()),
-            ),
-        };
-        let lane_test = |lanes: &str| match scope {
-            Some(scope) if scope.by_lane => {
-                format!(" AND {} = ANY({lanes}::int4[])", crate::coordination::lane_sql(&aggregate, scope.lanes))
-            }
-            _ => String::new(),
-        };
-        let parked_only = format!("NOT ({position} = ANY($3::int8[]))");
-        let claim = claim_sql(&parked_only, &fence("$4"), "$5");
-        let claim_blocked = claim_sql(&eligible, &fence("$6"), "$7");
-        let claim_lanes = claim_sql(&parked_only, &format!("{}{}", lane_test("$4"), fence("$4")), "$5");
-        let claim_lanes_blocked = claim_sql(&eligible, &format!("{}{}", lane_test("$6"), fence("$6")), "$7");
-        let still_pending = format!(
-            "SELECT {position}::int8 FROM {table} WHERE {unpublished} AND {position} = ANY($1::int8[])"
-        );
-        let checkpoint = match published {
-            PublishedMode::Mark => format!(
-                "UPDATE {table} SET {} = now() WHERE {position} = ANY($1::int8[])",
-                quote_ident(&columns.published_at)
-            ),
-            PublishedMode::Delete => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
-            // Replication with no marking never checkpoints rows; keep a harmless statement.
-            PublishedMode::None => "SELECT count(*) FROM unnest($1::int8[])".to_owned(),
-        };
-        let record_failures = (!columns.attempts.is_empty()).then(|| {
-            let attempts = quote_ident(&columns.attempts);
-            format!(
-                "UPDATE {table} AS o SET {attempts} = o.{attempts} + 1, {} = f.error, {} = now() \
-                 FROM unnest($1::int8[], $2::text[]) AS f(position, error) WHERE o.{position} = f.position",
-                quote_ident(&columns.last_error),
-                quote_ident(&columns.failed_at),
-            )
-        });
-        let dead_lettered_at = (!columns.dead_lettered_at.is_empty()).then(|| quote_ident(&columns.dead_lettered_at));
-        let dead_lettered = match (published, &dead_lettered_at) {
-            (PublishedMode::Mark, Some(d)) => format!(
-                "UPDATE {table} SET {} = now(), {d} = now() WHERE {position} = ANY($1::int8[])",
-                quote_ident(&columns.published_at)
-            ),
-            (PublishedMode::Mark, None) => format!(
-                "UPDATE {table} SET {} = now() WHERE {position} = ANY($1::int8[])",
-                quote_ident(&columns.published_at)
-            ),
-            (PublishedMode::Delete, Some(d)) => format!("UPDATE {table} SET {d} = now() WHERE {position} = ANY($1::int8[])"),
-            (PublishedMode::Delete, None) => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
-            (PublishedMode::None, _) => "SELECT count(*) FROM unnest($1::int8[])".to_owned(),
-        };
-        let attempts = if columns.attempts.is_empty() {
-            "NULL::int8".to_owned()
-        } else {
-            format!("{}::int8", quote_ident(&columns.attempts))
-        };
-        let failed_rows = format!(
-            "SELECT {select_list}, {attempts} FROM {table} WHERE {position} = ANY($1::int8[]) ORDER BY {position}"
-        );
-        PollQueries {
-            claim,
-            claim_blocked,
-            claim_lanes,
-            claim_lanes_blocked,
-            checkpoint,
-            record_failures,
-            dead_lettered,
-            failed_rows,
-            still_pending,
-        }
-    }
-}
-
-/// The columns every reader of the outbox selects, in [`decode`]'s order.
-pub fn select_list(columns: &ColumnMapping) -> String {
-    let col = |name: &str, cast: &str| -> String {
-        if name.is_empty() {
-            format!("NULL::{cast}")
-        } else {
-            format!("{}::{cast}", quote_ident(name))
-        }
-    };
-    [
-        format!("{}::int8", quote_ident(&columns.position)),
-        col(&columns.event_id, "text"),
-        col(&columns.aggregate_type, "text"),
-        col(&columns.aggregate_id, "text"),
-        col(&columns.event_type, "text"),
-        col(&columns.event_version, "int4"),
-        col(&columns.payload, "text"),
-        col(&columns.headers, "text"),
-        col(&columns.actor, "text"),
-        col(&columns.traceparent, "text"),
-        col(&columns.topic, "text"),
-        col(&columns.created_at, "timestamptz"),
-    ]
-    .join(", ")
-}
-
-/// SQL returning (unpublished rows, age in seconds of the oldest one).
-/// Counting stops at ten million so a huge backlog cannot make it slow.
-pub fn backlog_sql(table: &TableName, columns: &ColumnMapping) -> String {
-    let position = quote_ident(&columns.position);
-    let unpublished = if columns.published_at.is_empty() {
-        "true".to_owned()
-    } else {
-        format!("{} IS NULL", quote_ident(&columns.published_at))
-    };
-    let age = if columns.created_at.is_empty() {
-        "NULL::float8".to_owned()
-    } else {
-        format!(
-            "(SELECT extract(epoch FROM now() - {})::float8 FROM {table} WHERE {unpublished} ORDER BY {position} LIMIT 1)",
-            quote_ident(&columns.created_at)
-        )
-    };
-    format!("SELECT (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {unpublished} LIMIT 10000000) s), {age}")
-}
-
-impl PollQueries {
-    /// `$1::int8[]` positions to mark or delete (per `published.mode`).
-    pub fn checkpoint_sql(&self) -> &str {
-        &self.checkpoint
-    }
-
-    /// `$1::int8[]` positions, `$2::text[]` reasons; None without failure columns.
-    pub fn record_failures_sql(&self) -> Option<&str> {
-        self.record_failures.as_deref()
-    }
-
-    /// `$1::int8[]` positions just dead-lettered: stamp (mark mode: also
-    /// published_at) so they are not claimed again; delete mode without a
-    /// dead_lettered_at column deletes them.
-    pub fn dead_lettered_sql(&self) -> &str {
-        &self.dead_lettered
-    }
-
-    /// `$1::int8[]` positions: [`select_list`] plus the attempts so far (or NULL).
-    pub fn failed_rows_sql(&self) -> &str {
-        &self.failed_rows
-    }
-}
-
-/// Reads failed rows back (for dead-lettering): the raw row and its attempts so far.
-pub async fn read_failed_rows(
-    client: &tokio_postgres::Client,
-    queries: &PollQueries,
-    positions: &[i64],
-) -> Result<HashMap<i64, (RawRow, Option<i64>)>, PostgresError> {
-    let mut found = HashMap::new();
-    if positions.is_empty() {
-        return Ok(found);
-    }
-    let rows = client
-        .query(queries.failed_rows_sql(), &[&positions])
-        .await
-        .map_err(|e| PostgresError::query("reading failed rows", &e))?;
-    for row in &rows {
-        let Some(raw) = decode(row, 0)? else { continue };
-        let attempts: Option<i64> = row.try_get(12).map_err(|e| PostgresError::query("reading failed rows", &e))?;
-        found.insert(raw.position, (raw, attempts));
-    }
-    Ok(found)
-}
 
 /// What one claim found.
 #[derive(Debug)]
@@ -415,8 +153,7 @@ impl Floor {
 /// A polling connection to one outbox table.
 pub struct PollSource {
     connection: Connection,
-    table_label: String,
-    queries: PollQueries,
+    table: OutboxTable,
     claim: Statement,
     claim_blocked: Statement,
     claim_lanes: Statement,
@@ -435,12 +172,10 @@ impl PollSource {
     pub async fn prepare(
         connection: Connection,
         config: &SourceConfig,
-        published: PublishedMode,
-        exclude_dead_lettered: bool,
+        table: &OutboxTable,
         scope: &ClaimScope,
     ) -> Result<PollSource, PostgresError> {
-        let table = TableName::parse(&config.table).map_err(PostgresError::Query)?;
-        let queries = PollQueries::new(&table, &config.columns, published, exclude_dead_lettered, Some(scope));
+        let queries = table.fenced_by(scope);
         let client = &connection.client;
         // The relay's statements are small and latency-bound: parallel
         // workers and JIT only add start-up cost. A mark lost in a Postgres
@@ -451,14 +186,15 @@ impl PollSource {
             .await
             .map_err(|e| PostgresError::query("configuring the relay session", &e))?;
         let context = format!("outbox table {}", config.table);
-        let claim = client.prepare(&queries.claim).await.map_err(|e| PostgresError::query(&context, &e))?;
-        let claim_blocked = client.prepare(&queries.claim_blocked).await.map_err(|e| PostgresError::query(&context, &e))?;
-        let claim_lanes = client.prepare(&queries.claim_lanes).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let prepare = |which| client.prepare(queries.claim_sql(which));
+        let claim = prepare(ClaimStatement::AllLanes).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let claim_blocked = prepare(ClaimStatement::AllLanesBlocked).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let claim_lanes = prepare(ClaimStatement::SomeLanes).await.map_err(|e| PostgresError::query(&context, &e))?;
         let claim_lanes_blocked =
-            client.prepare(&queries.claim_lanes_blocked).await.map_err(|e| PostgresError::query(&context, &e))?;
+            prepare(ClaimStatement::SomeLanesBlocked).await.map_err(|e| PostgresError::query(&context, &e))?;
         let checkpoint =
-            client.prepare(&queries.checkpoint).await.map_err(|e| PostgresError::query(&context, &e))?;
-        let record_failures = match &queries.record_failures {
+            client.prepare(queries.checkpoint_sql()).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let record_failures = match queries.record_failures_sql() {
             Some(sql) => Some(client.prepare(sql).await.map_err(|e| PostgresError::query(&context, &e))?),
             None => None,
         };
@@ -468,8 +204,7 @@ impl PollSource {
             .map_err(|e| PostgresError::query("LISTEN", &e))?;
         Ok(PollSource {
             connection,
-            table_label: config.table.clone(),
-            queries,
+            table: queries,
             claim,
             claim_blocked,
             claim_lanes,
@@ -543,7 +278,7 @@ impl PollSource {
             // The LEFT JOIN yields one row of NULLs when nothing is unpublished.
             let Some(raw) = decode(row, 3)? else { continue };
             batch.last_position = raw.position;
-            match raw.into_event(&self.table_label) {
+            match raw.into_event(self.table.label()) {
                 Ok(event) => batch.events.push(event),
                 Err(rejected) => batch.rejected.push(rejected),
             }
@@ -591,7 +326,7 @@ impl PollSource {
         let rows = self
             .connection
             .client
-            .query(&self.queries.still_pending, &[&positions])
+            .query(self.table.still_pending_sql(), &[&positions])
             .await
             .map_err(|e| PostgresError::query("checking failed rows", &e))?;
         rows.iter().map(|r| r.try_get(0).map_err(|e| PostgresError::query("checking failed rows", &e))).collect()
@@ -599,17 +334,17 @@ impl PollSource {
 
     /// Reads failed rows back with their attempts so far (for dead-lettering).
     pub async fn failed_rows(&self, positions: &[i64]) -> Result<HashMap<i64, (RawRow, Option<i64>)>, PostgresError> {
-        read_failed_rows(&self.connection.client, &self.queries, positions).await
+        self.table.read_failed_rows(&self.connection.client, positions).await
     }
 
-    /// Marks dead-lettered rows done (see [`PollQueries::dead_lettered_sql`]).
+    /// Marks dead-lettered rows done (see [`OutboxTable::dead_lettered_sql`]).
     pub async fn mark_dead_lettered(&self, positions: &[i64]) -> Result<(), PostgresError> {
         if positions.is_empty() {
             return Ok(());
         }
         self.connection
             .client
-            .execute(self.queries.dead_lettered_sql(), &[&positions])
+            .execute(self.table.dead_lettered_sql(), &[&positions])
             .await
             .map_err(|e| PostgresError::query("marking dead-lettered rows", &e))?;
         Ok(())
@@ -621,85 +356,9 @@ impl PollSource {
     }
 }
 
-/// Decodes [`select_list`]'s columns starting at column `first`; None for
-/// an all-NULL row (an outer join that found nothing).
-pub fn decode(row: &Row, first: usize) -> Result<Option<RawRow>, PostgresError> {
-    let get_err = |e: tokio_postgres::Error| PostgresError::query("decoding an outbox row", &e);
-    let Some(position) = row.try_get::<_, Option<i64>>(first).map_err(get_err)? else {
-        return Ok(None);
-    };
-    let at = |i: usize| first + i;
-    Ok(Some(RawRow {
-        position,
-        event_id: row.try_get(at(1)).map_err(get_err)?,
-        aggregate_type: row.try_get(at(2)).map_err(get_err)?,
-        aggregate_id: row.try_get(at(3)).map_err(get_err)?,
-        event_type: row.try_get(at(4)).map_err(get_err)?,
-        event_version: row.try_get(at(5)).map_err(get_err)?,
-        payload: row.try_get(at(6)).map_err(get_err)?,
-        headers: row.try_get(at(7)).map_err(get_err)?,
-        actor: row.try_get(at(8)).map_err(get_err)?,
-        traceparent: row.try_get(at(9)).map_err(get_err)?,
-        topic: row.try_get(at(10)).map_err(get_err)?,
-        created_at: row.try_get(at(11)).map_err(get_err)?,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn debezium_mapping_selects_nulls_for_absent_columns() {
-        let columns = ColumnMapping {
-            position: "id".into(),
-            event_id: "".into(),
-            aggregate_type: "aggregatetype".into(),
-            aggregate_id: "aggregateid".into(),
-            event_type: "type".into(),
-            event_version: "".into(),
-            payload: "payload".into(),
-            headers: "".into(),
-            actor: "".into(),
-            traceparent: "".into(),
-            topic: "".into(),
-            created_at: "".into(),
-            published_at: "".into(),
-            attempts: "".into(),
-            last_error: "".into(),
-            failed_at: "".into(),
-            dead_lettered_at: "".into(),
-        };
-        let table = TableName::parse("public.outbox").unwrap();
-        let q = PollQueries::new(&table, &columns, PublishedMode::Delete, true, None);
-        assert!(q.claim.contains("\"aggregatetype\"::text"));
-        assert!(q.claim.contains("NULL::int4"));
-        assert!(q.claim.contains("WHERE true AND \"id\" > $1::int8"));
-        assert!(!q.claim.contains("$4"), "the common claim never reads the heap for the aggregate");
-        assert!(q.claim_blocked.contains("coalesce(\"aggregateid\"::text = ANY($4::text[]), false) OR \"id\" = ANY($5::int8[])"));
-        assert_eq!(q.checkpoint, "DELETE FROM \"public\".\"outbox\" WHERE \"id\" = ANY($1::int8[])");
-        assert!(q.record_failures.is_none());
-    }
-
-    #[test]
-    fn claims_are_fenced_by_the_lease_and_lanes_filter_by_aggregate() {
-        let table = TableName::parse("outbox.events").unwrap();
-        let scope = ClaimScope { resource: "outbox.events".into(), lanes: 8, instance: Uuid::nil(), by_lane: true };
-        let q = PollQueries::new(&table, &ColumnMapping::default(), PublishedMode::Mark, false, Some(&scope));
-        for sql in [&q.claim, &q.claim_lanes] {
-            assert!(sql.contains("resource = 'outbox.events' AND lanes = 8 AND instance = '00000000-0000-0000-0000-000000000000'"));
-            assert!(sql.contains("cardinality($4::int4[])"));
-        }
-        assert!(!q.claim.contains("hashtextextended"), "holding every lane skips the per-row test");
-        assert!(q.claim_lanes.contains("% 8)::int4 = ANY($4::int4[])"));
-        assert!(q.claim_lanes_blocked.contains("% 8)::int4 = ANY($6::int4[])"));
-        assert!(!q.claim_lanes_blocked.contains("$4::int4[]"));
-    }
-
-    #[test]
-    fn a_quote_in_a_name_cannot_escape_its_literal() {
-        assert_eq!(literal("a'b"), "'a''b'");
-    }
 
     #[test]
     fn the_floor_rises_only_behind_settled_claims_and_never_above_a_live_row() {

@@ -1,3 +1,7 @@
+//! The failure vocabulary every layer shares: where a row failed
+//! ([`FailureKind`]), the failed row itself ([`FailedRow`]), and dead
+//! letters.
+//!
 //! Dead letters (`failures.policy = "dead_letter"`): an event that failed
 //! permanently, or transiently `failures.max_attempts` times, is published
 //! to the dead-letter topic with the reason, and only once the broker
@@ -12,9 +16,54 @@
 use std::borrow::Cow;
 
 use crate::config::{FailurePolicy, FailuresConfig};
-use crate::event::{OutboxEvent, RawRow};
-use crate::pipeline::FailureKind;
+use crate::event::{OutboxEvent, RawRow, Rejected};
 use crate::sink::{OutgoingMessage, PublishError, Sink};
+
+/// A row that was not published.
+#[derive(Debug, Clone)]
+pub struct FailedRow {
+    /// Position and reason.
+    pub row: Rejected,
+    /// Where it failed, which also says whether retrying can help.
+    pub kind: FailureKind,
+    /// The event as the dead-letter topic should see it, when the stage had
+    /// it in hand (mapping and broker failures); rows rejected before that
+    /// are read back from the table.
+    pub letter: Option<Box<DeadLetter>>,
+}
+
+impl FailedRow {
+    /// The aggregate whose later events must wait for this one.
+    pub fn aggregate_id(&self) -> Option<&str> {
+        self.letter.as_ref().and_then(|l| l.aggregate_id.as_deref()).or(self.row.aggregate_id.as_deref())
+    }
+}
+
+/// Where a row failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The row cannot form a valid message (bad column, bad topic).
+    Envelope,
+    /// The broker refused it and a retry may succeed.
+    BrokerTransient,
+    /// The broker refused it for good (too large, not authorized...).
+    BrokerPermanent,
+    /// Too many aggregates are blocked to hold back one more: the session
+    /// stops and retries (see [`crate::blocking::MAX_BLOCKED`]).
+    TooManyBlocked,
+}
+
+impl FailureKind {
+    /// Label value for `outbox_relay_publish_failures_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Envelope => "envelope",
+            FailureKind::BrokerTransient => "broker_transient",
+            FailureKind::BrokerPermanent => "broker_permanent",
+            FailureKind::TooManyBlocked => "too_many_blocked",
+        }
+    }
+}
 
 /// What is known about a failed event (everything may be missing).
 #[derive(Debug, Clone, Default)]
