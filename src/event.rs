@@ -112,8 +112,10 @@ impl RawRow {
         let aggregate_type = required(self.aggregate_type, "aggregate_type")
             .map_err(|r| r.of_aggregate(self.aggregate_id.clone()))?;
         let aggregate_id = required(self.aggregate_id, "aggregate_id")?;
+        // From here on every rejection names the aggregate: a blocking policy
+        // must hold its later events back behind this one, whatever is wrong.
         let reject = |reason: String| Rejected::new(position, reason).of_aggregate(Some(aggregate_id.clone()));
-        let event_type = required(self.event_type, "event_type")?;
+        let event_type = required(self.event_type, "event_type").map_err(|r| r.of_aggregate(Some(aggregate_id.clone())))?;
         let payload_text = self.payload.ok_or_else(|| reject("payload is NULL".into()))?;
         let payload = RawValue::from_string(payload_text)
             .map_err(|e| reject(format!("payload is not valid JSON: {e}")))?;
@@ -195,6 +197,21 @@ mod tests {
         let rejected = r.into_event("t").unwrap_err();
         assert!(rejected.reason.starts_with("payload is not valid JSON"), "{}", rejected.reason);
         assert_eq!(rejected.aggregate_id.as_deref(), Some("42"), "a blocking policy must know whose event failed");
+    }
+
+    #[test]
+    fn every_rejection_after_the_aggregate_is_known_names_it() {
+        for broken in [
+            RawRow { event_type: Some(String::new()), ..row() },
+            RawRow { event_type: None, ..row() },
+            RawRow { payload: None, ..row() },
+            RawRow { event_id: Some("nope".into()), ..row() },
+            RawRow { event_version: Some(0), ..row() },
+            RawRow { aggregate_type: None, ..row() },
+        ] {
+            let rejected = broken.into_event("t").unwrap_err();
+            assert_eq!(rejected.aggregate_id.as_deref(), Some("42"), "{}", rejected.reason);
+        }
     }
 
     #[test]
