@@ -10,6 +10,7 @@
 //! pipeline    publish stage: enqueue batches, return outcomes in claim order
 //! blocking    failures.policy = "block": hold an aggregate back behind its failed event
 //! failure     the failure vocabulary (FailureKind, FailedRow) and dead letters
+//! settle      the settlement core: a batch outcome + the failure policy -> marks, dead letters, retries, or the session's end
 //! relay/      sessions (poll.rs, replication.rs): capture -> publish -> checkpoint, reconnect, drain
 //! retention   deletes published rows past retention (mark mode)
 //! outbox      the outbox table: its name, column mapping and every statement on it
@@ -48,6 +49,7 @@ pub mod postgres;
 pub mod relay;
 pub mod replay;
 pub mod retention;
+pub mod settle;
 pub mod shutdown;
 pub mod sink;
 pub mod source;

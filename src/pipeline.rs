@@ -122,7 +122,8 @@ async fn publish<S: Sink>(
     // Checked per batch, just before enqueueing: a relay that lost its lease
     // (frozen past it, cut off from Postgres) sends nothing more.
     let fenced = !fence.holds();
-    let (events, rejected) = if fenced { (Vec::new(), Vec::new()) } else { (batch.events, batch.rejected) };
+    let (events, rejected, mut already_delivered) =
+        if fenced { Default::default() } else { (batch.events, batch.rejected, batch.already_delivered) };
     let mut failed: Vec<FailedRow> = Vec::new();
     for row in rejected {
         let mut failure = FailedRow { row, kind: FailureKind::Envelope, letter: None };
@@ -174,7 +175,8 @@ async fn publish<S: Sink>(
         metrics.broker_ack_latency.observe(enqueued_at.elapsed().as_secs_f64());
         let now = chrono::Utc::now().timestamp_micros();
         let mut counts = vec![0u64; labels.len()];
-        let mut delivered = Vec::with_capacity(sent.len());
+        let mut delivered = Vec::with_capacity(sent.len() + already_delivered.len());
+        delivered.append(&mut already_delivered);
         for ((index, created, label), result) in sent.into_iter().zip(results) {
             let event = &events[index];
             match result {

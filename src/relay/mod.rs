@@ -23,9 +23,14 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::sleep;
-use tracing::error;
+use tracing::{error, Instrument};
 
-use crate::config::{Config, SourceMode};
+use crate::blocking::Blocked;
+use crate::config::{Config, PublishedMode, SourceMode};
+use crate::event::RawRow;
+use crate::failure::{self, DeadLetter, FailedRow};
+use crate::retention;
+use crate::settle::Ledger;
 use crate::coordination::{CoordinationError, Identity};
 use crate::envelope::{EnvelopeMapper, TopicTemplate};
 use crate::health::Health;
@@ -61,6 +66,10 @@ pub enum RelayError {
     /// everything behind it waiting; the session retries from the same place.
     #[error("{0}")]
     Blocked(String),
+    /// The slot cannot decode with its publication: it was dropped, or
+    /// dropped and created again after the slot's position.
+    #[error("{0}")]
+    Publication(String),
     /// This relay's lease ran out (or could not be kept): it stops
     /// publishing and rejoins; another relay may have taken over.
     #[error("{0}")]
@@ -88,6 +97,13 @@ pub struct Relay<S: Sink> {
     shutdown: Shutdown,
     /// This process in the lease table.
     identity: Identity,
+    /// What the broker acknowledged and what failed, across this process's
+    /// sessions (see [`crate::settle`]).
+    ledger: Ledger,
+    /// Polling, `failures.policy = "block"`: aggregates held back behind a
+    /// failed event, kept across sessions so a restart cannot let their
+    /// later events overtake it.
+    blocked: Blocked,
     /// Replication with `failures.policy = "block"`: the highest commit LSN
     /// settled before the stream stopped at an event it cannot publish; the
     /// blocked gauge clears once a later one settles.
@@ -110,20 +126,44 @@ impl<S: Sink> Relay<S> {
         let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| RelayError::Config(e.to_string()))?;
         let identity = Identity::new(config.replicas.resolved_relay_id());
         let table = OutboxTable::from_config(&config).map_err(RelayError::Config)?;
-        Ok(Relay { config, table, sink, mapper, metrics, health, shutdown, identity, blocked_behind_lsn: 0 })
+        Ok(Relay {
+            config,
+            table,
+            sink,
+            mapper,
+            metrics,
+            health,
+            shutdown,
+            identity,
+            ledger: Ledger::default(),
+            blocked: Blocked::default(),
+            blocked_behind_lsn: 0,
+        })
     }
 
     /// Runs sessions until shutdown; errors are logged and retried.
     pub async fn run(mut self) -> Result<(), RelayError> {
         let mut backoff = reconnect_backoff();
+        // One cleaner per outbox, whatever the capture mode: it runs on every
+        // relay but deletes only while holding the table's retention lock.
+        let retention = (self.config.published.mode == PublishedMode::Mark && !self.config.published.retention.is_zero())
+            .then(|| tokio::spawn(retention::run(self.config.clone(), self.table.clone(), self.shutdown.clone()).in_current_span()));
+        let result = self.sessions(&mut backoff).await;
+        if let Some(task) = retention {
+            task.abort();
+        }
+        result
+    }
+
+    async fn sessions(&mut self, backoff: &mut backon::ExponentialBackoff) -> Result<(), RelayError> {
         loop {
             if self.shutdown.is_triggered() {
                 return Ok(());
             }
             self.sink.recover().await;
             let result = match self.config.source.mode {
-                SourceMode::Poll => self.poll_session(&mut backoff, None).await,
-                SourceMode::Replication => self.replication_session(&mut backoff).await,
+                SourceMode::Poll => self.poll_session(backoff, None).await,
+                SourceMode::Replication => self.replication_session(backoff).await,
             };
             self.health.set_postgres(false);
             self.health.set_role("starting");
@@ -181,6 +221,72 @@ impl<S: Sink> Relay<S> {
         );
         Stage { batches, outcomes, task }
     }
+}
+
+impl<S: Sink> Relay<S> {
+    /// Publishes dead letters for `failures` and waits for the dead-letter
+    /// topic's answers, one per failure in order (Err: why it was refused).
+    /// A letter carries the event as the publish stage had it, else the row
+    /// `read_back` finds, else what the failure itself knows.
+    async fn dead_letter(
+        &self,
+        failures: &[FailedRow],
+        read_back: impl Fn(i64) -> Option<RawRow>,
+    ) -> Vec<Result<(), String>> {
+        if failures.is_empty() {
+            return Vec::new();
+        }
+        let topic = &self.config.failures.dead_letter_topic;
+        let letters: Vec<DeadLetter> = failures
+            .iter()
+            .map(|f| match (&f.letter, read_back(f.row.position)) {
+                (Some(letter), _) => (**letter).clone(),
+                (None, Some(raw)) => DeadLetter::from_row(&raw, &f.row.reason),
+                (None, None) => DeadLetter {
+                    aggregate_id: f.row.aggregate_id.clone(),
+                    payload: f.row.original.clone(),
+                    ..DeadLetter::bare(f.row.position, &f.row.reason)
+                },
+            })
+            .collect();
+        let results = failure::publish(self.sink.as_ref(), &self.config.failures, &self.config.source.table, &letters).await;
+        letters
+            .iter()
+            .zip(results)
+            .map(|(letter, result)| match result {
+                Ok(()) => {
+                    self.metrics.dead_lettered.inc();
+                    error!(
+                        position = letter.position,
+                        aggregate_id = letter.aggregate_id.as_deref().unwrap_or(""),
+                        reason = %letter.error,
+                        topic = %topic,
+                        "event dead-lettered: published to the dead-letter topic and not retried (re-drive it with `outbox-relay replay --dead-lettered`)"
+                    );
+                    Ok(())
+                }
+                Err(error) => {
+                    error!(
+                        position = letter.position,
+                        reason = %letter.error,
+                        topic = %topic,
+                        dead_letter_error = %error.reason,
+                        "publishing to the dead-letter topic failed; the event stays unpublished and will be retried"
+                    );
+                    Err(format!("{} (dead-lettering failed: {})", letter.error, error.reason))
+                }
+            })
+            .collect()
+    }
+}
+
+/// The session's lease lapsed before a batch was sent.
+fn lease_lapsed_before_send() -> RelayError {
+    RelayError::Lease(
+        "this relay's lease lapsed before a batch was sent (frozen, overloaded or cut off from Postgres); \
+         nothing more is published and the relay rejoins"
+            .into(),
+    )
 }
 
 /// Exponential backoff with jitter, 0.5 s to 30 s, never giving up: what

@@ -23,14 +23,13 @@ use tracing::{debug, error, info, warn};
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
 use crate::coordination::{Assignment, Coordinator, Resource};
 use crate::source::table;
-use tracing::Instrument;
-use crate::config::{FailurePolicy, PublishedMode};
-use crate::failure::{self as dead_letter, DeadLetter, FailedRow, FailureKind};
+use crate::config::FailurePolicy;
+use crate::failure::FailureKind;
 use crate::event::Rejected;
 use crate::blocking::Blocked;
+use crate::settle::{self, Capture, End, EventKey, Rules};
 use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
-use crate::retention;
 use crate::sink::Sink;
 use crate::source::poll::{Claim, Parked, PollSource};
 
@@ -124,9 +123,9 @@ impl<S: Sink> Relay<S> {
         info!(table = %self.config.source.table, relay_id = %self.identity.relay_id, lanes = scope.lanes, "joined the relays on this outbox");
         *backoff = reconnect_backoff();
 
-        let retention = (self.config.published.mode == PublishedMode::Mark && !self.config.published.retention.is_zero())
-            .then(|| tokio::spawn(retention::run(self.config.clone(), self.shutdown.clone()).in_current_span()));
-        let blocked = Blocked::default();
+        // Blocked aggregates outlive the session: a session that restarts
+        // still holds their later events back behind the failed one.
+        let blocked = self.blocked.clone();
         let policy_blocks = self.config.failures.policy == FailurePolicy::Block;
         let super::Stage { batches: batch_tx, outcomes: mut outcome_rx, task: stage } =
             self.start_stage(policy_blocks.then(|| blocked.clone()), coordinator.fence());
@@ -134,25 +133,28 @@ impl<S: Sink> Relay<S> {
         let result = self.claim_loop(&mut source, coordinator, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
 
         // Whatever is still enqueued finishes first, so the next session
-        // cannot overtake it; its acknowledgements are dropped (rows stay
-        // unmarked and are claimed again).
-        let mut abandoned = 0usize;
+        // cannot overtake it. Its acknowledgements are remembered (the rows
+        // stay unmarked and are claimed again, then marked without being
+        // published again).
+        let mut unmarked = 0usize;
         let mut beat = interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 outcome = outcome_rx.recv() => match outcome {
-                    Some(outcome) => abandoned += outcome.delivered.len(),
+                    Some(outcome) => {
+                        unmarked += outcome.delivered.len();
+                        for &position in &outcome.delivered {
+                            self.ledger.acknowledged(EventKey::row(position), 0);
+                        }
+                    }
                     None => break,
                 },
                 _ = beat.tick() => self.health.beat(),
             }
         }
         let _ = stage.await;
-        if abandoned > 0 {
-            warn!(events = abandoned, "acknowledged events left unmarked; they will be published again");
-        }
-        if let Some(task) = retention {
-            task.abort();
+        if unmarked > 0 {
+            warn!(events = unmarked, "acknowledged events left unmarked; the next session marks them without publishing them again");
         }
         // Nothing of this session is in flight any more: its lanes can go to
         // another relay at once (the rows left unmarked are claimed again).
@@ -236,8 +238,11 @@ impl<S: Sink> Relay<S> {
                         debug!("rows appeared behind the in-flight window; draining before claiming from the start");
                         resync = true;
                     }
-                    Claim::Batch(batch) => {
+                    Claim::Batch(mut batch) => {
                         resync = false;
+                        if self.ledger.unsettled() > 0 {
+                            batch.set_aside(|event| self.ledger.was_acknowledged(&EventKey::row(event.position)));
+                        }
                         if until_caught_up && batch.is_empty() && in_flight.is_empty() {
                             return Ok(SessionEnd::CaughtUp);
                         }
@@ -266,12 +271,6 @@ impl<S: Sink> Relay<S> {
                 }
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
-                    if outcome.fenced {
-                        return Err(RelayError::Lease(
-                            "this relay's lease lapsed before a batch was sent (frozen, overloaded or cut off from Postgres); \
-                             nothing more is published and the relay rejoins".into(),
-                        ));
-                    }
                     let apply_started = std::time::Instant::now();
                     self.apply(source, &outcome, &mut parked, blocked).await?;
                     tracing::trace!(rows = outcome.delivered.len(), took_us = apply_started.elapsed().as_micros() as u64, "checkpoint");
@@ -296,99 +295,60 @@ impl<S: Sink> Relay<S> {
         }
     }
 
-    /// Checkpoints one outcome: mark delivered rows, then handle failed ones
-    /// by `failures.policy`.
-    async fn apply(&self, source: &PollSource, outcome: &BatchOutcome, parked: &mut Parked, blocked: &Blocked) -> Result<(), RelayError> {
-        source.checkpoint(&outcome.delivered).await?;
-        let published = outcome.delivered.len();
-        self.metrics.events_in_flight.sub((published + outcome.failed.len() + outcome.held.len()) as i64);
-        if published > 0 {
+    /// Checkpoints one outcome as the settlement core plans it: mark
+    /// delivered rows, dead-letter, record and park failed ones, or end the session.
+    async fn apply(&mut self, source: &PollSource, outcome: &BatchOutcome, parked: &mut Parked, blocked: &Blocked) -> Result<(), RelayError> {
+        let rules = Rules::new(Capture::Poll, &self.config.failures);
+        // The table's own attempts count (and the rows, for dead letters).
+        let stored = if rules.policy == FailurePolicy::DeadLetter && !outcome.failed.is_empty() {
+            let positions: Vec<i64> = outcome.failed.iter().map(|f| f.row.position).collect();
+            source.failed_rows(&positions).await?
+        } else {
+            Default::default()
+        };
+        let stored_attempts = |p: i64| stored.get(&p).and_then(|(_, a)| *a).map_or(0, |a| a.clamp(0, i64::from(u32::MAX)) as u32);
+        let plan = settle::plan(rules, outcome, &mut self.ledger, |p| Some(EventKey::row(p)), stored_attempts, 0);
+        if matches!(plan.end, Some(End::Fenced)) {
+            return Err(super::lease_lapsed_before_send());
+        }
+        // The ledger remembers these until the mark succeeds: a failing
+        // mark restarts the session, which marks them again without publishing.
+        source.checkpoint(&plan.mark).await?;
+        self.ledger.marked(&plan.mark);
+        self.metrics.events_in_flight.sub((outcome.delivered.len() + outcome.failed.len() + outcome.held.len()) as i64);
+        if !plan.mark.is_empty() {
             self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
-            if blocked.release(&outcome.delivered) > 0 {
+            if blocked.release(&plan.mark) > 0 {
                 info!(blocked = blocked.len(), "a failed event was published; its aggregate's held-back events follow");
             }
         }
         if !outcome.held.is_empty() {
             debug!(events = outcome.held.len(), "events held back behind a failed event of their aggregate");
         }
-        if outcome.failed.is_empty() {
-            self.metrics.blocked_aggregates.set(blocked.len() as i64);
-            return Ok(());
+        for failure in &outcome.failed {
+            self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
         }
-        if let Some(systemic) = outcome.failed.iter().find(|f| f.kind == FailureKind::TooManyBlocked) {
-            return Err(RelayError::Blocked(systemic.row.reason.clone()));
+        let letters = self.dead_letter(&plan.dead_letter, |p| stored.get(&p).map(|(raw, _)| raw.clone())).await;
+        let mut recorded: Vec<Rejected> = Vec::new();
+        let mut dead: Vec<i64> = Vec::new();
+        let mut retry: Vec<Rejected> = plan.to_record().map(|f| f.row.clone()).collect();
+        for (failure, result) in plan.dead_letter.iter().zip(letters) {
+            match result {
+                Ok(()) => {
+                    parked.forget(failure.row.position);
+                    self.ledger.settled(&EventKey::row(failure.row.position));
+                    recorded.push(failure.row.clone());
+                    dead.push(failure.row.position);
+                }
+                Err(reason) => retry.push(Rejected { reason, ..failure.row.clone() }),
+            }
         }
         let retry_after = self.config.source.retry_failed_after;
-        let failures = &self.config.failures;
-        let mut retry: Vec<&FailedRow> = Vec::with_capacity(outcome.failed.len());
-        let mut retry_reasons: Vec<Rejected> = Vec::with_capacity(outcome.failed.len());
-        let mut letters: Vec<(DeadLetter, &FailedRow)> = Vec::new();
-        if failures.policy == FailurePolicy::DeadLetter {
-            let positions: Vec<i64> = outcome.failed.iter().map(|f| f.row.position).collect();
-            let rows = source.failed_rows(&positions).await?;
-            for failure in &outcome.failed {
-                let position = failure.row.position;
-                let seen = parked.count_attempt(position);
-                let stored = rows.get(&position).and_then(|(_, a)| *a).map(|a| a + 1).unwrap_or(0);
-                let attempts = seen.max(stored);
-                self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
-                if dead_letter::should_dead_letter(failures, failure.kind, attempts) {
-                    let letter = match (rows.get(&position), &failure.letter) {
-                        (Some((raw, _)), _) => DeadLetter::from_row(raw, &failure.row.reason),
-                        (None, Some(letter)) => (**letter).clone(),
-                        (None, None) => DeadLetter::bare(position, &failure.row.reason),
-                    };
-                    letters.push((letter, failure));
-                } else {
-                    retry.push(failure);
-                    retry_reasons.push(failure.row.clone());
-                }
-            }
-        } else {
-            for failure in &outcome.failed {
-                self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
-                retry.push(failure);
-                retry_reasons.push(failure.row.clone());
-            }
-        }
-        let mut done: Vec<Rejected> = Vec::with_capacity(letters.len());
-        if !letters.is_empty() {
-            let just_letters: Vec<DeadLetter> = letters.iter().map(|(l, _)| l.clone()).collect();
-            let results = dead_letter::publish(self.sink.as_ref(), failures, &self.config.source.table, &just_letters).await;
-            for ((letter, failure), result) in letters.iter().zip(results) {
-                match result {
-                    Ok(()) => {
-                        self.metrics.dead_lettered.inc();
-                        error!(
-                            position = letter.position,
-                            aggregate_id = letter.aggregate_id.as_deref().unwrap_or(""),
-                            reason = %letter.error,
-                            topic = %failures.dead_letter_topic,
-                            "event dead-lettered: published to the dead-letter topic and not retried (re-drive it with `outbox-relay replay`)"
-                        );
-                        parked.forget(letter.position);
-                        done.push(Rejected::new(letter.position, letter.error.clone()));
-                    }
-                    Err(error) => {
-                        error!(
-                            position = letter.position,
-                            reason = %letter.error,
-                            topic = %failures.dead_letter_topic,
-                            dead_letter_error = %error.reason,
-                            "publishing to the dead-letter topic failed; the row stays unpublished and will be retried"
-                        );
-                        retry.push(failure);
-                        retry_reasons.push(Rejected::new(
-                            letter.position,
-                            format!("{} (dead-lettering failed: {})", letter.error, error.reason),
-                        ));
-                    }
-                }
-            }
-        }
-        for (failure, row) in retry.iter().zip(&retry_reasons) {
+        for row in &retry {
             self.metrics.retries.inc();
-            match (failures.policy, failure.aggregate_id()) {
+            match (rules.policy, row.aggregate_id.as_deref().or_else(|| {
+                outcome.failed.iter().find(|f| f.row.position == row.position).and_then(|f| f.aggregate_id())
+            })) {
                 (FailurePolicy::Block, Some(aggregate_id)) => error!(
                     position = row.position,
                     aggregate_id,
@@ -406,21 +366,18 @@ impl<S: Sink> Relay<S> {
             }
             parked.park(row.position, retry_after);
         }
-        let transient = retry.iter().find(|f| f.kind == FailureKind::BrokerTransient).map(|f| f.row.clone());
-        let recorded: Vec<Rejected> = retry_reasons.into_iter().chain(done.iter().cloned()).collect();
+        recorded.extend(retry);
         source.record_failures(&recorded).await?;
-        let dead: Vec<i64> = done.iter().map(|r| r.position).collect();
         source.mark_dead_lettered(&dead).await?;
         self.metrics.blocked_aggregates.set(blocked.len() as i64);
-        if let Some(row) = transient {
-            // librdkafka retries transient errors itself; one that reaches us means the
-            // client gave up (a fatal producer error): start over from the oldest unpublished row.
-            return Err(RelayError::Broker(format!(
+        match plan.end {
+            Some(End::Restart(row)) if row.kind == FailureKind::TooManyBlocked => Err(RelayError::Blocked(row.row.reason)),
+            Some(End::Restart(row)) | Some(End::Halt(row)) => Err(RelayError::Broker(format!(
                 "event at position {} was not acknowledged ({}); restarting the session so nothing is skipped or reordered",
-                row.position, row.reason
-            )));
+                row.row.position, row.row.reason
+            ))),
+            Some(End::Fenced) | None => Ok(()),
         }
-        Ok(())
     }
 
     /// Releases blocked aggregates whose failed row is no longer waiting

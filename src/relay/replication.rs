@@ -2,7 +2,8 @@
 //! stream pgoutput from the slot into the publish stage and confirm LSNs
 //! only behind fully acknowledged (and marked) transactions.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -13,8 +14,8 @@ use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
 use crate::coordination::{Coordinator, Fence, Resource};
 use crate::blocking::Blocked;
 use crate::config::{FailurePolicy, PublishedMode};
-use crate::failure::{self as dead_letter, DeadLetter, FailedRow, FailureKind};
 use crate::event::Rejected;
+use crate::settle::{self, Capture, End, EventKey, Ledger, LsnProgress, Rules};
 use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
 use crate::sink::Sink;
@@ -33,14 +34,28 @@ const LAG_EVERY: Duration = Duration::from_secs(10);
 const LINGER: Duration = Duration::from_millis(2);
 /// SQLSTATE object_in_use: another session streams the slot.
 const OBJECT_IN_USE: &str = "55006";
+/// SQLSTATE undefined_object: for a stream, the publication it decodes with is gone.
+const UNDEFINED_OBJECT: &str = "42704";
 
-/// A batch handed to the publish stage, with what confirming it means.
+/// An event's position as an operator reads it: a row id, or a message's LSN.
+fn describe_position(position: i64, row: bool) -> String {
+    if row {
+        format!("at outbox row {position}")
+    } else {
+        format!("at LSN {}", format_lsn(position as u64))
+    }
+}
+
+/// A batch handed to the publish stage, with what settling it takes.
 struct PendingBatch {
     sequence: u64,
-    /// End LSN of the last transaction this batch completes, if any.
-    commit_lsn: Option<u64>,
     /// Outbox row positions in the batch (to mark or delete).
     rows: Vec<i64>,
+    /// Each position's event, for the ledger; None where a row and a
+    /// message share a position in this batch (never remembered, so never skipped).
+    keys: HashMap<i64, Option<EventKey>>,
+    /// The highest commit LSN of the transactions the batch's events belong to.
+    final_lsn: u64,
 }
 
 /// Events read from the stream and not yet handed to the stage.
@@ -48,6 +63,8 @@ struct PendingBatch {
 struct Building {
     batch: ClaimedBatch,
     rows: Vec<i64>,
+    keys: HashMap<i64, Option<EventKey>>,
+    final_lsn: u64,
     /// End LSN of the last transaction completed inside this batch.
     commit_lsn: Option<u64>,
     /// When the batch must be sent even if not full.
@@ -55,24 +72,35 @@ struct Building {
 }
 
 impl Building {
-    fn push(&mut self, decoded: Decoded) {
-        if !matches!(decoded, Decoded::Ignored) && self.send_by.is_none() {
+    /// Adds one decoded change of the transaction committing at `txn`;
+    /// an event the broker already acknowledged (`ledger`) is only marked.
+    fn push(&mut self, decoded: Decoded, txn: u64, ledger: &Ledger) {
+        let (position, row) = match &decoded {
+            Decoded::Event { event, row } => (event.position, *row),
+            Decoded::Rejected { rejected, row } => (rejected.position, *row),
+            Decoded::Ignored => return,
+        };
+        if self.send_by.is_none() {
             self.send_by = Some(Instant::now() + LINGER);
         }
+        let key = EventKey { position, txn, message: !row };
+        match self.keys.entry(position) {
+            Entry::Vacant(slot) => {
+                slot.insert(Some(key));
+            }
+            Entry::Occupied(mut slot) => {
+                slot.insert(None);
+            }
+        }
+        if row {
+            self.rows.push(position);
+        }
+        self.final_lsn = self.final_lsn.max(txn);
+        self.batch.last_position = position;
         match decoded {
-            Decoded::Event { event, row } => {
-                if row {
-                    self.rows.push(event.position);
-                }
-                self.batch.last_position = event.position;
-                self.batch.events.push(*event);
-            }
-            Decoded::Rejected { rejected, row } => {
-                if row {
-                    self.rows.push(rejected.position);
-                }
-                self.batch.rejected.push(rejected);
-            }
+            Decoded::Event { .. } if ledger.was_acknowledged(&key) => self.batch.already_delivered.push(position),
+            Decoded::Event { event, .. } => self.batch.events.push(*event),
+            Decoded::Rejected { rejected, .. } => self.batch.rejected.push(rejected),
             Decoded::Ignored => {}
         }
     }
@@ -81,21 +109,21 @@ impl Building {
 /// What one acknowledged batch leaves to do in the database.
 #[derive(Debug, Default)]
 struct MarkJob {
+    /// The batch (its step in [`LsnProgress`]).
+    sequence: u64,
     /// Delivered outbox rows to stamp or delete.
     rows: Vec<i64>,
-    /// Rows that cannot be published, to record.
+    /// Rows that cannot be published (yet), to record.
     failed: Vec<Rejected>,
     /// Rows whose event went to the dead-letter topic, to stamp as done.
     dead_lettered: Vec<i64>,
-    /// LSN that may be confirmed once this job is done.
-    commit_lsn: Option<u64>,
 }
 
 /// Marks rows off the streaming loop, coalescing queued jobs into one
-/// statement, and reports back (jobs done, highest LSN now safe).
+/// statement, and reports back which batches are now marked.
 struct Marker {
     jobs: mpsc::Sender<MarkJob>,
-    done: mpsc::Receiver<(usize, Option<u64>)>,
+    done: mpsc::Receiver<Vec<u64>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -117,7 +145,6 @@ impl Marker {
                 }
                 let rows: Vec<i64> = batch.iter().flat_map(|j| j.rows.iter().copied()).collect();
                 let failed: Vec<&Rejected> = batch.iter().flat_map(|j| j.failed.iter()).collect();
-                let lsn = batch.iter().filter_map(|j| j.commit_lsn).max();
                 if !rows.is_empty() {
                     if let Err(e) = connection.client.execute(queries.checkpoint_sql(), &[&rows]).await {
                         error!(error = %postgres::describe(&e), "marking published rows failed");
@@ -139,7 +166,7 @@ impl Marker {
                         return;
                     }
                 }
-                if done_tx.send((batch.len(), lsn)).await.is_err() {
+                if done_tx.send(batch.iter().map(|j| j.sequence).collect()).await.is_err() {
                     return;
                 }
             }
@@ -249,24 +276,7 @@ impl<S: Sink> Relay<S> {
             SlotState::Ready { .. } => {}
             state @ (SlotState::Missing | SlotState::Lost) => {
                 let what = if state == SlotState::Lost { "was invalidated (its WAL is gone)" } else { "does not exist" };
-                if config.published.mode == PublishedMode::None {
-                    return Err(RelayError::Prerequisite(format!(
-                        "replication slot {} {what}; with published.mode = \"none\" the slot was the only record of what was published, \
-                         so the relay stops rather than skip events: recreate it with `outbox-relay migrate`, re-publish the gap with \
-                         `outbox-relay replay` or by polling, or run with published.mode = \"mark\" so the relay can recover by itself",
-                        r.slot
-                    )));
-                }
-                error!(
-                    slot = %r.slot,
-                    "replication slot {what}: recreating it, then draining every unpublished row by polling before streaming, so nothing is lost"
-                );
-                replication::create_slot(&control.client, &r.slot).await?;
-                match self.poll_session(backoff, Some(coordinator)).await? {
-                    SessionEnd::Stopped => return Ok(SessionEnd::Stopped),
-                    SessionEnd::CaughtUp => info!("recovery drain finished; streaming from the new slot"),
-                }
-                return Ok(SessionEnd::CaughtUp);
+                return self.recover_slot(control, coordinator, backoff, what, false).await;
             }
         }
 
@@ -303,14 +313,64 @@ impl<S: Sink> Relay<S> {
         }
         let _ = stage.await;
         self.metrics.events_in_flight.set(0);
-        result
+        match result {
+            Err(RelayError::Publication(cause)) => {
+                if let Err(missing) = replication::validate(&control.client, &config).await? {
+                    return Err(RelayError::Prerequisite(missing.0));
+                }
+                // The publication exists now, but the slot decodes from a position
+                // older than it: the slot can never see it.
+                let what = format!(
+                    "cannot decode with publication {} ({cause}): it was dropped and created again after the slot's position",
+                    r.publication
+                );
+                self.recover_slot(control, coordinator, backoff, &what, true).await
+            }
+            result => result,
+        }
+    }
+
+    /// A slot that is missing, lost, or stale: with rows to mark, recreate
+    /// it and drain every unpublished row by polling before streaming again,
+    /// so nothing is lost; with published.mode = "none" the slot was the only
+    /// record of what was published, so stop with the fix.
+    async fn recover_slot(
+        &mut self,
+        control: &postgres::Connection,
+        coordinator: &mut Coordinator,
+        backoff: &mut backon::ExponentialBackoff,
+        what: &str,
+        drop_first: bool,
+    ) -> Result<SessionEnd, RelayError> {
+        let slot = self.config.source.replication.slot.clone();
+        if self.config.published.mode == PublishedMode::None {
+            let drop = if drop_first { format!("SELECT pg_drop_replication_slot('{slot}'); then ") } else { String::new() };
+            return Err(RelayError::Prerequisite(format!(
+                "replication slot {slot} {what}; with published.mode = \"none\" the slot was the only record of what was published, \
+                 so the relay stops rather than skip events: {drop}recreate it with `outbox-relay migrate`, re-publish the gap with \
+                 `outbox-relay replay` or by polling, or run with published.mode = \"mark\" so the relay can recover by itself"
+            )));
+        }
+        error!(
+            slot = %slot,
+            "replication slot {what}: recreating it, then draining every unpublished row by polling before streaming, so nothing is lost"
+        );
+        if drop_first {
+            replication::drop_slot(&control.client, &slot).await?;
+        }
+        replication::create_slot(&control.client, &slot).await?;
+        match self.poll_session(backoff, Some(coordinator)).await? {
+            SessionEnd::Stopped => return Ok(SessionEnd::Stopped),
+            SessionEnd::CaughtUp => info!("recovery drain finished; streaming from the new slot"),
+        }
+        Ok(SessionEnd::CaughtUp)
     }
 
     async fn stream_loop(
         &mut self,
         control: &postgres::Connection,
         mut stream: ReplicationStream,
-        mut confirmed: u64,
+        confirmed: u64,
         batches: mpsc::Sender<ClaimedBatch>,
         outcomes: &mut mpsc::Receiver<BatchOutcome>,
         coordinator: &mut Coordinator,
@@ -318,39 +378,46 @@ impl<S: Sink> Relay<S> {
         let fence = coordinator.fence();
         let config = self.config.clone();
         let r = &config.source.replication;
-        let queries = self.table.clone();
         let mut decoder = EventDecoder::new(&config).map_err(RelayError::Config)?;
         let max_in_flight = config.source.max_in_flight_batches;
         let batch_size = config.source.batch_size;
+        let rules = Rules::new(Capture::Replication, &config.failures);
         let mut status = interval(r.status_interval);
         status.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut lag = interval(LAG_EVERY);
         lag.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heartbeat = interval(if r.heartbeat_interval.is_zero() { Duration::from_secs(3600) } else { r.heartbeat_interval });
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Nothing committed before the slot's position is streamed again.
+        self.ledger.confirmed(confirmed);
+        let mut progress = LsnProgress::new(confirmed);
         let mut pending: VecDeque<PendingBatch> = VecDeque::new();
         let mut building = Building::default();
         let mut next_sequence = 0u64;
         let mut in_transaction = false;
+        let mut txn = 0u64;
         let mut commit_time = chrono::Utc::now();
         let mut last_keepalive = 0u64;
         let mut drain_deadline: Option<Instant> = None;
         let mut shutdown = self.shutdown.clone();
         let mut marker = if replication::marks_rows(&config) {
             let connection = postgres::connect(&config.postgres, "outbox-relay marker").await?;
-            Some(Marker::start(connection, queries.clone(), max_in_flight))
+            Some(Marker::start(connection, self.table.clone(), max_in_flight))
         } else {
             None
         };
-        let mut marking = 0usize;
         // Last confirmed LSN sent to the server, and when.
         let mut reported = confirmed;
         let mut last_report = Instant::now();
-        // Highest commit LSN whose batch settled: where a block is recorded.
-        let mut settled_lsn = confirmed;
-        // Set when the stream reached an event that cannot be published
-        // under failures.policy = "block": nothing after it is read.
-        let mut halt: Option<String> = None;
+        // Set when the session must end (a halt, a restart): nothing more is
+        // read; what is in flight settles, the safe prefix is confirmed, then
+        // the session returns this error.
+        let mut ending: Option<RelayError> = None;
+        // A batch holding an event that failed in an earlier session: it
+        // travels alone and nothing is read until the broker answered it,
+        // so a failure the broker reports only after sending cannot be
+        // overtaken again.
+        let mut probe: Option<u64> = None;
 
         loop {
             self.health.beat();
@@ -358,92 +425,87 @@ impl<S: Sink> Relay<S> {
                 return Err(lease_lapsed());
             }
             let stopping = drain_deadline.is_some();
-            if stopping && pending.is_empty() && marking == 0 {
-                if fence.holds() { let _ = stream.send_status(confirmed, false).await; }
+            let settled = pending.is_empty() && progress.is_idle();
+            if settled && (stopping || ending.is_some()) {
+                if fence.holds() {
+                    let _ = stream.send_status(progress.confirmed(), false).await;
+                }
+                self.ledger.confirmed(progress.confirmed());
+                if let Some(error) = ending {
+                    return Err(error);
+                }
                 let _ = stream.finish().await;
-                info!(confirmed = %format_lsn(confirmed), "replication stopped");
+                info!(confirmed = %format_lsn(progress.confirmed()), "replication stopped");
                 return Ok(SessionEnd::Stopped);
             }
-            if let (Some(stop), true) = (&halt, pending.is_empty() && marking == 0) {
-                // Everything before the event that cannot be published is settled: confirm it, then stop.
-                if fence.holds() { let _ = stream.send_status(confirmed, false).await; }
-                self.metrics.blocked_aggregates.set(1);
-                self.blocked_behind_lsn = self.blocked_behind_lsn.max(settled_lsn);
-                return Err(RelayError::Blocked(stop.clone()));
+            if settled && building.batch.is_empty() && !in_transaction && ending.is_none() {
+                // Nothing read is unsettled: everything the server sent up to its last keepalive is done.
+                progress.caught_up(last_keepalive);
             }
-            let idle = pending.is_empty() && marking == 0 && building.batch.is_empty() && !in_transaction;
-            if idle && last_keepalive > confirmed {
-                // Nothing read is unacknowledged: everything the server sent up to its last keepalive is done.
-                confirmed = last_keepalive;
-            }
-            if confirmed > reported && last_report.elapsed() >= PROMPT_STATUS_EVERY {
+            if progress.confirmed() > reported && last_report.elapsed() >= PROMPT_STATUS_EVERY {
                 // Tell the server soon after progress, not only on the status timer: a relay
                 // killed between timer ticks would otherwise re-stream everything since the last one.
-                confirm(&mut stream, &fence, confirmed).await?;
-                reported = confirmed;
+                confirm(&mut stream, &fence, progress.confirmed()).await?;
+                reported = progress.confirmed();
                 last_report = Instant::now();
+                self.ledger.confirmed(reported);
+                if reported > self.blocked_behind_lsn && self.metrics.blocked_aggregates.get() > 0 {
+                    info!("the stream moved past the event it was blocked on");
+                    self.metrics.blocked_aggregates.set(0);
+                }
             }
-            let can_read = !stopping && halt.is_none() && pending.len() < max_in_flight;
+            let can_read = !stopping && ending.is_none() && probe.is_none() && pending.len() < max_in_flight;
             tokio::select! {
                 biased;
                 _ = shutdown.wait(), if !stopping => {
                     drain_deadline = Some(Instant::now() + config.shutdown.drain_timeout);
-                    if !building.batch.is_empty() {
-                        self.flush(&mut building, &mut next_sequence, &mut pending, &batches).await?;
+                    if !building.batch.is_empty() && ending.is_none() {
+                        self.flush(&mut building, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
                     }
                     info!(in_flight = pending.len(), "draining in-flight events");
                 }
                 _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if stopping => {
                     warn!("drain timeout passed; unconfirmed events will be streamed again by the next relay");
-                    if fence.holds() { let _ = stream.send_status(confirmed, false).await; }
+                    if fence.holds() { let _ = stream.send_status(progress.confirmed(), false).await; }
                     return Ok(SessionEnd::Stopped);
                 }
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
-                    if outcome.fenced {
-                        return Err(lease_lapsed());
-                    }
                     let batch = pending.pop_front().ok_or(RelayError::StageStopped)?;
-                    let commit_lsn = batch.commit_lsn;
-                    let job = match self.settle(control, batch, &outcome).await {
-                        Ok(job) => job,
-                        Err(error @ RelayError::Blocked(_)) => {
+                    debug_assert_eq!(batch.sequence, outcome.sequence);
+                    if probe == Some(batch.sequence) {
+                        probe = None;
+                    }
+                    let (job, end, holds_back) = self.settle(control, rules, batch, &outcome).await?;
+                    let end = end.or_else(|| holds_back.then(|| RelayError::Stream(
+                        "events were held back behind an event that failed; restarting from the slot".into(),
+                    )));
+                    if let Some(error) = end {
+                        // Nothing from this batch on may be confirmed: it holds an
+                        // event that is not published.
+                        progress.stop_before(job.sequence);
+                        if matches!(error, RelayError::Blocked(_)) {
                             self.metrics.blocked_aggregates.set(1);
-                            self.blocked_behind_lsn = self.blocked_behind_lsn.max(settled_lsn);
-                            return Err(error);
+                            self.blocked_behind_lsn = self.blocked_behind_lsn.max(progress.confirmed());
                         }
-                        Err(error) => return Err(error),
-                    };
-                    if let Some(lsn) = commit_lsn {
-                        settled_lsn = settled_lsn.max(lsn);
-                        if lsn > self.blocked_behind_lsn && self.metrics.blocked_aggregates.get() > 0 {
-                            info!("the stream moved past the event it was blocked on");
-                            self.metrics.blocked_aggregates.set(0);
-                        }
+                        error!(%error, in_flight = pending.len(), "the stream stops here; settling what is in flight first");
+                        ending.get_or_insert(error);
                     }
                     match &marker {
-                        // No rows to stamp: the acknowledgement alone completes the batch.
-                        None => {
-                            if let Some(lsn) = job.commit_lsn {
-                                confirmed = confirmed.max(lsn);
-                            }
-                        }
-                        Some(marker) => {
-                            marking += 1;
-                            marker.jobs.send(job).await.map_err(|_| RelayError::Stream("the marker stopped".into()))?;
-                        }
+                        // No rows to stamp: the acknowledgement alone settles the batch.
+                        None => progress.settle(job.sequence),
+                        Some(marker) => marker.jobs.send(job).await.map_err(|_| RelayError::Stream("the marker stopped".into()))?,
                     }
                 }
-                marked = async { match marker.as_mut() { Some(m) => m.done.recv().await, None => std::future::pending().await } }, if marking > 0 => {
-                    let (jobs, lsn) = marked.ok_or_else(|| RelayError::Stream("marking published rows failed (see the log)".into()))?;
-                    marking -= jobs;
-                    if let Some(lsn) = lsn {
-                        confirmed = confirmed.max(lsn);
+                marked = async { match marker.as_mut() { Some(m) => m.done.recv().await, None => std::future::pending().await } }, if !progress.is_idle() => {
+                    let sequences = marked.ok_or_else(|| RelayError::Stream("marking published rows failed (see the log)".into()))?;
+                    for sequence in sequences {
+                        progress.settle(sequence);
                     }
                 }
-                _ = status.tick() => confirm(&mut stream, &fence, confirmed).await?,
+                _ = status.tick() => confirm(&mut stream, &fence, progress.confirmed()).await?,
                 // Wakes the loop to send the prompt status update above.
-                _ = sleep_until(last_report + PROMPT_STATUS_EVERY), if confirmed > reported => {}
+                _ = sleep_until(last_report + PROMPT_STATUS_EVERY), if progress.confirmed() > reported => {}
                 _ = lag.tick() => self.measure_lag(control, &r.slot).await,
                 error = coordinator.failed() => return Err(error.into()),
                 _ = heartbeat.tick(), if !r.heartbeat_interval.is_zero() => {
@@ -452,65 +514,90 @@ impl<S: Sink> Relay<S> {
                     }
                 }
                 data = stream.reader.next_copy_data(), if can_read => {
-                    let Some(data) = data.map_err(stream_error)? else {
+                    let Some(data) = data.map_err(|e| self.stream_failed(e))? else {
                         return Err(RelayError::Stream("the server ended the replication stream".into()));
                     };
                     match WalMessage::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
                         WalMessage::Keepalive { wal_end, reply } => {
                             last_keepalive = last_keepalive.max(wal_end);
                             if reply {
-                                confirm(&mut stream, &fence, confirmed).await?;
+                                confirm(&mut stream, &fence, progress.confirmed()).await?;
                             }
                         }
                         WalMessage::XLogData { data, .. } => {
+                            let mut alone = false;
                             match Logical::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
-                                Logical::Begin { commit_time: time, .. } => {
+                                Logical::Begin { final_lsn, commit_time: time, .. } => {
                                     in_transaction = true;
+                                    txn = final_lsn;
                                     commit_time = pg_time(time);
                                 }
                                 Logical::Commit { end_lsn, .. } => {
                                     in_transaction = false;
-                                    if !building.batch.is_empty() {
-                                        building.commit_lsn = Some(end_lsn);
-                                    } else if let Some(last) = pending.back_mut() {
-                                        last.commit_lsn = Some(last.commit_lsn.unwrap_or(0).max(end_lsn));
+                                    if building.batch.is_empty() {
+                                        progress.commit(end_lsn);
                                     } else {
-                                        confirmed = confirmed.max(end_lsn);
+                                        building.commit_lsn = Some(end_lsn);
                                     }
                                 }
                                 Logical::Relation { oid, namespace, name, columns } => decoder.relation(oid, &namespace, &name, &columns),
                                 Logical::Insert { oid, values } => {
                                     let decoded = decoder.insert(oid, &values, commit_time);
-                                    if let Some(stop) = self.halt_on(&decoded, true) {
-                                        halt = Some(stop);
-                                    } else {
-                                        building.push(decoded);
-                                    }
+                                    alone = self.push_change(&mut building, decoded, txn, true, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
                                 }
                                 Logical::Message { prefix, content, lsn, transactional } => {
                                     let time = if transactional { commit_time } else { chrono::Utc::now() };
                                     let decoded = decoder.message(&prefix, &content, lsn, time);
-                                    if let Some(stop) = self.halt_on(&decoded, false) {
-                                        halt = Some(stop);
-                                    } else {
-                                        building.push(decoded);
-                                    }
+                                    let at = if transactional { txn } else { lsn };
+                                    alone = self.push_change(&mut building, decoded, at, false, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
                                 }
                                 Logical::Origin | Logical::Type | Logical::OtherChange => {}
                             }
-                            if (halt.is_some() && !building.batch.is_empty()) || building.batch.len() >= batch_size {
-                                self.flush(&mut building, &mut next_sequence, &mut pending, &batches).await?;
+                            if alone || building.batch.len() >= batch_size {
+                                self.flush(&mut building, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
+                                if alone {
+                                    probe = pending.back().map(|b| b.sequence);
+                                    debug!("an event that failed before travels alone; reading waits for the broker's answer");
+                                }
                             }
                         }
                     }
                 }
                 // After the data branch (biased): a batch is sent when the socket has
                 // nothing more to give right now, or when it is full.
-                _ = sleep_until(building.send_by.unwrap_or_else(Instant::now)), if building.send_by.is_some() && pending.len() < max_in_flight => {
-                    self.flush(&mut building, &mut next_sequence, &mut pending, &batches).await?;
+                _ = sleep_until(building.send_by.unwrap_or_else(Instant::now)), if building.send_by.is_some() && pending.len() < max_in_flight && ending.is_none() => {
+                    self.flush(&mut building, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
                 }
             }
         }
+    }
+
+    /// Adds one decoded change to the building batch. An event that failed
+    /// in an earlier session starts a batch of its own (returns true: send it
+    /// now and read nothing more until it is answered).
+    #[allow(clippy::too_many_arguments)]
+    async fn push_change(
+        &self,
+        building: &mut Building,
+        decoded: Decoded,
+        txn: u64,
+        row: bool,
+        next_sequence: &mut u64,
+        pending: &mut VecDeque<PendingBatch>,
+        progress: &mut LsnProgress,
+        batches: &mpsc::Sender<ClaimedBatch>,
+    ) -> Result<bool, RelayError> {
+        let position = match &decoded {
+            Decoded::Event { event, .. } => event.position,
+            Decoded::Rejected { rejected, .. } => rejected.position,
+            Decoded::Ignored => return Ok(false),
+        };
+        let failed_before = self.ledger.failures(&EventKey { position, txn, message: !row }) > 0;
+        if failed_before && !building.batch.is_empty() {
+            self.flush(building, next_sequence, pending, progress, batches).await?;
+        }
+        building.push(decoded, txn, &self.ledger);
+        Ok(failed_before)
     }
 
     /// Hands the building batch to the publish stage.
@@ -519,6 +606,7 @@ impl<S: Sink> Relay<S> {
         building: &mut Building,
         next_sequence: &mut u64,
         pending: &mut VecDeque<PendingBatch>,
+        progress: &mut LsnProgress,
         batches: &mpsc::Sender<ClaimedBatch>,
     ) -> Result<(), RelayError> {
         let mut done = std::mem::take(building);
@@ -527,127 +615,102 @@ impl<S: Sink> Relay<S> {
         self.metrics.batches.inc();
         self.metrics.batch_size.observe(done.batch.len() as f64);
         self.metrics.events_in_flight.add(done.batch.len() as i64);
-        pending.push_back(PendingBatch { sequence: done.batch.sequence, commit_lsn: done.commit_lsn, rows: done.rows });
+        progress.open(done.batch.sequence, done.commit_lsn);
+        pending.push_back(PendingBatch { sequence: done.batch.sequence, rows: done.rows, keys: done.keys, final_lsn: done.final_lsn });
         batches.send(done.batch).await.map_err(|_| RelayError::StageStopped)
     }
 
-    /// Turns one acknowledged batch into a mark job (rows to stamp, rows
-    /// that failed, the LSN it completes). Transient failures end the
-    /// session; events that cannot be published stop the stream
-    /// (`failures.policy = "block"`) or go to the dead-letter topic first.
-    async fn settle(&self, control: &postgres::Connection, batch: PendingBatch, outcome: &BatchOutcome) -> Result<MarkJob, RelayError> {
-        debug_assert_eq!(batch.sequence, outcome.sequence);
+    /// Settles one answered batch as the settlement core plans it: the mark
+    /// job (delivered rows, failures to record, dead-lettered rows) and, when
+    /// the stream must stop at this batch, why.
+    async fn settle(
+        &mut self,
+        control: &postgres::Connection,
+        rules: Rules,
+        batch: PendingBatch,
+        outcome: &BatchOutcome,
+    ) -> Result<(MarkJob, Option<RelayError>, bool), RelayError> {
         self.metrics
             .events_in_flight
             .sub((outcome.delivered.len() + outcome.failed.len() + outcome.held.len()) as i64);
-        if !outcome.delivered.is_empty() {
+        let key_of = |position: i64| batch.keys.get(&position).copied().flatten();
+        let plan = settle::plan(rules, outcome, &mut self.ledger, key_of, |_| 0, batch.final_lsn);
+        if matches!(plan.end, Some(End::Fenced)) {
+            return Err(lease_lapsed());
+        }
+        if !plan.mark.is_empty() {
             self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
-        }
-        if let Some(transient) = outcome.failed.iter().find(|f| f.kind == FailureKind::BrokerTransient) {
-            return Err(RelayError::Stream(format!(
-                "event at position {} was not acknowledged ({}); restarting from the slot so nothing is skipped",
-                transient.row.position, transient.row.reason
-            )));
-        }
-        let rows: HashSet<i64> = batch.rows.iter().copied().collect();
-        let mut job = MarkJob { commit_lsn: batch.commit_lsn, ..MarkJob::default() };
-        if !rows.is_empty() {
-            job.rows = outcome.delivered.iter().copied().filter(|p| rows.contains(p)).collect();
-        }
-        if outcome.failed.is_empty() {
-            return Ok(job);
         }
         for failure in &outcome.failed {
             self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
         }
-        if self.config.failures.policy == FailurePolicy::Block {
-            let failure = &outcome.failed[0];
-            let what = if rows.contains(&failure.row.position) { "outbox row" } else { "logical message at LSN" };
-            let position = if rows.contains(&failure.row.position) {
-                failure.row.position.to_string()
-            } else {
-                format_lsn(failure.row.position as u64)
-            };
-            return Err(RelayError::Blocked(blocked_message(
-                what,
-                &position,
-                failure.aggregate_id(),
-                &failure.row.reason,
-                &self.config.failures.dead_letter_topic,
-            )));
+        let rows: HashSet<i64> = batch.rows.iter().copied().collect();
+        let mut job = MarkJob { sequence: batch.sequence, ..MarkJob::default() };
+        if !rows.is_empty() {
+            job.rows = plan.mark.iter().copied().filter(|p| rows.contains(p)).collect();
         }
-        let letters = self.dead_letters(control, &rows, &outcome.failed).await?;
-        let results = dead_letter::publish(self.sink.as_ref(), &self.config.failures, &self.config.source.table, &letters).await;
-        for (letter, result) in letters.iter().zip(results) {
-            if let Err(error) = result {
-                return Err(RelayError::Stream(format!(
-                    "publishing event {} to the dead-letter topic {} failed ({}); restarting from the slot so it is not lost",
-                    letter.position, self.config.failures.dead_letter_topic, error.reason
+        let unread: Vec<i64> = plan
+            .dead_letter
+            .iter()
+            .filter(|f| f.letter.is_none() && rows.contains(&f.row.position))
+            .map(|f| f.row.position)
+            .collect();
+        let read = self.table.read_failed_rows(&control.client, &unread).await?;
+        let results = self.dead_letter(&plan.dead_letter, |p| read.get(&p).map(|(raw, _)| raw.clone())).await;
+        let mut end = None;
+        for (failure, result) in plan.dead_letter.iter().zip(results) {
+            let is_row = rows.contains(&failure.row.position);
+            match result {
+                Ok(()) => {
+                    if let Some(key) = key_of(failure.row.position) {
+                        self.ledger.settled(&key);
+                    }
+                    if is_row {
+                        job.failed.push(failure.row.clone());
+                        job.dead_lettered.push(failure.row.position);
+                    }
+                }
+                Err(reason) => {
+                    end.get_or_insert(RelayError::Stream(format!(
+                        "event {} could not be dead-lettered ({reason}); restarting from the slot so it is not lost",
+                        describe_position(failure.row.position, is_row)
+                    )));
+                }
+            }
+        }
+        // Record why the stream stops on the row, so `status` shows it failing.
+        job.failed.extend(plan.to_record().filter(|f| rows.contains(&f.row.position)).map(|f| f.row.clone()));
+        match plan.end {
+            Some(End::Halt(failure)) => {
+                let is_row = rows.contains(&failure.row.position);
+                end = Some(RelayError::Blocked(blocked_message(
+                    if is_row { "outbox row" } else { "logical message at LSN" },
+                    &describe_position(failure.row.position, is_row),
+                    failure.aggregate_id(),
+                    &failure.row.reason,
+                    &self.config.failures.dead_letter_topic,
                 )));
             }
-            self.metrics.dead_lettered.inc();
-            let is_row = rows.contains(&letter.position);
-            error!(
-                position = letter.position,
-                aggregate_id = letter.aggregate_id.as_deref().unwrap_or(""),
-                reason = %letter.error,
-                source = if is_row { "outbox row" } else { "logical message (position is its LSN)" },
-                topic = %self.config.failures.dead_letter_topic,
-                "event dead-lettered: published to the dead-letter topic; the stream moves on"
-            );
-            if is_row {
-                job.failed.push(Rejected::new(letter.position, letter.error.clone()));
-                job.dead_lettered.push(letter.position);
+            Some(End::Restart(failure)) => {
+                end.get_or_insert(RelayError::Stream(format!(
+                    "event {} was not acknowledged ({}); restarting from the slot so nothing is skipped",
+                    describe_position(failure.row.position, rows.contains(&failure.row.position)),
+                    failure.row.reason
+                )));
             }
+            Some(End::Fenced) | None => {}
         }
-        Ok(job)
+        Ok((job, end, plan.holds_back))
     }
 
-    /// Under `failures.policy = "block"`, the message that stops the stream
-    /// at a rejected event (`row`: an outbox row, else a logical message).
-    fn halt_on(&self, decoded: &Decoded, row: bool) -> Option<String> {
-        let Decoded::Rejected { rejected, .. } = decoded else { return None };
-        if self.config.failures.policy != FailurePolicy::Block {
-            return None;
+    /// The error a failed stream read ends the session with; a publication
+    /// the slot cannot see (dropped, or recreated after the slot's position)
+    /// is named as such.
+    fn stream_failed(&self, error: WireError) -> RelayError {
+        if error.code() == Some(UNDEFINED_OBJECT) && error.to_string().contains("publication") {
+            return RelayError::Publication(error.to_string());
         }
-        self.metrics.publish_failures.with_label_values(&[FailureKind::Envelope.label()]).inc();
-        let position = if row { rejected.position.to_string() } else { format_lsn(rejected.position as u64) };
-        Some(blocked_message(
-            if row { "outbox row" } else { "logical message at LSN" },
-            &position,
-            rejected.aggregate_id.as_deref(),
-            &rejected.reason,
-            &self.config.failures.dead_letter_topic,
-        ))
-    }
-
-    /// The dead letters for `failed`: the event as the publish stage had it,
-    /// else the row read back from the table, else what the stream carried.
-    async fn dead_letters(
-        &self,
-        control: &postgres::Connection,
-        rows: &HashSet<i64>,
-        failed: &[FailedRow],
-    ) -> Result<Vec<DeadLetter>, RelayError> {
-        let unread: Vec<i64> =
-            failed.iter().filter(|f| f.letter.is_none() && rows.contains(&f.row.position)).map(|f| f.row.position).collect();
-        let read = if unread.is_empty() {
-            Default::default()
-        } else {
-            self.table.read_failed_rows(&control.client, &unread).await?
-        };
-        Ok(failed
-            .iter()
-            .map(|f| match (&f.letter, read.get(&f.row.position)) {
-                (Some(letter), _) => (**letter).clone(),
-                (None, Some((raw, _))) => DeadLetter::from_row(raw, &f.row.reason),
-                (None, None) => DeadLetter {
-                    aggregate_id: f.row.aggregate_id.clone(),
-                    payload: f.row.original.clone(),
-                    ..DeadLetter::bare(f.row.position, &f.row.reason)
-                },
-            })
-            .collect())
+        stream_error(error)
     }
 
     /// Starts streaming the slot. A deposed leader's walsender may still hold

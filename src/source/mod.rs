@@ -18,6 +18,10 @@ pub struct ClaimedBatch {
     pub events: Vec<OutboxEvent>,
     /// Rows that cannot be published as they stand; recorded, not dropped.
     pub rejected: Vec<Rejected>,
+    /// Positions of events the broker acknowledged in an earlier session of
+    /// this relay (see [`crate::settle::Ledger`]): not sent again, only
+    /// reported delivered so they are marked.
+    pub already_delivered: Vec<i64>,
     /// Highest position the batch covers (valid or rejected).
     pub last_position: i64,
 }
@@ -25,14 +29,26 @@ pub struct ClaimedBatch {
 impl ClaimedBatch {
     /// Rows the batch covers.
     pub fn len(&self) -> usize {
-        self.events.len() + self.rejected.len()
+        self.events.len() + self.rejected.len() + self.already_delivered.len()
     }
 
     /// Lowest position the batch covers; both lists are in position order.
     pub fn first_position(&self) -> Option<i64> {
         let event = self.events.first().map(|e| e.position);
         let rejected = self.rejected.first().map(|r| r.position);
-        event.into_iter().chain(rejected).min()
+        let delivered = self.already_delivered.first().copied();
+        event.into_iter().chain(rejected).chain(delivered).min()
+    }
+
+    /// Moves the events `acknowledged` says the broker already has out of
+    /// the batch into [`ClaimedBatch::already_delivered`].
+    pub fn set_aside(&mut self, acknowledged: impl Fn(&OutboxEvent) -> bool) {
+        if self.events.iter().any(&acknowledged) {
+            let (done, send): (Vec<_>, Vec<_>) = std::mem::take(&mut self.events).into_iter().partition(|e| acknowledged(e));
+            self.already_delivered.extend(done.iter().map(|e| e.position));
+            self.already_delivered.sort_unstable();
+            self.events = send;
+        }
     }
 
     /// True when the claim found nothing.

@@ -131,6 +131,28 @@ pub async fn create_slot(client: &Client, slot: &str) -> Result<(), PostgresErro
     Ok(())
 }
 
+/// Drops the slot (a stale one the relay is about to recreate), ending the
+/// connection that still streams it, if any.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), PostgresError> {
+    let q = |e: tokio_postgres::Error| PostgresError::query("dropping the stale replication slot", &e);
+    client
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .map_err(q)?;
+    for _ in 0..50 {
+        match client.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await {
+            Ok(_) => return Ok(()),
+            // The terminated walsender may still hold it for a moment.
+            Err(e) if e.code().map(|c| c.code()) == Some("55006") => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Err(e) => return Err(q(e)),
+        }
+    }
+    Err(PostgresError::Query(format!("replication slot {slot} stayed in use; drop it by hand: SELECT pg_drop_replication_slot('{slot}');")))
+}
+
 /// `migrate` in replication mode: the publication and the slot, if missing.
 pub async fn setup(client: &Client, config: &Config) -> Result<Vec<String>, PostgresError> {
     let r = &config.source.replication;
