@@ -618,6 +618,14 @@ impl Default for LogConfig {
 impl Config {
     /// Loads defaults, then the file (if given), then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = Config::extract(file)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Like [`Config::load`] without [`Config::validate`]: for the demo, which
+    /// fills in its own Postgres and broker before validating.
+    pub fn extract(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -629,9 +637,7 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
-        let config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
-        config.validate()?;
-        Ok(config)
+        figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))
     }
 
     /// Checks the values serde accepted but the relay cannot work with.
