@@ -60,14 +60,17 @@ impl Cluster {
         serde_json::from_str(&out).expect("status --json")
     }
 
-    /// relay_id -> lanes held, from `status`.
+    /// relay_id -> lanes held, from `status` (replication: 1 for the relay streaming the slot).
     fn holdings(&self) -> Vec<(String, usize)> {
         let status = self.status();
         status["relays"]
             .as_array()
             .expect("relays")
             .iter()
-            .map(|r| (r["relay_id"].as_str().unwrap_or_default().to_owned(), r["lanes"].as_array().map_or(0, Vec::len)))
+            .map(|r| {
+                let held = r["lanes"].as_array().map_or(usize::from(r["role"] == "streaming"), Vec::len);
+                (r["relay_id"].as_str().unwrap_or_default().to_owned(), held)
+            })
             .collect()
     }
 
