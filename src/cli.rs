@@ -48,6 +48,9 @@ pub enum Command {
         /// Number of sample events to enqueue.
         #[arg(long, default_value_t = 400)]
         events: usize,
+        /// Capture mode to demonstrate (default: `source.mode` of --config, else poll).
+        #[arg(long, value_enum)]
+        mode: Option<DemoMode>,
     },
     /// Check config, Postgres, schema, privileges, broker and topics; exit 0 only if all pass.
     Check {
@@ -61,7 +64,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Re-publish already-published events (rows are not changed).
+    /// Re-publish already-published events (those rows are not changed); with
+    /// --dead-lettered, re-drive dead-lettered rows (marked done once acknowledged).
     Replay {
         /// Lowest id (position), inclusive.
         #[arg(long)]
@@ -92,6 +96,15 @@ pub enum Command {
     },
 }
 
+/// The capture mode `demo --mode` shows.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DemoMode {
+    /// Claim unpublished rows, woken by NOTIFY.
+    Poll,
+    /// Tail a logical replication slot.
+    Replication,
+}
+
 /// Why a command failed, mapped to an exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -106,7 +119,8 @@ pub enum CliError {
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run) {
+    let run_command = matches!(cli.command, Command::Run);
+    if !run_command {
         // One-shot commands behave like Unix tools when piped into `head`.
         // SAFETY: restoring the default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
@@ -122,17 +136,27 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(CliError::Runtime(e)) => {
-            error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Once: `run` reports through its log (JSON for log shippers),
+            // one-shot commands as a plain `error:` line.
+            if run_command {
+                error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(1)
         }
     }
 }
 
 async fn dispatch(cli: Cli) -> Result<(), CliError> {
-    if let Command::Demo { events } = cli.command {
+    if let Command::Demo { events, mode } = cli.command {
+        let config = Config::extract(cli.config.as_deref())?;
         let _ = init_logging("warn", LogFormat::Text);
-        return crate::demo::run(events).await.map_err(CliError::Runtime);
+        let mode = mode.map(|m| match m {
+            DemoMode::Poll => crate::config::SourceMode::Poll,
+            DemoMode::Replication => crate::config::SourceMode::Replication,
+        });
+        return crate::demo::run(events, config, mode).await.map_err(CliError::Runtime);
     }
     let config = Config::load(cli.config.as_deref())?;
     crate::postgres::set_relay_id(config.replicas.resolved_relay_id());
@@ -293,30 +317,34 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: Option<PathBuf>, reload: LogReload) -> Result<(), CliError> {
+    // Everything that can reject the configuration runs before anything is
+    // bound or connected: a configuration error exits 2 even when the HTTP
+    // port is taken or the broker is down.
+    let metrics = Metrics::for_config(&config);
+    let health = Health::new();
+    let sink = Arc::new(build_sink(&config)?);
+    let drain = config.shutdown.drain_timeout;
     let (trigger, shutdown) = shutdown::channel();
+    let relay = Relay::new(config.clone(), sink.clone(), metrics.clone(), health.clone(), shutdown.clone()).map_err(|e| match e {
+        RelayError::Config(m) => CliError::Config(ConfigError::Load(m)),
+        other => CliError::Runtime(other.into()),
+    })?;
     shutdown::on_signals(trigger).context("cannot install signal handlers")?;
     reload_on_sighup(path, reload).context("cannot install the SIGHUP handler")?;
-    let metrics = Metrics::new();
-    let health = Health::new();
     health.beat();
     crate::http::serve(&config.http.listen, metrics.clone(), health.clone(), shutdown.clone())
         .await
         .with_context(|| format!("cannot serve http.listen {} (set http.listen to a free address)", config.http.listen))?;
-    let sink = Arc::new(build_sink(&config)?);
-    if !wait_for_broker(&sink, &health, shutdown.clone()).await {
+    if !wait_for_broker(&sink, &config, &health, shutdown.clone()).await {
         return Ok(());
     }
     health.set_broker(true);
+    health.set_waiting(None);
     if let AnySink::PubSub(pubsub) = sink.as_ref() {
         check_static_pubsub_topic(pubsub, &config.sink.topic).await;
     }
     tokio::spawn(crate::monitor::watch_broker(sink.clone(), health.clone(), shutdown.clone()));
     tokio::spawn(crate::monitor::watch_backlog(config.clone(), metrics.clone(), shutdown.clone()));
-    let drain = config.shutdown.drain_timeout;
-    let relay = Relay::new(config, sink.clone(), metrics, health, shutdown).map_err(|e| match e {
-        RelayError::Config(m) => CliError::Config(ConfigError::Load(m)),
-        other => CliError::Runtime(other.into()),
-    })?;
     crate::systemd::notify("READY=1");
     let result = relay.run().await;
     crate::systemd::notify("STOPPING=1");
@@ -341,14 +369,24 @@ async fn check_static_pubsub_topic(sink: &PubSubSink, template: &str) {
 }
 
 /// Retries the broker until it answers; false if asked to stop first.
-async fn wait_for_broker(sink: &AnySink, health: &Health, mut shutdown: Shutdown) -> bool {
+/// Meanwhile readiness tells the truth: it names what the relay waits for,
+/// and Postgres is probed so `"postgres"` says whether it is reachable.
+async fn wait_for_broker(sink: &AnySink, config: &Config, health: &Health, mut shutdown: Shutdown) -> bool {
     let mut backoff = crate::relay::reconnect_backoff();
+    let mut postgres_checked = false;
     loop {
         match sink.reachable(Duration::from_secs(5)).await {
             Ok(()) => return true,
             Err(error) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 warn!(%error, retry_in = ?delay, "{} is not reachable yet", sink.name());
+                health.set_waiting(Some(format!("{} is not reachable yet: {error}", sink.name())));
+                if !postgres_checked {
+                    // Once is enough: the relay reconnects by itself after the wait.
+                    let up = crate::postgres::connect(&config.postgres, "outbox-relay start-up probe").await.is_ok();
+                    health.set_postgres(up);
+                    postgres_checked = up;
+                }
                 health.beat();
                 tokio::select! {
                     _ = shutdown.wait() => return false,

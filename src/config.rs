@@ -200,7 +200,8 @@ impl Default for HttpConfig {
 }
 
 /// Connection to the database that holds the outbox.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `Debug` shows `user@host:port/db`, never the URL's password.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
     /// libpq-style URL or key=value string, e.g. `postgres://relay@db:5432/app`.
@@ -220,6 +221,20 @@ pub struct PostgresConfig {
     pub sslcert: Option<std::path::PathBuf>,
     /// The client certificate's private key (PEM, unencrypted).
     pub sslkey: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &crate::postgres::redacted_target(&self.url))
+            .field("password_file", &self.password_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
+            .finish()
+    }
 }
 
 impl Default for PostgresConfig {
@@ -493,7 +508,8 @@ impl Default for PubSubConfig {
 }
 
 /// librdkafka producer settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `Debug` hides the values of secret properties (`sasl.*`, `ssl.key.*`, passwords).
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`, comma separated `host:port`.
@@ -502,6 +518,21 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     /// Properties whose values are read from files, e.g. `"sasl.password" = "/run/secrets/kafka"`.
     pub properties_from_files: BTreeMap<String, std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_key(k) { "<redacted>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &properties)
+            .field("properties_from_files", &self.properties_from_files)
+            .finish()
+    }
 }
 
 /// What "published" means for a row.
@@ -587,6 +618,14 @@ impl Default for LogConfig {
 impl Config {
     /// Loads defaults, then the file (if given), then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = Config::extract(file)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Like [`Config::load`] without [`Config::validate`]: for the demo, which
+    /// fills in its own Postgres and broker before validating.
+    pub fn extract(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -598,9 +637,7 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
-        let config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
-        config.validate()?;
-        Ok(config)
+        figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))
     }
 
     /// Checks the values serde accepted but the relay cannot work with.
@@ -629,9 +666,8 @@ impl Config {
         if !(1..=64).contains(&self.source.max_in_flight_batches) {
             return Err(ConfigError::invalid("source.max_in_flight_batches", "must be between 1 and 64"));
         }
-        if self.source.poll_interval < Duration::from_millis(10) {
-            return Err(ConfigError::invalid("source.poll_interval", "must be at least 10ms"));
-        }
+        self.validate_durations()?;
+        validate_log_level(&self.log.level)?;
         if !is_identifier(&self.source.notify_channel) {
             return Err(ConfigError::invalid(
                 "source.notify_channel",
@@ -695,9 +731,6 @@ impl Config {
             if r.message_prefix.is_empty() {
                 return Err(ConfigError::invalid("source.replication.message_prefix", "must not be empty"));
             }
-            if r.status_interval < Duration::from_millis(100) || r.status_interval > Duration::from_secs(30) {
-                return Err(ConfigError::invalid("source.replication.status_interval", "must be between 100ms and 30s"));
-            }
         }
         if !(1..=100_000).contains(&self.published.cleanup_batch_size) {
             return Err(ConfigError::invalid("published.cleanup_batch_size", "must be between 1 and 100000"));
@@ -706,21 +739,61 @@ impl Config {
             if self.failures.dead_letter_topic.trim().is_empty() {
                 return Err(ConfigError::invalid("failures.dead_letter_topic", "must name a topic when failures.policy = \"dead_letter\""));
             }
+            let topic = &self.failures.dead_letter_topic;
+            let bad = match self.sink.kind {
+                SinkKind::Kafka => (!crate::envelope::is_valid_topic(topic))
+                    .then(|| format!("{topic:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -)")),
+                SinkKind::PubSub => crate::sink::pubsub::topic::check_topic_name(topic).err(),
+            };
+            if let Some(problem) = bad {
+                return Err(ConfigError::invalid(
+                    "failures.dead_letter_topic",
+                    format!("{problem}: poison events could never be dead-lettered; name a valid topic"),
+                ));
+            }
             if self.failures.max_attempts == 0 {
                 return Err(ConfigError::invalid("failures.max_attempts", "must be at least 1"));
             }
         }
-        if self.published.cleanup_interval < Duration::from_secs(1) {
-            return Err(ConfigError::invalid("published.cleanup_interval", "must be at least 1s"));
-        }
         if !(1..=1024).contains(&self.replicas.lanes) {
             return Err(ConfigError::invalid("replicas.lanes", "must be between 1 and 1024 (and the same on every relay of this outbox)"));
         }
-        if self.replicas.takeover_within < Duration::from_secs(1) || self.replicas.takeover_within > Duration::from_secs(600) {
-            return Err(ConfigError::invalid("replicas.takeover_within", "must be between 1s and 10m"));
-        }
         if self.replicas.relay_id.chars().count() > 63 || self.replicas.relay_id.chars().any(char::is_control) {
             return Err(ConfigError::invalid("replicas.relay_id", "must be at most 63 printable characters (the pod or host name)"));
+        }
+        Ok(())
+    }
+
+    /// Every duration key against its allowed range (`0s` only where it means "off").
+    /// A zero that reaches a timer panics (`period must be non-zero`), so ranges are checked here.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        const MS: Duration = Duration::from_millis(1);
+        const S: Duration = Duration::from_secs(1);
+        const MIN: Duration = Duration::from_secs(60);
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(86_400);
+        // (key, value, zero allowed and meaning, min, max, human range)
+        let checks: [(&'static str, Duration, Option<&str>, Duration, Duration, &str); 9] = [
+            ("postgres.connect_timeout", self.postgres.connect_timeout, None, 100 * MS, 10 * MIN, "between 100ms and 10m"),
+            ("source.poll_interval", self.source.poll_interval, None, 10 * MS, HOUR, "between 10ms and 1h"),
+            ("source.retry_failed_after", self.source.retry_failed_after, None, 100 * MS, DAY, "between 100ms and 24h"),
+            ("source.replication.status_interval", self.source.replication.status_interval, None, 100 * MS, 30 * S, "between 100ms and 30s"),
+            ("source.replication.heartbeat_interval", self.source.replication.heartbeat_interval, Some("off"), S, HOUR, "0s (off) or between 1s and 1h"),
+            ("published.retention", self.published.retention, Some("keep forever"), S, 3650 * DAY, "0s (keep) or between 1s and 3650d"),
+            ("published.cleanup_interval", self.published.cleanup_interval, None, S, DAY, "between 1s and 24h"),
+            ("shutdown.drain_timeout", self.shutdown.drain_timeout, Some("no drain"), Duration::ZERO, HOUR, "between 0s and 1h"),
+            ("replicas.takeover_within", self.replicas.takeover_within, None, S, 10 * MIN, "between 1s and 10m"),
+        ];
+        for (key, value, zero, min, max, range) in checks {
+            if value.is_zero() && zero.is_some() {
+                continue;
+            }
+            if value < min || value > max {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("is {}, which is out of range: it must be {range}", humantime::format_duration(value)),
+                ));
+            }
         }
         Ok(())
     }
@@ -778,6 +851,24 @@ impl Config {
     }
 }
 
+/// Levels a `log.level` directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// `log.level` must be a level or `target=level` directives: tracing would
+/// otherwise read a typo such as `verbose` as a target name and log nothing useful.
+fn validate_log_level(level: &str) -> Result<(), ConfigError> {
+    let fix = "use one of trace, debug, info, warn, error, off, or target=level directives, e.g. \"info,outbox_relay=debug\"";
+    for directive in level.split(',').map(str::trim) {
+        let named = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::invalid("log.level", format!("{directive:?} is not a level: {fix}")));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| ConfigError::invalid("log.level", format!("{level:?} is not a valid filter ({e}): {fix}")))?;
+    Ok(())
+}
+
 /// `true` for names we can splice into SQL unquoted-safe (we still quote them).
 pub fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
@@ -786,12 +877,61 @@ pub fn is_identifier(name: &str) -> bool {
         && name.len() <= 63
 }
 
+/// Whether a configuration key can hold a secret (a password in a URL, a
+/// SASL or TLS key setting, credentials): its value never appears in an error.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["url", "password", "secret", "sasl.", "ssl.key", "credential", "token"].iter().any(|needle| key.contains(needle))
+}
+
+/// A TOML parse error without the source lines it echoes (`3 | url = "postgres://u:pw@…"`):
+/// the position and the parser's complaint stay, the text of the file does not.
+fn without_echoed_source(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .filter(|line| {
+            let gutter = line.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start();
+            !(gutter.starts_with('|') || line.starts_with('^'))
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// How a duration is written, appended when a duration key got a bare number.
+const DURATION_HINT: &str = "write it with a unit, e.g. \"5s\", \"250ms\" or \"2m\" (in the environment too: OUTBOX_RELAY_SOURCE__POLL_INTERVAL=5s)";
+
+fn describe_kind(key: &str, kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let secret = is_secret_key(key);
+    let hidden = "(value hidden: this key holds a secret)";
+    match kind {
+        Kind::Message(message) if key.is_empty() => without_echoed_source(message),
+        Kind::Message(_) if secret => format!("invalid value {hidden}"),
+        Kind::Message(message) if message.contains("duration") => format!("{message}: {DURATION_HINT}"),
+        Kind::Message(message) => message.clone(),
+        Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) if secret => {
+            format!("invalid value {hidden}; expected {expected}")
+        }
+        Kind::InvalidType(actual, expected) if expected.contains("duration") => {
+            format!("found {actual}, expected a duration: {DURATION_HINT}")
+        }
+        Kind::UnknownField(field, expected) => format!("unknown key `{field}`; valid keys here: {}", expected.join(", ")),
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value \"{found}\"; use one of: {}", expected.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
 fn describe_figment_error(error: figment::Error) -> String {
     let mut parts = Vec::new();
     for e in error {
         let key = e.path.join(".");
         let origin = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
-        let mut line = if key.is_empty() { e.kind.to_string() } else { format!("`{key}`: {}", e.kind) };
+        let kind = describe_kind(&key, &e.kind);
+        let mut line = if key.is_empty() { kind } else { format!("`{key}`: {kind}") };
         if !origin.is_empty() {
             line.push_str(&format!(" (from {origin})"));
         }
@@ -898,5 +1038,81 @@ mod tests {
         .unwrap();
         let c = Config::load(Some(&path)).unwrap();
         assert_eq!(c.source.poll_interval, Duration::from_millis(250));
+    }
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path))
+    }
+
+    const BASE: &str = "[postgres]\nurl = \"postgres://relay:TopSecretPw1@db/app\"\n[sink.kafka]\nbrokers = \"k:9092\"\n";
+
+    #[test]
+    fn a_toml_syntax_error_names_the_line_but_never_echoes_it() {
+        let msg = load_toml("[postgres]\nurl = \"postgres://relay:TopSecretPw1@db/app\nx = 1\n").unwrap_err().to_string();
+        assert!(!msg.contains("TopSecretPw1"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn a_wrong_type_on_a_secret_key_hides_the_value() {
+        let msg = load_toml(&format!("{BASE}[sink.kafka.properties]\n\"sasl.password\" = 987654321\n")).unwrap_err().to_string();
+        assert!(!msg.contains("987654321"), "{msg}");
+        assert!(msg.contains("sasl.password") && msg.contains("hidden"), "{msg}");
+        let msg = load_toml("[postgres]\nurl = 987654321\n").unwrap_err().to_string();
+        assert!(!msg.contains("987654321") && msg.contains("postgres.url"), "{msg}");
+    }
+
+    #[test]
+    fn debug_never_shows_passwords_or_secret_properties() {
+        let mut c = valid();
+        c.postgres.url = "postgres://relay:TopSecretPw1@db/app".into();
+        c.sink.kafka.properties.insert("sasl.password".into(), "KafkaSecret2".into());
+        c.sink.kafka.properties.insert("compression.type".into(), "zstd".into());
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("TopSecretPw1") && !debug.contains("KafkaSecret2"), "{debug}");
+        assert!(debug.contains("relay@db") && debug.contains("zstd"), "{debug}");
+    }
+
+    #[test]
+    fn an_invalid_log_level_is_an_error() {
+        let mut c = valid();
+        c.log.level = "verbose".into();
+        assert!(c.validate().unwrap_err().to_string().contains("log.level"));
+        c.log.level = "info,outbox_relay=debug".into();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_dead_letter_topic_must_be_valid_for_the_sink() {
+        let mut c = valid();
+        c.failures.policy = FailurePolicy::DeadLetter;
+        c.failures.dead_letter_topic = "bad topic!".into();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("failures.dead_letter_topic") && msg.contains("Kafka topic"), "{msg}");
+    }
+
+    #[test]
+    fn every_duration_is_range_checked() {
+        let mut c = valid();
+        c.source.retry_failed_after = Duration::ZERO;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("source.retry_failed_after") && msg.contains("100ms"), "{msg}");
+        let mut c = valid();
+        c.published.retention = Duration::ZERO;
+        c.source.replication.heartbeat_interval = Duration::ZERO;
+        c.validate().unwrap();
+        c.postgres.connect_timeout = Duration::from_secs(3600);
+        assert!(c.validate().unwrap_err().to_string().contains("postgres.connect_timeout"));
+    }
+
+    #[test]
+    fn a_bare_number_for_a_duration_suggests_a_unit_and_unknown_keys_read_cleanly() {
+        let msg = load_toml(&format!("{BASE}[source]\npoll_interval = 5\n")).unwrap_err().to_string();
+        assert!(msg.contains("source.poll_interval") && msg.contains("\"5s\""), "{msg}");
+        let msg = load_toml(&format!("{BASE}[source]\nbatch_sise = 5\n")).unwrap_err().to_string();
+        assert!(msg.contains("unknown key `batch_sise`") && !msg.contains("``"), "{msg}");
     }
 }

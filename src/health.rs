@@ -1,7 +1,10 @@
 //! Liveness and readiness, as the HTTP endpoints and systemd see them.
 //!
 //! Liveness: the relay's main loop beat recently (it is not stuck).
-//! Readiness: connected to Postgres, the broker answers, nothing fatal.
+//! Readiness: connected to Postgres, the broker answers, nothing fatal, and
+//! the relay is not stuck behind an event it cannot publish (a blocked
+//! replication stream). While it waits for something at start-up,
+//! `waiting_for` says what.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,8 @@ struct Inner {
     broker: AtomicBool,
     role: Mutex<&'static str>,
     failure: Mutex<Option<String>>,
+    waiting_for: Mutex<Option<String>>,
+    blocked: Mutex<Option<String>>,
 }
 
 /// What `/healthz` and `/readyz` return.
@@ -46,6 +51,11 @@ pub struct Report {
     pub role: &'static str,
     /// A fatal problem, if any.
     pub failure: Option<String>,
+    /// What start-up waits for (e.g. the broker), if anything.
+    pub waiting_for: Option<String>,
+    /// Why publishing is stopped behind an event that cannot be published
+    /// (a blocked replication stream under `failures.policy = "block"`).
+    pub blocked: Option<String>,
 }
 
 impl Health {
@@ -65,6 +75,8 @@ impl Health {
                 broker: AtomicBool::new(false),
                 role: Mutex::new("starting"),
                 failure: Mutex::new(None),
+                waiting_for: Mutex::new(None),
+                blocked: Mutex::new(None),
             }),
         }
     }
@@ -110,6 +122,28 @@ impl Health {
         }
     }
 
+    /// What start-up is waiting for (`None` once it stopped waiting).
+    pub fn set_waiting(&self, what: Option<String>) {
+        if let Ok(mut current) = self.inner.waiting_for.lock() {
+            *current = what;
+        }
+    }
+
+    /// The relay cannot move on: its stream stopped at an event that fails
+    /// (`Some(why)`: name the event and the error), or moves again (`None`).
+    /// Readiness fails meanwhile and says why; the change is logged once.
+    pub fn set_blocked(&self, why: Option<String>) {
+        let Ok(mut current) = self.inner.blocked.lock() else { return };
+        if *current == why {
+            return;
+        }
+        match &why {
+            Some(reason) => tracing::warn!(reason = %reason, "publishing is blocked: readiness fails until the event is published"),
+            None => tracing::info!("no longer blocked: publishing moves again"),
+        }
+        *current = why;
+    }
+
     fn report(&self, ok: bool) -> Report {
         let last_beat = self.inner.last_beat_ms.load(Ordering::Relaxed);
         Report {
@@ -119,6 +153,8 @@ impl Health {
             broker: self.inner.broker.load(Ordering::Relaxed),
             role: self.inner.role.lock().map(|r| *r).unwrap_or("unknown"),
             failure: self.inner.failure.lock().ok().and_then(|f| f.clone()),
+            waiting_for: self.inner.waiting_for.lock().ok().and_then(|f| f.clone()),
+            blocked: self.inner.blocked.lock().ok().and_then(|f| f.clone()),
         }
     }
 
@@ -129,9 +165,10 @@ impl Health {
         self.report(fresh)
     }
 
-    /// Ready: Postgres connected, broker reachable, no failure.
+    /// Ready: Postgres connected, broker reachable, no failure, not blocked.
     pub fn readiness(&self) -> Report {
-        let failed = self.inner.failure.lock().map(|f| f.is_some()).unwrap_or(true);
+        let failed = self.inner.failure.lock().map(|f| f.is_some()).unwrap_or(true)
+            || self.inner.blocked.lock().map(|b| b.is_some()).unwrap_or(true);
         let ok = self.inner.postgres.load(Ordering::Relaxed) && self.inner.broker.load(Ordering::Relaxed) && !failed;
         self.report(ok)
     }
@@ -162,5 +199,18 @@ mod tests {
         health.fail("bad".into());
         let report = health.readiness();
         assert_eq!((report.status, report.failure.as_deref()), ("fail", Some("bad")));
+    }
+
+    #[test]
+    fn a_blocked_stream_is_not_ready_and_says_why() {
+        let health = Health::new();
+        health.set_postgres(true);
+        health.set_broker(true);
+        health.set_blocked(Some("event at LSN 0/16B3748 fails: topic missing".into()));
+        let report = health.readiness();
+        assert_eq!(report.status, "fail");
+        assert!(report.blocked.as_deref().is_some_and(|b| b.contains("0/16B3748")));
+        health.set_blocked(None);
+        assert_eq!(health.readiness().status, "ok");
     }
 }

@@ -63,6 +63,28 @@ fn seconds_buckets() -> Vec<f64> {
 }
 
 impl Metrics {
+    /// The metrics that mean something for this configuration: no
+    /// `replication_slot_lag_bytes` when polling (there is no slot), and with
+    /// `published.mode = "none"` no row-based backlog or age (rows are never
+    /// marked, so they would grow on a healthy relay): the slot lag measures
+    /// the backlog there.
+    pub fn for_config(config: &crate::config::Config) -> Metrics {
+        use crate::config::{PublishedMode, SourceMode};
+        let metrics = Metrics::new();
+        let mut hidden: Vec<Box<dyn prometheus::core::Collector>> = Vec::new();
+        if config.source.mode == SourceMode::Poll {
+            hidden.push(Box::new(metrics.replication_slot_lag.clone()));
+        }
+        if config.published.mode == PublishedMode::None {
+            hidden.push(Box::new(metrics.backlog_events.clone()));
+            hidden.push(Box::new(metrics.oldest_unpublished_age.clone()));
+        }
+        for collector in hidden {
+            let _ = metrics.registry.unregister(collector);
+        }
+        metrics
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
         let registry = Registry::new();
@@ -232,6 +254,20 @@ mod tests {
             include_str!("../deploy/metrics.txt").lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
         listed.sort();
         assert_eq!(exported, listed, "deploy/metrics.txt must list exactly what the relay exports");
+    }
+
+    #[test]
+    fn only_metrics_that_mean_something_in_this_mode_are_exported() {
+        let mut config = crate::config::Config::default();
+        let names = |config: &crate::config::Config| Metrics::for_config(config).names();
+        let poll = names(&config);
+        assert!(!poll.iter().any(|n| n.contains("replication_slot_lag")), "{poll:?}");
+        assert!(poll.iter().any(|n| n == "outbox_relay_oldest_unpublished_age_seconds"));
+        config.source.mode = crate::config::SourceMode::Replication;
+        config.published.mode = crate::config::PublishedMode::None;
+        let none = names(&config);
+        assert!(none.iter().any(|n| n.contains("replication_slot_lag")), "{none:?}");
+        assert!(!none.iter().any(|n| n.contains("oldest_unpublished_age") || n.contains("backlog_events")), "{none:?}");
     }
 
     #[test]

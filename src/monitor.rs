@@ -46,8 +46,14 @@ pub async fn watch_broker<S: Sink>(sink: Arc<S>, health: Health, mut shutdown: S
     }
 }
 
-/// Measures the backlog until shutdown, on its own connection.
+/// Measures the backlog until shutdown, on its own connection (mark and
+/// delete modes; in none mode the slot lag is the backlog).
 pub async fn watch_backlog(config: Config, metrics: Metrics, mut shutdown: Shutdown) {
+    if config.published.mode == crate::config::PublishedMode::None {
+        // Rows are never marked in none mode: a row count would grow on a
+        // healthy relay. The replication session measures the slot's lag instead.
+        return;
+    }
     let sql = match OutboxTable::from_config(&config) {
         Ok(table) => table.backlog_sql(),
         // Validated at start-up; nothing to measure otherwise.

@@ -215,7 +215,9 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     let hint = match *db.code() {
         SqlState::UNDEFINED_TABLE => " (is the schema installed? run `outbox-relay migrate`, or check source.table)",
         SqlState::UNDEFINED_COLUMN => " (check source.columns against the outbox table)",
-        SqlState::INSUFFICIENT_PRIVILEGE => " (grant the relay's role SELECT, UPDATE and DELETE on the outbox table)",
+        SqlState::INSUFFICIENT_PRIVILEGE => {
+            return format!("{} [SQLSTATE {}] ({})", db.message(), db.code().code(), privilege_fix(db.message()));
+        }
         SqlState::INVALID_AUTHORIZATION_SPECIFICATION if db.message().contains("no encryption") => {
             " (the server accepts this connection only over TLS: set postgres.sslmode, e.g. require or verify-full)"
         }
@@ -226,9 +228,35 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
             " (check the user and password in postgres.url)"
         }
         SqlState::INVALID_CATALOG_NAME => " (check the database name in postgres.url)",
+        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE if db.message().contains("wal_level") => {
+            " (logical replication needs wal_level = logical: run ALTER SYSTEM SET wal_level = logical; and restart Postgres, or use source.mode = \"poll\")"
+        }
         _ => "",
     };
     format!("{} [SQLSTATE {}]{hint}", db.message(), db.code().code())
+}
+
+/// The grant that fixes "permission denied for <kind> <name>", naming the
+/// object and the privilege the relay needs on it (Postgres names the object
+/// but not the privilege, so the relay's needs per object are spelled out).
+fn privilege_fix(message: &str) -> String {
+    let rest = message.strip_prefix("permission denied for ").unwrap_or("");
+    let (kind, name) = rest.split_once(' ').unwrap_or((rest, ""));
+    let name = name.trim_matches('"');
+    let roles = "see sql/roles/polling.sql or sql/roles/replication.sql for the mode you run";
+    match kind {
+        "database" => format!("grant the role CREATE on database {name} (`migrate` creates the outbox schema), or run `migrate` as the database owner"),
+        "schema" => format!("grant the role USAGE on schema {name} (and CREATE for `migrate`), or run `migrate` as the schema owner"),
+        "table" | "relation" if name.starts_with("relay_") => {
+            format!("grant the relay's role SELECT, INSERT, UPDATE and DELETE on outbox.{name} (the lease tables); {roles}")
+        }
+        "table" | "relation" => {
+            format!("grant the relay's role SELECT, UPDATE and DELETE on table {name} (SELECT alone with published.mode = \"none\"); {roles}")
+        }
+        "sequence" => format!("grant the role USAGE on sequence {name}; {roles}"),
+        "function" => format!("grant the role EXECUTE on function {name}; {roles}"),
+        _ => format!("the role lacks a privilege the statement needs; {roles}"),
+    }
 }
 
 /// `host:port/db` of a connection string, never its password.
@@ -257,6 +285,14 @@ pub fn redacted_target(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_permission_error_names_the_object_and_the_privilege() {
+        assert!(privilege_fix("permission denied for database app").contains("CREATE on database app"));
+        assert!(privilege_fix("permission denied for table relay_leases").contains("INSERT, UPDATE and DELETE on outbox.relay_leases"));
+        assert!(privilege_fix("permission denied for table events").contains("on table events"));
+        assert!(privilege_fix("permission denied for schema outbox").contains("USAGE on schema outbox"));
+    }
 
     #[test]
     fn redaction_drops_the_password() {

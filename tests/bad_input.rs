@@ -12,7 +12,8 @@ use outbox_relay::demo::postgres::ThrowawayPostgres;
 
 fn run_with(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    command.args(args).env_remove("RUST_LOG");
+    // Never the default 127.0.0.1:9187: a relay someone runs by hand may hold it.
+    command.args(args).env_remove("RUST_LOG").env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0");
     for (k, v) in env {
         command.env(k, v);
     }
@@ -49,6 +50,63 @@ fn unknown_key_and_bad_values_in_the_file_exit_2_naming_them() {
     assert!(stderr.contains("/nonexistent/relay.toml"), "{stderr}");
 }
 
+const VALID: &str = "[postgres]\nurl = \"postgres://a@127.0.0.1:9/b\"\n[sink.kafka]\nbrokers = \"127.0.0.1:9\"\n";
+
+#[test]
+fn configuration_errors_exit_2_before_anything_is_bound() {
+    // GIVEN the configured HTTP port is already taken
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = busy.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let cases: [(&str, &[(&str, &str)], &str); 5] = [
+        ("[sink.kafka.properties]\n\"no.such.setting\" = \"1\"\n", &[], "no.such.setting"),
+        ("[source]\nretry_failed_after = \"0s\"\n", &[], "source.retry_failed_after"),
+        ("[log]\nlevel = \"verbose\"\n", &[], "log.level"),
+        ("[failures]\npolicy = \"dead_letter\"\ndead_letter_topic = \"bad topic!\"\n", &[], "failures.dead_letter_topic"),
+        ("", &[("OUTBOX_RELAY_SOURCE__POLL_INTERVAL", "5")], "\"5s\""),
+    ];
+    for (extra, env, needle) in cases {
+        std::fs::write(&path, format!("{VALID}{extra}")).unwrap();
+        let mut env = env.to_vec();
+        env.push(("OUTBOX_RELAY_HTTP__LISTEN", &listen));
+        // WHEN the relay starts with a bad setting
+        let (code, stderr) = run_with(&["--config", path.to_str().unwrap(), "run"], &env);
+        // THEN it exits 2 naming the setting, whatever holds the port
+        assert_eq!(code, 2, "{extra}: {stderr}");
+        assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+        assert!(!stderr.contains("http.listen"), "{stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error:") || l.contains("ERROR")).count(), 1, "printed once: {stderr}");
+    }
+}
+
+#[test]
+fn configuration_errors_never_print_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let cases = [
+        // A TOML syntax error (unterminated string) on the line holding the password.
+        "[postgres]\nurl = \"postgres://relay:TopSecretPw1@127.0.0.1/app\n[sink.kafka]\nbrokers = \"x:1\"\n".to_owned(),
+        // A wrong type on a secret key.
+        format!("{VALID}[sink.kafka.properties]\n\"sasl.password\" = 987654321\n"),
+    ];
+    for toml in cases {
+        std::fs::write(&path, &toml).unwrap();
+        let (code, stderr) = run_with(&["--config", path.to_str().unwrap(), "check"], &[]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(!stderr.contains("TopSecretPw1") && !stderr.contains("987654321"), "a secret leaked: {stderr}");
+    }
+}
+
+#[test]
+fn a_command_error_is_printed_once() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgres://relay@127.0.0.1:{closed}/app");
+    let (code, stderr) = run_with(&["status"], &[("OUTBOX_RELAY_POSTGRES__URL", &url), ("OUTBOX_RELAY_SINK__KAFKA__BROKERS", "127.0.0.1:9")]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.matches("cannot connect to Postgres").count(), 1, "{stderr}");
+}
+
 #[test]
 fn unreachable_postgres_and_broker_are_retried_with_clear_logs_never_a_panic() {
     // A port nothing listens on.
@@ -56,6 +114,7 @@ fn unreachable_postgres_and_broker_are_retried_with_clear_logs_never_a_panic() {
     let env = vec![
         ("OUTBOX_RELAY_POSTGRES__URL", format!("postgres://relay@127.0.0.1:{closed}/app")),
         ("OUTBOX_RELAY_SINK__KAFKA__BROKERS", format!("127.0.0.1:{closed}")),
+        ("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
     ];
     let mut relay = RelayProcess::start(&["run"], &env);
     assert!(relay.wait_for_log("Kafka is not reachable yet", Duration::from_secs(20)), "{}", relay.log());
@@ -67,6 +126,7 @@ fn unreachable_postgres_and_broker_are_retried_with_clear_logs_never_a_panic() {
     let env = vec![
         ("OUTBOX_RELAY_POSTGRES__URL", format!("postgres://relay@127.0.0.1:{closed}/app")),
         ("OUTBOX_RELAY_SINK__KAFKA__BROKERS", broker.bootstrap()),
+        ("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
     ];
     let mut relay = RelayProcess::start(&["run"], &env);
     assert!(relay.wait_for_log("cannot connect to Postgres", Duration::from_secs(20)), "{}", relay.log());

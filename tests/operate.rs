@@ -116,6 +116,7 @@ async fn check_names_each_broken_prerequisite_and_passes_when_all_is_well() {
     let (code, out, _) = cli(&["check"], &env);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("[ ok ] privileges") && out.contains("[ ok ] notify trigger"), "{out}");
+    assert!(out.contains("[ ok ] position index") && out.contains("[ ok ] lease tables"), "{out}");
 
     // A role without privileges.
     client
@@ -127,6 +128,27 @@ async fn check_names_each_broken_prerequisite_and_passes_when_all_is_well() {
     let (code, out, _) = cli(&["check"], &weak);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("[FAIL] privileges") && out.contains("missing UPDATE, DELETE"), "{out}");
+    // Each lease-table privilege is checked on its own (SELECT alone used to pass).
+    client.batch_execute("GRANT SELECT ON outbox.relay_leases, outbox.relay_members TO weak;").await.unwrap();
+    let (_, out, _) = cli(&["check"], &weak);
+    assert!(out.contains("[FAIL] lease tables") && out.contains("INSERT on outbox.relay_leases"), "{out}");
+
+    // A mapped position column without an index is worth a warning.
+    client
+        .batch_execute("CREATE TABLE public.unindexed (LIKE outbox.events INCLUDING DEFAULTS); ALTER TABLE public.unindexed ALTER COLUMN id DROP IDENTITY IF EXISTS;")
+        .await
+        .unwrap();
+    let mut unindexed = env.clone();
+    unindexed.push(("OUTBOX_RELAY_SOURCE__TABLE", "public.unindexed".into()));
+    let (_, out, _) = cli(&["check"], &unindexed);
+    assert!(out.contains("[warn] position index") && out.contains("CREATE INDEX"), "{out}");
+
+    // A database that does not exist: nothing about topics can be known.
+    let mut nodb = env.clone();
+    nodb[0].1 = pg.url_for("postgres", "no_such_db");
+    let (code, out, _) = cli(&["check"], &nodb);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[FAIL] postgres") && !out.contains("[ ok ] topics"), "{out}");
 
     // Unreachable broker and Postgres.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -60,14 +60,17 @@ impl Cluster {
         serde_json::from_str(&out).expect("status --json")
     }
 
-    /// relay_id -> lanes held, from `status`.
+    /// relay_id -> lanes held, from `status` (replication: 1 for the relay streaming the slot).
     fn holdings(&self) -> Vec<(String, usize)> {
         let status = self.status();
         status["relays"]
             .as_array()
             .expect("relays")
             .iter()
-            .map(|r| (r["relay_id"].as_str().unwrap_or_default().to_owned(), r["lanes"].as_array().map_or(0, Vec::len)))
+            .map(|r| {
+                let held = r["lanes"].as_array().map_or(usize::from(r["role"] == "streaming"), Vec::len);
+                (r["relay_id"].as_str().unwrap_or_default().to_owned(), held)
+            })
             .collect()
     }
 
@@ -220,7 +223,7 @@ async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
         .as_array()
         .expect("relays")
         .iter()
-        .filter(|r| r["lanes"].as_array().is_some_and(|l| !l.is_empty()))
+        .filter(|r| r["role"] == "streaming")
         .filter_map(|r| r["relay_id"].as_str())
         .collect();
     assert_eq!(streaming, vec![relays[new_leader].0.as_str()], "exactly one relay streams: {status}");

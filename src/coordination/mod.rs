@@ -413,11 +413,15 @@ impl State {
             1
         };
         let held = self.assignment.held.len();
-        // The first round only announces this relay: relays started together
-        // (a deployment rolling out) then see each other before anyone takes
-        // lanes, instead of one taking every lane, racing ahead on a backlog
-        // and handing most of them back a tick later.
-        let joining = self.rounds == 0;
+        // The first round only announces this relay when other relays are
+        // alive: relays started together (a deployment rolling out) then see
+        // each other before anyone takes lanes, instead of one taking every
+        // lane, racing ahead on a backlog and handing most of them back a
+        // tick later. A relay that finds no other live member takes its work
+        // at once (a lone relay streams within milliseconds of starting, not
+        // a tick later); one started a moment after it sees it and waits.
+        let alone = members.iter().all(|m| m.instance == self.me.instance);
+        let joining = self.rounds == 0 && !alone;
         self.rounds += 1;
         if joining {
             return self.release_quiet(client, adopted).await;

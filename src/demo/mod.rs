@@ -3,7 +3,9 @@
 //! Starts a throwaway Postgres from the system's binaries and librdkafka's
 //! in-process mock Kafka cluster, installs the schema, enqueues sample order
 //! events the way an application would (inside its own transactions), runs
-//! the real relay, consumes everything back and checks it.
+//! the real relay, consumes everything back and checks it. `--config` is
+//! honoured for everything but the Postgres URL and the brokers (the demo's
+//! own); `--mode replication` captures through a logical replication slot.
 
 pub mod postgres;
 
@@ -19,73 +21,123 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_postgres::NoTls;
 
 use self::postgres::ThrowawayPostgres;
-use crate::config::Config;
+use crate::config::{Config, SinkKind, SourceMode};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::shutdown;
 use crate::sink::kafka::KafkaSink;
 
-const TOPICS: [&str; 2] = ["outbox.Order", "outbox.Customer"];
+/// The sample's (aggregate_type, event_type) pairs; topics are rendered from them.
+const SAMPLE_TYPES: [(&str, &str); 6] = [
+    ("Order", "OrderPlaced"),
+    ("Order", "OrderPaid"),
+    ("Order", "OrderPacked"),
+    ("Order", "OrderShipped"),
+    ("Order", "OrderDelivered"),
+    ("Customer", "CustomerContacted"),
+];
 const PARTITIONS: i32 = 6;
 
-/// Runs the demo and prints a summary to stdout.
-pub async fn run(events: usize) -> anyhow::Result<()> {
+/// Runs the demo and prints a summary to stdout. `config` is the user's
+/// `--config` (unvalidated: the demo supplies Postgres and the brokers);
+/// `mode` overrides `source.mode`.
+pub async fn run(events: usize, config: Config, mode: Option<SourceMode>) -> anyhow::Result<()> {
     let events = events.clamp(10, 100_000);
+    let mut config = config;
+    if let Some(mode) = mode {
+        config.source.mode = mode;
+    }
     println!("outbox-relay demo\n");
     println!("1. starting a throwaway PostgreSQL cluster ...");
     let pg = tokio::task::spawn_blocking(ThrowawayPostgres::start).await.context("demo task")??;
     println!("   postgres on 127.0.0.1:{} (wal_level=logical)", pg.port());
     println!("2. starting librdkafka's in-process mock Kafka cluster (3 brokers) ...");
     let cluster = MockCluster::new(3).context("cannot start the mock Kafka cluster")?;
-    for topic in TOPICS {
+    let template = crate::envelope::TopicTemplate::parse(&config.sink.topic)
+        .map_err(|problem| anyhow::anyhow!("sink.topic {problem}"))?;
+    let topics: Vec<String> = SAMPLE_TYPES
+        .iter()
+        .map(|(aggregate_type, event_type)| template.render(aggregate_type, event_type))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for topic in &topics {
         cluster.create_topic(topic, PARTITIONS, 3).context("cannot create demo topic")?;
     }
     let brokers = cluster.bootstrap_servers();
     println!("   bootstrap servers {brokers}");
 
-    let mut config = Config::default();
-    config.postgres.url = pg.url();
+    config.postgres = crate::config::PostgresConfig { url: pg.url(), ..crate::config::PostgresConfig::default() };
+    config.sink.kind = SinkKind::Kafka;
     config.sink.kafka.brokers = brokers.clone();
-    config.source.batch_size = 100;
-    config.source.poll_interval = Duration::from_millis(500);
+    config.http.listen = "127.0.0.1:0".into();
     config.validate()?;
+    let capture = match config.source.mode {
+        SourceMode::Poll => "source.mode = \"poll\": claiming unpublished rows, woken by NOTIFY at commit",
+        SourceMode::Replication => "source.mode = \"replication\": tailing a logical replication slot (pgoutput)",
+    };
 
     println!("3. installing the outbox schema (outbox-relay migrate) ...");
     let (mut client, connection) = tokio_postgres::connect(&pg.url(), NoTls).await?;
     let driver = tokio::spawn(connection);
     crate::migrate::run(&mut client).await?;
+    if config.source.mode == SourceMode::Replication {
+        // The slot must exist before the events are written, or they are not in it.
+        for step in crate::source::replication::setup(&client, &config).await? {
+            println!("   {step}");
+        }
+    }
 
     println!("4. enqueueing {events} events the way an application does (outbox.enqueue in its transaction) ...");
     enqueue_sample(&mut client, events).await?;
 
-    println!("5. relaying ...");
+    println!("5. relaying ({capture}) ...");
     let (trigger, shutdown) = shutdown::channel();
-    let sink = Arc::new(KafkaSink::new(&config.sink.kafka, 10_000)?);
+    let queue = config.source.batch_size * (config.source.max_in_flight_batches + 1);
+    let sink = Arc::new(KafkaSink::new(&config.sink.kafka, queue)?);
+    let published_mode = config.published.mode;
     let relay = Relay::new(config, sink.clone(), Metrics::new(), crate::health::Health::new(), shutdown)?;
     let started = Instant::now();
     let relay_task = tokio::spawn(relay.run());
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Start-up (until the first event is published) and the steady rate after it, apart.
+    let mut first: Option<(Duration, i64)> = None;
+    let sql = match published_mode {
+        crate::config::PublishedMode::Mark => "SELECT count(*) FILTER (WHERE published_at IS NULL) FROM outbox.events",
+        _ => "SELECT count(*) FROM outbox.events",
+    };
     loop {
-        let left: i64 = client
-            .query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NULL", &[])
-            .await?
-            .get(0);
+        let left: i64 = if published_mode == crate::config::PublishedMode::None {
+            // Rows are never marked: count what the slot has confirmed instead.
+            let lag: Option<i64> = client
+                .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 FROM pg_replication_slots LIMIT 1", &[])
+                .await?
+                .get(0);
+            if lag.unwrap_or(1) <= 0 { 0 } else { events as i64 }
+        } else {
+            client.query_one(sql, &[]).await?.get(0)
+        };
+        if first.is_none() && left < events as i64 {
+            first = Some((started.elapsed(), events as i64 - left));
+        }
         if left == 0 {
             break;
         }
         if Instant::now() > deadline {
             bail!("{left} events still unpublished after 60 s");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
     trigger.trigger();
     relay_task.await.context("relay task")??;
 
     println!("6. consuming everything back from Kafka ...\n");
-    let consumed = tokio::task::spawn_blocking(move || consume(&brokers, events)).await.context("consumer task")??;
+    let expected_topics = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || consume(&brokers, &expected_topics, events)).await.context("consumer task")??;
     let report = verify(&consumed);
-    print_summary(&consumed, &report, events, elapsed);
+    let timing = Timing { first: first.map_or(elapsed, |(at, _)| at), first_count: first.map_or(0, |(_, n)| n), total: elapsed };
+    print_summary(&consumed, &report, events, &timing, capture);
     // The producer goes before the cluster, or it logs the brokers vanishing.
     drop(sink);
     drop(cluster);
@@ -141,14 +193,14 @@ struct Received {
     headers: Vec<(String, String)>,
 }
 
-fn consume(brokers: &str, expected: usize) -> anyhow::Result<Vec<Received>> {
+fn consume(brokers: &str, topics: &[String], expected: usize) -> anyhow::Result<Vec<Received>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "outbox-relay-demo")
         .set("enable.auto.commit", "false")
         .create()?;
     let mut assignment = TopicPartitionList::new();
-    for topic in TOPICS {
+    for topic in topics {
         for partition in 0..PARTITIONS {
             assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
         }
@@ -225,7 +277,17 @@ fn verify(consumed: &[Received]) -> Report {
     }
 }
 
-fn print_summary(consumed: &[Received], report: &Report, enqueued: usize, elapsed: Duration) {
+/// When the relay published: its first event, and everything.
+struct Timing {
+    /// Relay start to the first published event (start-up: connect, join, first claim).
+    first: Duration,
+    /// Events already published at that moment (the first batch).
+    first_count: i64,
+    /// Relay start to the last event published.
+    total: Duration,
+}
+
+fn print_summary(consumed: &[Received], report: &Report, enqueued: usize, timing: &Timing, capture: &str) {
     println!("A few envelopes as consumers see them:\n");
     for message in consumed.iter().filter(|m| m.key == "o-0").take(2) {
         println!("  topic {}  partition {}  key {:?}", message.topic, message.partition, message.key);
@@ -241,19 +303,27 @@ fn print_summary(consumed: &[Received], report: &Report, enqueued: usize, elapse
     for message in consumed {
         *per_topic.entry(&message.topic).or_default() += 1;
     }
-    println!("Summary");
-    println!("  enqueued              {enqueued}");
+    let order = if report.out_of_order == 0 { "verified".to_owned() } else { format!("{} violations", report.out_of_order) };
+    let mut lines: Vec<(String, String)> = vec![("capture".into(), capture.to_owned()), ("enqueued".into(), enqueued.to_string())];
     for (topic, count) in &per_topic {
-        println!("  received on {topic:<14} {count}");
+        lines.push((format!("received on {topic}"), count.to_string()));
     }
-    println!("  unique events         {}", report.unique);
-    println!("  duplicates            {}", report.duplicates);
-    println!("  lost                  {}", report.lost.max(enqueued.saturating_sub(report.unique)));
-    println!("  aggregates            {}", report.aggregates);
-    println!(
-        "  per-aggregate order   {}",
-        if report.out_of_order == 0 { "verified".to_owned() } else { format!("{} violations", report.out_of_order) }
-    );
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    println!("  relay time            {:.0} ms ({:.0} events/s, including start-up)", secs * 1000.0, enqueued as f64 / secs);
+    lines.push(("unique events".into(), report.unique.to_string()));
+    lines.push(("duplicates".into(), report.duplicates.to_string()));
+    lines.push(("lost".into(), report.lost.max(enqueued.saturating_sub(report.unique)).to_string()));
+    lines.push(("aggregates".into(), report.aggregates.to_string()));
+    lines.push(("per-aggregate order".into(), order));
+    lines.push(("start-up".into(), format!("{:.0} ms from relay start to the first event published", timing.first.as_secs_f64() * 1000.0)));
+    let rest = (enqueued as i64 - timing.first_count).max(0) as f64;
+    let steady = timing.total.saturating_sub(timing.first).as_secs_f64();
+    let rate = if steady > 0.0 && rest > 0.0 { format!("{:.0} events/s after start-up", rest / steady) } else { "all in the first batch".to_owned() };
+    lines.push(("steady rate".into(), format!("{rate} ({} events in {:.0} ms)", enqueued, timing.total.as_secs_f64() * 1000.0)));
+    let width = lines.iter().map(|(label, _)| label.len()).max().unwrap_or(0) + 2;
+    println!("Summary");
+    for (label, value) in &lines {
+        println!("  {label:<width$}{value}");
+    }
+    println!();
+    println!("Next: point it at your own Postgres and Kafka (README, \"Quick start\"):");
+    println!("  outbox-relay --config relay.toml migrate && outbox-relay --config relay.toml check && outbox-relay --config relay.toml run");
 }

@@ -452,6 +452,7 @@ impl<S: Sink> Relay<S> {
                 if reported > self.blocked_behind_lsn && self.metrics.blocked_aggregates.get() > 0 {
                     info!("the stream moved past the event it was blocked on");
                     self.metrics.blocked_aggregates.set(0);
+                    self.health.set_blocked(None);
                 }
             }
             let can_read = !stopping && ending.is_none() && probe.is_none() && pending.len() < max_in_flight;
@@ -484,7 +485,8 @@ impl<S: Sink> Relay<S> {
                         // Nothing from this batch on may be confirmed: it holds an
                         // event that is not published.
                         progress.stop_before(job.sequence);
-                        if matches!(error, RelayError::Blocked(_)) {
+                        if let RelayError::Blocked(why) = &error {
+                            self.health.set_blocked(Some(why.clone()));
                             self.metrics.blocked_aggregates.set(1);
                             self.blocked_behind_lsn = self.blocked_behind_lsn.max(progress.confirmed());
                         }
