@@ -289,3 +289,79 @@ fn broker_down_does_not_flood_the_log() {
     assert!(log.contains("librdkafka"), "the broker outage is reported:\n{log}");
     assert!(lines <= 10, "{lines} librdkafka lines in 12 s:\n{log}");
 }
+
+/// Replication connection details: a multi-host `postgres.url` whose first
+/// host is down, and an unqualified `source.table` that the role's
+/// search_path resolves to `outbox.events`: the relay streams as polling
+/// would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_uses_every_host_and_the_search_path() {
+    let pg = ThrowawayPostgres::start().expect("start a throwaway postgres");
+    let broker = TestBroker::start();
+    broker.create_topic(TOPIC, 4);
+    let client = connect(&pg.url()).await;
+    client.batch_execute("ALTER ROLE postgres SET search_path = outbox, public").await.expect("set the role's search_path");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    // Nothing listens on `dead` once the listener above is dropped.
+    let url = format!("postgres://postgres@127.0.0.1:{dead},127.0.0.1:{}/postgres", pg.port());
+    let mut env = relay_env(&url, &broker.bootstrap());
+    env.push(("OUTBOX_RELAY_SOURCE__MODE", "replication".into()));
+    env.push(("OUTBOX_RELAY_SOURCE__TABLE", "events".into()));
+    migrate_with(&url, &env);
+    let relay = RelayProcess::start(&["run"], &env);
+    for seq in 1..=3 {
+        write_seq(&client, seq).await;
+    }
+    let took = time_to_publish_all(&client, &relay, Duration::from_secs(60)).await;
+    let consumed = consume(&broker.bootstrap(), &[TOPIC], AGGREGATES * 3, Duration::from_secs(30));
+    let verdict = verify(&consumed, AGGREGATES, 3);
+    println!("replication, first host down, source.table = \"events\" via search_path | published in {:.2}s | {verdict:?}", took.as_secs_f64());
+    assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
+}
+
+/// The broker behind the freezing proxy (tansu advertises the proxy): with
+/// librdkafka's request and socket timeouts at 3 s (sink.kafka.properties),
+/// the producer drops the silent connection and goes on through a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_mode_recovers_from_a_frozen_broker_path() {
+    let pg = ThrowawayPostgres::start().expect("start a throwaway postgres");
+    let proxy = Proxy::start(([127, 0, 0, 1], 9).into()).await;
+    let broker = TestBroker::start_advertising(proxy.address().port());
+    proxy.retarget(broker.bootstrap().parse().expect("broker address"));
+    broker.create_topic(TOPIC, 4);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[sink.kafka.properties]\n\"socket.timeout.ms\" = \"3000\"\n\"request.timeout.ms\" = \"3000\"\n")
+        .expect("write config");
+    let env = relay_env(&pg.url(), &proxy.address().to_string());
+    migrate_with(&pg.url(), &env);
+    let client = connect(&pg.url()).await;
+    let config = config.display().to_string();
+    let relay = RelayProcess::start(&["--config", &config, "run"], &env);
+    for seq in 1..=3 {
+        write_seq(&client, seq).await;
+    }
+    time_to_publish_all(&client, &relay, Duration::from_secs(60)).await;
+    s_freeze_and_measure(&proxy, &client, &relay, &broker, "poll: freeze the broker path").await;
+}
+
+/// Freezes `proxy`, writes, measures until published again, then checks
+/// delivery of seq 1..=8.
+async fn s_freeze_and_measure(proxy: &Proxy, client: &tokio_postgres::Client, relay: &RelayProcess, broker: &TestBroker, label: &str) {
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    write_seq(client, 4).await;
+    wait_all_published_or(client, Duration::from_secs(90), || relay.log()).await;
+    let recovery = frozen_at.elapsed();
+    for seq in 5..=8 {
+        write_seq(client, seq).await;
+    }
+    time_to_publish_all(client, relay, Duration::from_secs(60)).await;
+    let consumed = consume(&broker.bootstrap(), &[TOPIC], AGGREGATES * 8, Duration::from_secs(30));
+    let verdict = verify(&consumed, AGGREGATES, 8);
+    println!("scenario | timeout | recovery | lost | duplicates | order violations");
+    println!("{label} | 3s | {:.2}s | {} | {} | {}", recovery.as_secs_f64(), verdict.lost, verdict.duplicates, verdict.order_violations);
+    assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
+    assert_eq!(verdict.order_violations, 0, "{verdict:?}");
+    assert!(recovery < Duration::from_secs(20), "recovery took {recovery:?}\n{}", relay.log());
+}

@@ -39,6 +39,8 @@ struct Shared {
     changes: watch::Sender<u64>,
     /// Connections accepted so far.
     accepted: AtomicUsize,
+    /// Where new connections go.
+    target: std::sync::Mutex<SocketAddr>,
 }
 
 impl Shared {
@@ -68,6 +70,7 @@ impl Proxy {
             blackhole: AtomicBool::new(false),
             changes,
             accepted: AtomicUsize::new(0),
+            target: std::sync::Mutex::new(target),
         });
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -76,6 +79,7 @@ impl Proxy {
                 let shared = accept_shared.clone();
                 let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
                 shared.accepted.fetch_add(1, Ordering::SeqCst);
+                let target = *shared.target.lock().unwrap_or_else(|p| p.into_inner());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else { return };
                     let _ = client.set_nodelay(true);
@@ -94,6 +98,11 @@ impl Proxy {
     /// `127.0.0.1:PORT` of the proxy.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Sends new connections to `target` (for a server started after the proxy).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
     /// Existing connections stop forwarding (sockets stay open); new ones pass.
