@@ -365,3 +365,40 @@ async fn s_freeze_and_measure(proxy: &Proxy, client: &tokio_postgres::Client, re
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
     assert!(recovery < Duration::from_secs(20), "recovery took {recovery:?}\n{}", relay.log());
 }
+
+/// An ACL denial from the broker fails the affected events at once (here:
+/// dead-lettered with the reason), instead of being retried as transient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_authorization_failures_fail_the_event_not_the_session() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let pg = ThrowawayPostgres::start().expect("start a throwaway postgres");
+    let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 4, 1).expect("create topic");
+    cluster.create_topic("outbox.dead-letter", 1, 1).expect("create the dead-letter topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let mut env = relay_env(&pg.url(), &bootstrap);
+    env.push(("OUTBOX_RELAY_FAILURES__POLICY", "dead_letter".into()));
+    migrate_with(&pg.url(), &env);
+    let client = connect(&pg.url()).await;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED]);
+    let relay = RelayProcess::start(&["run"], &env);
+    for seq in 1..=3 {
+        write_seq(&client, seq).await;
+    }
+    // Transient failures would be retried every 30 s (source.retry_failed_after) and dead-lettered
+    // only after 5 attempts: minutes. Permanent ones are dead-lettered at once.
+    let took = time_to_publish_all(&client, &relay, Duration::from_secs(25)).await;
+    let dead: i64 = client
+        .query_one("SELECT count(*) FROM outbox.events WHERE dead_lettered_at IS NOT NULL", &[])
+        .await
+        .expect("count dead-lettered")
+        .get(0);
+    let letters = consume(&bootstrap, &["outbox.dead-letter"], dead as usize, Duration::from_secs(20));
+    println!("mock: 1 x CLUSTER_AUTHORIZATION_FAILED, dead_letter | all settled in {:.2}s | dead-lettered {dead}", took.as_secs_f64());
+    assert!(dead > 0, "the refused events were dead-lettered\n{}", relay.log());
+    for letter in &letters {
+        let value: serde_json::Value = serde_json::from_slice(&letter.value).expect("dead letter is JSON");
+        assert!(value["error"].as_str().unwrap_or_default().to_lowercase().contains("authoriz"), "{value}");
+    }
+}
