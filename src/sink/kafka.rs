@@ -265,7 +265,8 @@ fn all_brokers_down(text: &str) -> bool {
 
 impl ClientContext for QuietContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        let key = if all_brokers_down(message) { "all-brokers-down".to_owned() } else { kind_of(fac, message) };
+        // Keyed by text only: the same failure arrives as a log line and as an error.
+        let key = if all_brokers_down(message) { "all-brokers-down".to_owned() } else { kind_of("", message) };
         let Some(held_back) = self.admit(key) else { return };
         let suffix = if held_back > 0 { format!(" ({held_back} similar lines held back in the last {LOG_QUIET_FOR:?})") } else { String::new() };
         match level {
@@ -281,7 +282,7 @@ impl ClientContext for QuietContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         let text = format!("{error}: {reason}");
-        let key = if all_brokers_down(&text) { "all-brokers-down".to_owned() } else { kind_of("error ", &text) };
+        let key = if all_brokers_down(&text) { "all-brokers-down".to_owned() } else { kind_of("", reason) };
         let Some(held_back) = self.admit(key) else { return };
         let suffix = if held_back > 0 { format!(" ({held_back} similar errors held back in the last {LOG_QUIET_FOR:?})") } else { String::new() };
         tracing::error!(target: "librdkafka", "librdkafka: {text}{suffix}");
@@ -350,6 +351,10 @@ mod tests {
         assert_eq!(context.admit(again), None);
         assert_eq!(context.admit(kind_of("FAIL", "another problem")), Some(0));
         assert!(all_brokers_down("1/1 brokers are down"));
+        // A log line and an error with the same text are one kind.
+        let logged = kind_of("", "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms)");
+        assert_eq!(context.admit(logged.clone()), Some(0));
+        assert_eq!(context.admit(logged), None);
     }
 
     #[test]
