@@ -239,21 +239,20 @@ impl QuietContext {
 }
 
 /// A message's kind: its text without digits (ports, counts, durations)
-/// and without parenthesized details (librdkafka's "(after 12ms in state
-/// CONNECT, 3 identical error(s) suppressed)").
+/// and without bracketed details (librdkafka's "[thrd:...]" and "(after
+/// 12ms in state CONNECT, 3 identical error(s) suppressed)").
 fn kind_of(prefix: &str, text: &str) -> String {
-    let mut kind = String::with_capacity(prefix.len() + text.len());
-    kind.push_str(prefix);
+    let mut stripped = String::with_capacity(text.len());
     let mut depth = 0usize;
     for c in text.chars() {
         match c {
-            '(' => depth += 1,
-            ')' => depth = depth.saturating_sub(1),
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth = depth.saturating_sub(1),
             _ if depth > 0 || c.is_ascii_digit() => {}
-            _ => kind.push(c),
+            _ => stripped.push(c),
         }
     }
-    kind
+    format!("{prefix}{}", stripped.trim_start_matches([':', ' ']))
 }
 
 /// The same condition reported by `log` and `error`: "all brokers down"
@@ -355,6 +354,8 @@ mod tests {
         let logged = kind_of("", "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms)");
         assert_eq!(context.admit(logged.clone()), Some(0));
         assert_eq!(context.admit(logged), None);
+        let with_thread = kind_of("", "[thrd:127.0.0.1:9/bootstrap]: 127.0.0.1:9/bootstrap: Connect failed");
+        assert_eq!(with_thread, kind_of("", "127.0.0.1:9/bootstrap: Connect failed"), "the log's thread prefix is not part of the kind");
     }
 
     #[test]
