@@ -308,6 +308,7 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     } else {
         println!("applied migrations: {applied:?}");
     }
+    println!("{}", crate::migrate::reconcile_notify_trigger(&connection.client, config).await?);
     if config.source.mode == crate::config::SourceMode::Replication {
         for step in crate::source::replication::setup(&connection.client, config).await? {
             println!("{step}");
@@ -329,7 +330,7 @@ async fn run(config: Config, path: Option<PathBuf>, reload: LogReload) -> Result
         RelayError::Config(m) => CliError::Config(ConfigError::Load(m)),
         other => CliError::Runtime(other.into()),
     })?;
-    shutdown::on_signals(trigger).context("cannot install signal handlers")?;
+    shutdown::on_signals(trigger, config.shutdown.drain_timeout).context("cannot install signal handlers")?;
     reload_on_sighup(path, reload).context("cannot install the SIGHUP handler")?;
     health.beat();
     crate::http::serve(&config.http.listen, metrics.clone(), health.clone(), shutdown.clone())

@@ -221,6 +221,20 @@ pub struct PostgresConfig {
     pub sslcert: Option<std::path::PathBuf>,
     /// The client certificate's private key (PEM, unencrypted).
     pub sslkey: Option<std::path::PathBuf>,
+    /// A request that gets no byte back this long ends its connection (which
+    /// is then reopened): catches a network path or proxy that went silent
+    /// without a reset. Bounds every statement and the replication stream;
+    /// also the kernel's TCP_USER_TIMEOUT.
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+    /// TCP keepalive: idle time before the kernel's first probe.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+    /// TCP keepalive: time between probes.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// TCP keepalive: unanswered probes before the kernel drops the connection.
+    pub keepalive_retries: u32,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -247,6 +261,10 @@ impl Default for PostgresConfig {
             sslrootcert: None,
             sslcert: None,
             sslkey: None,
+            io_timeout: Duration::from_secs(30),
+            keepalive_idle: Duration::from_secs(15),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_retries: 3,
         }
     }
 }
@@ -278,6 +296,11 @@ pub struct SourceConfig {
     pub max_in_flight_batches: usize,
     /// LISTEN channel the outbox trigger notifies.
     pub notify_channel: String,
+    /// Poll mode: whether `migrate` installs the NOTIFY trigger that wakes the
+    /// relay at commit. `false` lets applications use `PREPARE TRANSACTION`
+    /// (two-phase commit) on transactions that write outbox rows; latency is
+    /// then bounded by `poll_interval`. Replication mode never installs it.
+    pub notify: bool,
     /// A row whose publish failed is retried no sooner than this.
     #[serde(with = "humantime_serde")]
     pub retry_failed_after: Duration,
@@ -326,6 +349,7 @@ impl Default for SourceConfig {
             poll_interval: Duration::from_secs(1),
             max_in_flight_batches: 4,
             notify_channel: "outbox_events".into(),
+            notify: true,
             retry_failed_after: Duration::from_secs(30),
             columns: ColumnMapping::default(),
             replication: ReplicationConfig::default(),
@@ -658,6 +682,22 @@ impl Config {
         }
         // Reads the certificate files now, so a wrong path fails at start-up, not at the first connect.
         tls.load().map_err(|e| ConfigError::invalid(e.key, e.problem))?;
+        let pg = &self.postgres;
+        if pg.io_timeout < Duration::from_secs(1) || pg.io_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "postgres.io_timeout",
+                "must be between 1s and 1h (longer than your slowest statement; 30s by default)",
+            ));
+        }
+        if pg.keepalive_idle < Duration::from_secs(1) || pg.keepalive_idle > Duration::from_secs(7200) {
+            return Err(ConfigError::invalid("postgres.keepalive_idle", "must be between 1s and 2h"));
+        }
+        if pg.keepalive_interval < Duration::from_secs(1) || pg.keepalive_interval > Duration::from_secs(600) {
+            return Err(ConfigError::invalid("postgres.keepalive_interval", "must be between 1s and 10m"));
+        }
+        if !(1..=30).contains(&pg.keepalive_retries) {
+            return Err(ConfigError::invalid("postgres.keepalive_retries", "must be between 1 and 30"));
+        }
         crate::source::table::TableName::parse(&self.source.table)
             .map_err(|problem| ConfigError::invalid("source.table", problem))?;
         if !(1..=50_000).contains(&self.source.batch_size) {

@@ -5,6 +5,7 @@
 use tokio_postgres::Client;
 use tracing::info;
 
+use crate::config::{Config, SourceMode};
 use crate::postgres::{describe, PostgresError};
 
 /// Every migration, in the order it must be applied.
@@ -71,6 +72,37 @@ pub async fn run(client: &mut Client) -> Result<Vec<i32>, PostgresError> {
         applied.push(migration.version);
     }
     Ok(applied)
+}
+
+/// Installs or removes the NOTIFY trigger on `outbox.events` to match the
+/// configuration, and says what it did. A transaction that sent a NOTIFY
+/// cannot be prepared (`PREPARE TRANSACTION` fails), so the trigger is only
+/// there in poll mode with `source.notify = true` (where it buys latency);
+/// replication mode does not need it.
+pub async fn reconcile_notify_trigger(client: &Client, config: &Config) -> Result<String, PostgresError> {
+    let wanted = config.source.mode == SourceMode::Poll && config.source.notify;
+    let sql = if wanted {
+        "DROP TRIGGER IF EXISTS events_notify_relay ON outbox.events; \
+         CREATE TRIGGER events_notify_relay AFTER INSERT ON outbox.events \
+         FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_relay()"
+    } else {
+        "DROP TRIGGER IF EXISTS events_notify_relay ON outbox.events"
+    };
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| PostgresError::Query(format!("migrate: setting up the NOTIFY trigger on outbox.events: {}", describe(&e))))?;
+    Ok(if wanted {
+        "NOTIFY trigger on outbox.events: installed (wakes the relay at commit; set source.notify = false if applications \
+         use PREPARE TRANSACTION on transactions that write outbox rows)"
+            .into()
+    } else if config.source.mode == SourceMode::Replication {
+        "NOTIFY trigger on outbox.events: not installed (replication mode does not need it; PREPARE TRANSACTION works)".into()
+    } else {
+        "NOTIFY trigger on outbox.events: not installed (source.notify = false; latency is bounded by source.poll_interval; \
+         PREPARE TRANSACTION works)"
+            .into()
+    })
 }
 
 #[cfg(test)]

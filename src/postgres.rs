@@ -1,15 +1,18 @@
 //! Postgres connections: connect, drive the connection, surface NOTIFY, and
 //! turn driver errors into messages that name the fix.
 
+pub mod liveness;
+
 use std::sync::Arc;
 
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, warn};
 
@@ -82,6 +85,13 @@ pub fn prepare(config: &PostgresConfig) -> Result<Prepared, PostgresError> {
         pg.password(password.trim_end_matches(['\n', '\r']));
     }
     pg.connect_timeout(config.connect_timeout);
+    // Socket settings travel in the tokio-postgres config, where the
+    // replication client reads them too (`liveness::NetSettings::from_pg`).
+    pg.tcp_user_timeout(config.io_timeout);
+    pg.keepalives(true);
+    pg.keepalives_idle(config.keepalive_idle);
+    pg.keepalives_interval(config.keepalive_interval);
+    pg.keepalives_retries(config.keepalive_retries);
     // Unix sockets never use TLS (as in libpq); TCP hosts get the mode's nearest tokio-postgres mode:
     // the certificate checks themselves are in the rustls configuration.
     let only_unix = pg.get_hosts().iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
@@ -96,27 +106,116 @@ pub fn prepare(config: &PostgresConfig) -> Result<Prepared, PostgresError> {
     Ok(Prepared { config: pg, tls, rustls })
 }
 
-/// Opens one connection (no retry; callers decide how to retry).
+/// Opens one connection (no retry; callers decide how to retry): the hosts
+/// of `postgres.url` in order, each socket watched for silence
+/// ([`liveness`]).
 pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<Connection, PostgresError> {
     let target = redacted_target(&config.url);
     let Prepared { config: mut pg, tls, rustls } = prepare(config)?;
     pg.application_name(format!("{application_name} {}", relay_id()).chars().take(63).collect::<String>());
-    pg.keepalives(true);
-    pg.keepalives_idle(std::time::Duration::from_secs(30));
-    let connect_error = |e: tokio_postgres::Error| PostgresError::Connect { target: target.clone(), detail: connect_detail(&e, &tls) };
+    let net = liveness::NetSettings::from_pg(&pg);
+    let hosts = pg.get_hosts().to_vec();
+    let hostaddrs = pg.get_hostaddrs().to_vec();
+    let ports = pg.get_ports().to_vec();
+    let count = hosts.len().max(hostaddrs.len());
+    if count == 0 {
+        return Err(PostgresError::Connect { target, detail: "postgres.url names no host: add one, e.g. postgres://relay@db:5432/app".into() });
+    }
+    let mut last_error = String::new();
+    for i in 0..count {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let host = hosts.get(i).cloned();
+        let address = match (hostaddrs.get(i), &host) {
+            (Some(ip), _) => Host::Tcp(ip.to_string()),
+            (None, Some(host)) => host.clone(),
+            (None, None) => continue,
+        };
+        match connect_host(&pg, &address, host.as_ref(), port, &net, &tls, rustls.as_ref()).await {
+            Ok(connection) => return Ok(connection),
+            Err(detail) => {
+                debug!(host = %host_label(&address, port), error = %detail, "postgres host refused");
+                last_error = if count > 1 { format!("{}: {detail}", host_label(&address, port)) } else { detail };
+            }
+        }
+    }
+    Err(PostgresError::Connect { target, detail: last_error })
+}
+
+fn host_label(host: &Host, port: u16) -> String {
+    match host {
+        Host::Tcp(name) => format!("{name}:{port}"),
+        Host::Unix(path) => format!("{}/.s.PGSQL.{port}", path.display()),
+    }
+}
+
+/// The socket under tokio-postgres: TCP or a unix socket, watched.
+type Socket = liveness::Watched<Box<dyn Duplex>>;
+trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
+/// One host: socket, startup (TLS per sslmode), and `target_session_attrs`.
+fn connect_host<'a>(
+    pg: &'a tokio_postgres::Config,
+    address: &'a Host,
+    host: Option<&'a Host>,
+    port: u16,
+    net: &'a liveness::NetSettings,
+    tls: &'a TlsSettings,
+    rustls: Option<&'a Arc<rustls::ClientConfig>>,
+) -> futures::future::BoxFuture<'a, Result<Connection, String>> {
+    use futures::FutureExt;
+    async move {
+    let connect_timeout = pg.get_connect_timeout().copied();
+    let stream: Box<dyn Duplex> = match address {
+        Host::Tcp(name) => Box::new(liveness::open_tcp(name, port, connect_timeout, net).await.map_err(|e| e.to_string())?),
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let open = tokio::net::UnixStream::connect(&path);
+            let stream = match connect_timeout.filter(|t| !t.is_zero()) {
+                None => open.await,
+                Some(limit) => tokio::time::timeout(limit, open)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out after {limit:?}")))),
+            };
+            Box::new(stream.map_err(|e| format!("{}: {e}", path.display()))?)
+        }
+    };
+    let socket: Socket = liveness::Watched::new(stream, net.io_timeout);
+    let connect_error = |e: tokio_postgres::Error| connect_detail(&e, tls);
     let notifications = Arc::new(Notify::new());
-    let (client, driver) = match rustls {
-        None => {
-            let (client, connection) = pg.connect(NoTls).await.map_err(connect_error)?;
+    // The connect_raw futures are boxed: unboxed, they trip the compiler's
+    // higher-ranked `Send` inference for every task that connects.
+    let (client, driver) = match (host, rustls) {
+        (Some(Host::Tcp(name)), Some(rustls)) => {
+            let connector = MakeTlsConnect::<Socket>::make_tls_connect(&mut MakeRustlsConnect::new((**rustls).clone()), name).map_err(|e| e.to_string())?;
+            let (client, connection) = pg.connect_raw(socket, connector).boxed().await.map_err(connect_error)?;
             (client, drive(connection, notifications.clone()))
         }
-        Some(rustls) => {
-            let (client, connection) =
-                pg.connect(MakeRustlsConnect::new((*rustls).clone())).await.map_err(connect_error)?;
+        _ => {
+            // Unix sockets never use TLS (as in libpq).
+            let mut plain = pg.clone();
+            if matches!(address, Host::Unix(_)) || rustls.is_none() {
+                plain.ssl_mode(SslMode::Disable);
+            }
+            let (client, connection) = plain.connect_raw(socket, NoTls).boxed().await.map_err(connect_error)?;
             (client, drive(connection, notifications.clone()))
         }
     };
-    Ok(Connection { client, notifications, driver })
+    let connection = Connection { client, notifications, driver };
+    let wanted = pg.get_target_session_attrs();
+    if wanted != TargetSessionAttrs::Any {
+        let rows = connection.client.simple_query("SHOW transaction_read_only").boxed().await.map_err(|e| describe(&e))?;
+        let read_only = rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("on")));
+        if read_only && wanted == TargetSessionAttrs::ReadWrite {
+            return Err("the server is read-only (a standby) and postgres.url asks for target_session_attrs=read-write".into());
+        }
+        if !read_only && wanted == TargetSessionAttrs::ReadOnly {
+            return Err("the server accepts writes and postgres.url asks for target_session_attrs=read-only".into());
+        }
+    }
+    Ok(connection)
+    }
+    .boxed()
 }
 
 /// How this session is protected, as the server sees it (`pg_stat_ssl`),

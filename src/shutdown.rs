@@ -1,5 +1,7 @@
 //! One stop signal for every task: SIGTERM or SIGINT flips it, tasks watch it.
 
+use std::time::Duration;
+
 use tokio::sync::watch;
 
 /// Cheap-to-clone view of "has the relay been asked to stop?".
@@ -45,8 +47,15 @@ impl Shutdown {
     }
 }
 
-/// Triggers `trigger` on the first SIGTERM or SIGINT.
-pub fn on_signals(trigger: ShutdownTrigger) -> std::io::Result<()> {
+/// How long past `shutdown.drain_timeout` a stopping relay may take (closing
+/// connections, flushing the producer) before it is ended regardless.
+pub const HARD_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Triggers `trigger` on the first SIGTERM or SIGINT; from then on the
+/// process ends within `drain_timeout` + [`HARD_STOP_GRACE`] whatever its
+/// connections are doing (a stuck socket must not keep a pod terminating
+/// until SIGKILL), and at once on a second signal.
+pub fn on_signals(trigger: ShutdownTrigger, drain_timeout: Duration) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -57,8 +66,35 @@ pub fn on_signals(trigger: ShutdownTrigger) -> std::io::Result<()> {
         };
         tracing::info!(signal = name, "stop requested: no new claims, draining in-flight events");
         trigger.trigger();
+        hard_stop_after(drain_timeout + HARD_STOP_GRACE, name);
+        let again = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::warn!(signal = again, "second stop signal: exiting now; events not yet marked published are published again later");
+        std::process::exit(EXIT_HARD_STOP);
     });
     Ok(())
+}
+
+/// Exit status when the hard deadline (or a second signal) ends the process.
+pub const EXIT_HARD_STOP: i32 = 1;
+
+/// Ends the process after `limit`, from an OS thread: it fires even if the
+/// async runtime is wedged.
+fn hard_stop_after(limit: Duration, signal: &'static str) {
+    let spawned = std::thread::Builder::new().name("hard-stop".into()).spawn(move || {
+        std::thread::sleep(limit);
+        tracing::error!(
+            signal,
+            "the relay did not stop within {limit:?} (shutdown.drain_timeout + {HARD_STOP_GRACE:?}): exiting now; \
+             events not yet marked published are published again by the next relay"
+        );
+        std::process::exit(EXIT_HARD_STOP);
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the hard-stop timer; the relay stops when its drain finishes");
+    }
 }
 
 #[cfg(test)]

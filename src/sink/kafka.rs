@@ -13,11 +13,13 @@
 //! next session [`recover`](Sink::recover)s with a fresh producer and claims
 //! again from the oldest unpublished event, so order survives the swap.
 
-use std::sync::RwLock;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -39,10 +41,14 @@ pub enum KafkaSinkError {
     Unreachable { brokers: String, source: KafkaError },
 }
 
+/// The relay's producer type: librdkafka's log and error callbacks go
+/// through [`QuietContext`].
+pub type RelayProducer = FutureProducer<QuietContext>;
+
 /// Publishes to Kafka.
 pub struct KafkaSink {
     /// Replaced only by [`Sink::recover`], between sessions.
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<RelayProducer>,
     /// What `recover` builds a new producer from.
     client: ClientConfig,
     brokers: String,
@@ -71,12 +77,12 @@ impl KafkaSink {
             })?;
             client.set(key, value.trim_end_matches(['\n', '\r']));
         }
-        let producer: FutureProducer = client.create().map_err(KafkaSinkError::Config)?;
+        let producer: RelayProducer = client.create_with_context(QuietContext::default()).map_err(KafkaSinkError::Config)?;
         Ok(KafkaSink { producer: RwLock::new(producer), client, brokers: config.brokers.clone() })
     }
 
     /// The underlying producer (metadata look-ups, statistics).
-    pub fn producer(&self) -> FutureProducer {
+    pub fn producer(&self) -> RelayProducer {
         // Only a panic inside the two-line critical sections below could poison this lock.
         self.producer.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -149,7 +155,7 @@ impl Sink for KafkaSink {
 
     async fn recover(&self) {
         let Some(fatal) = self.fatal() else { return };
-        match self.client.create::<FutureProducer>() {
+        match self.client.create_with_context::<_, RelayProducer>(QuietContext::default()) {
             Ok(fresh) => {
                 *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
                 tracing::warn!(error = %fatal, "the Kafka producer had failed fatally; replaced it with a new one");
@@ -161,7 +167,7 @@ impl Sink for KafkaSink {
 
 impl KafkaSink {
     /// Enqueues one message, waiting while librdkafka's queue is full.
-    async fn enqueue_one(producer: &FutureProducer, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
+    async fn enqueue_one(producer: &RelayProducer, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
         for (name, value) in &message.headers {
             headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
@@ -186,7 +192,105 @@ impl KafkaSink {
     }
 }
 
-/// Splits Kafka errors into ones a later retry may fix and ones it cannot.
+/// How long one kind of librdkafka message stays quiet after it was logged.
+const LOG_QUIET_FOR: Duration = Duration::from_secs(60);
+
+/// A librdkafka client context that logs each kind of message (level,
+/// facility and text with the numbers left out) once, then at most once per
+/// [`LOG_QUIET_FOR`] with the count of what it held back. With the brokers
+/// down librdkafka repeats the same lines many times a second (and reports
+/// each failure twice, as a log line and as an error): one line per state
+/// change is what an operator can read.
+#[derive(Default)]
+pub struct QuietContext {
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+/// When a kind of message was last logged and how many were held back since.
+struct Seen {
+    logged_at: Instant,
+    held_back: u64,
+}
+
+impl QuietContext {
+    /// Whether to log a message of this kind now, and how many like it were held back.
+    fn admit(&self, kind: String) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if seen.len() > 1000 {
+            seen.retain(|_, s| now.duration_since(s.logged_at) < LOG_QUIET_FOR);
+        }
+        match seen.get_mut(&kind) {
+            Some(s) if now.duration_since(s.logged_at) < LOG_QUIET_FOR => {
+                s.held_back += 1;
+                None
+            }
+            Some(s) => {
+                let held_back = s.held_back;
+                *s = Seen { logged_at: now, held_back: 0 };
+                Some(held_back)
+            }
+            None => {
+                seen.insert(kind, Seen { logged_at: now, held_back: 0 });
+                Some(0)
+            }
+        }
+    }
+}
+
+/// A message's kind: its text without digits (ports, counts, durations)
+/// and without bracketed details (librdkafka's "[thrd:...]" and "(after
+/// 12ms in state CONNECT, 3 identical error(s) suppressed)").
+fn kind_of(prefix: &str, text: &str) -> String {
+    let mut stripped = String::with_capacity(text.len());
+    let mut depth = 0usize;
+    for c in text.chars() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth = depth.saturating_sub(1),
+            _ if depth > 0 || c.is_ascii_digit() => {}
+            _ => stripped.push(c),
+        }
+    }
+    format!("{prefix}{}", stripped.trim_start_matches([':', ' ']))
+}
+
+/// The same condition reported by `log` and `error`: "all brokers down"
+/// arrives both ways; keep one.
+fn all_brokers_down(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    text.contains("brokers are down") || text.contains("allbrokersdown") || text.contains("all brokers down")
+}
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // Keyed by text only: the same failure arrives as a log line and as an error.
+        let key = if all_brokers_down(message) { "all-brokers-down".to_owned() } else { kind_of("", message) };
+        let Some(held_back) = self.admit(key) else { return };
+        let suffix = if held_back > 0 { format!(" ({held_back} similar lines held back in the last {LOG_QUIET_FOR:?})") } else { String::new() };
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}{suffix}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}{suffix}"),
+            RDKafkaLogLevel::Notice => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}{suffix}"),
+            RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}{suffix}"),
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}{suffix}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let text = format!("{error}: {reason}");
+        let key = if all_brokers_down(&text) { "all-brokers-down".to_owned() } else { kind_of("", reason) };
+        let Some(held_back) = self.admit(key) else { return };
+        let suffix = if held_back > 0 { format!(" ({held_back} similar errors held back in the last {LOG_QUIET_FOR:?})") } else { String::new() };
+        tracing::error!(target: "librdkafka", "librdkafka: {text}{suffix}");
+    }
+}
+
+/// Splits Kafka errors into ones a later retry may fix and ones it cannot:
+/// a missing topic, an ACL denial, a message the broker refuses fail that
+/// event (per `failures.policy`), not the whole session.
 fn classify(error: &KafkaError) -> PublishError {
     let permanent = matches!(
         error.rdkafka_error_code(),
@@ -194,6 +298,13 @@ fn classify(error: &KafkaError) -> PublishError {
             RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize
                 | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopicId
+                | RDKafkaErrorCode::PolicyViolation
+                | RDKafkaErrorCode::InvalidRequiredAcks
                 | RDKafkaErrorCode::InvalidTopic
                 | RDKafkaErrorCode::MessageBatchTooLarge
                 | RDKafkaErrorCode::InvalidRecord
@@ -213,6 +324,38 @@ mod tests {
         assert!(classify(&big).permanent);
         let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
         assert!(!classify(&timeout).permanent);
+    }
+
+    #[test]
+    fn missing_topics_and_acl_denials_are_permanent() {
+        for code in [
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::ClusterAuthorizationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::UnknownTopic,
+        ] {
+            assert!(classify(&KafkaError::MessageProduction(code)).permanent, "{code:?}");
+        }
+        assert!(!classify(&KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown)).permanent);
+        assert!(!classify(&KafkaError::MessageProduction(RDKafkaErrorCode::NotLeaderForPartition)).permanent);
+    }
+
+    #[test]
+    fn repeated_librdkafka_lines_are_logged_once_per_window() {
+        let context = QuietContext::default();
+        let first = kind_of("FAIL", "127.0.0.1:9092/bootstrap: Connect failed (after 0ms in state CONNECT)");
+        let again = kind_of("FAIL", "127.0.0.1:9092/bootstrap: Connect failed (after 12ms in state CONNECT, 3 identical error(s) suppressed)");
+        assert_eq!(context.admit(first), Some(0));
+        assert_eq!(context.admit(again.clone()), None);
+        assert_eq!(context.admit(again), None);
+        assert_eq!(context.admit(kind_of("FAIL", "another problem")), Some(0));
+        assert!(all_brokers_down("1/1 brokers are down"));
+        // A log line and an error with the same text are one kind.
+        let logged = kind_of("", "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms)");
+        assert_eq!(context.admit(logged.clone()), Some(0));
+        assert_eq!(context.admit(logged), None);
+        let with_thread = kind_of("", "[thrd:127.0.0.1:9/bootstrap]: 127.0.0.1:9/bootstrap: Connect failed");
+        assert_eq!(with_thread, kind_of("", "127.0.0.1:9/bootstrap: Connect failed"), "the log's thread prefix is not part of the kind");
     }
 
     #[test]

@@ -23,6 +23,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 pub struct TestBroker {
     child: Option<Child>,
     port: u16,
+    /// Where clients are told to connect, when not `port` (a proxy in front).
+    advertised: Option<u16>,
     bin: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -52,7 +54,7 @@ impl TestBroker {
             bin.display()
         );
         let dir = tempfile::tempdir().expect("temp dir for the tansu log");
-        let mut broker = TestBroker { child: None, port: 0, bin, dir };
+        let mut broker = TestBroker { child: None, port: 0, advertised: None, bin, dir };
         // Another test may grab the port between probing and binding: retry.
         for attempt in 1..=5 {
             broker.port = free_port();
@@ -63,6 +65,16 @@ impl TestBroker {
             }
         }
         unreachable!()
+    }
+
+    /// Like [`start`](Self::start), telling clients (metadata) to connect to
+    /// `advertised`: a proxy in front of the broker.
+    pub fn start_advertising(advertised: u16) -> TestBroker {
+        let mut broker = TestBroker::start();
+        broker.stop();
+        broker.advertised = Some(advertised);
+        broker.start_again();
+        broker
     }
 
     /// Bootstrap address for clients: `127.0.0.1:PORT`.
@@ -125,8 +137,9 @@ impl TestBroker {
     fn try_start(&mut self) -> Result<(), String> {
         let log = std::fs::File::options().create(true).append(true).open(self.log_path()).expect("tansu log file");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let child = Command::new(&self.bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -39,6 +39,11 @@ impl RelayProcess {
         RelayProcess { child: Some(child), log, _dir: dir }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no chance to drain or mark anything.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -78,15 +78,50 @@ pub async fn validate(client: &Client, config: &Config) -> Result<Result<(), Pre
         ))));
     }
     let table = TableName::parse(&config.source.table).map_err(PostgresError::Query)?;
-    let schema = table.schema.clone().unwrap_or_else(|| "public".into());
+    // Resolved as polling resolves it: through the role's search_path when unqualified.
+    let resolved = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = to_regclass($1)",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(q)?;
+    let Some(resolved) = resolved else {
+        return Ok(Err(Prerequisite(format!(
+            "the outbox table {} does not exist (an unqualified name is looked up through the relay role's search_path): \
+             run outbox-relay migrate, or set source.table to schema.table",
+            config.source.table
+        ))));
+    };
+    let (schema, name): (String, String) = (resolved.get(0), resolved.get(1));
     let covered = client
         .query_opt(
             "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&r.publication, &schema, &table.table],
+            &[&r.publication, &schema, &name],
         )
         .await
         .map_err(q)?
         .is_some();
+    if covered && table.schema.is_none() {
+        // The stream names tables schema-qualified; an unqualified source.table matches by name,
+        // so the publication must not carry a namesake from another schema.
+        let namesakes: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND tablename = $2 AND schemaname <> $3",
+                &[&r.publication, &name, &schema],
+            )
+            .await
+            .map_err(q)?
+            .get(0);
+        if namesakes > 0 {
+            return Ok(Err(Prerequisite(format!(
+                "publication {} covers several tables named {name}; source.table = \"{}\" is ambiguous in the stream: \
+                 set source.table = \"{schema}.{name}\"",
+                r.publication, config.source.table
+            ))));
+        }
+    }
     if !covered {
         let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&r.publication]).await.map_err(q)?.is_some();
         let fix = if exists {
@@ -237,7 +272,10 @@ pub enum Decoded {
 
 /// Turns pgoutput inserts and messages into outbox events.
 pub struct EventDecoder {
-    schema: String,
+    /// `None` for an unqualified `source.table`: the table is matched by
+    /// name, as `validate` checked the publication has only the one the
+    /// search_path resolves to.
+    schema: Option<String>,
     table: String,
     label: String,
     mapping: ColumnMapping,
@@ -269,7 +307,7 @@ impl EventDecoder {
     pub fn new(config: &Config) -> Result<EventDecoder, String> {
         let table = TableName::parse(&config.source.table)?;
         Ok(EventDecoder {
-            schema: table.schema.unwrap_or_else(|| "public".into()),
+            schema: table.schema,
             table: table.table,
             label: config.source.table.clone(),
             mapping: config.source.columns.clone(),
@@ -280,7 +318,7 @@ impl EventDecoder {
 
     /// Learns (or re-learns, after ALTER TABLE) a relation's columns.
     pub fn relation(&mut self, oid: u32, namespace: &str, name: &str, columns: &[Column]) {
-        let ours = namespace == self.schema && name == self.table;
+        let ours = name == self.table && self.schema.as_deref().is_none_or(|schema| schema == namespace);
         self.relations.insert(oid, ours.then(|| ColumnSlots::resolve(columns, &self.mapping)));
     }
 
@@ -437,6 +475,17 @@ mod tests {
         assert_eq!(event.created_at.to_rfc3339(), "2026-11-22T07:38:00.500+00:00");
         assert!(matches!(decoder.insert(2, &values, Utc::now()), Decoded::Ignored));
         assert!(matches!(decoder.insert(3, &values, Utc::now()), Decoded::Ignored));
+    }
+
+    #[test]
+    fn an_unqualified_table_is_matched_by_name_in_any_schema() {
+        let mut c = config();
+        c.source.table = "events".into();
+        let mut decoder = EventDecoder::new(&c).unwrap();
+        decoder.relation(1, "outbox", "events", &outbox_columns());
+        decoder.relation(2, "public", "orders", &outbox_columns());
+        assert!(decoder.relations[&1].is_some(), "search_path resolved events to outbox.events");
+        assert!(decoder.relations[&2].is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use crate::postgres::liveness::{self, NetSettings, Watched};
 use crate::tls::{SslMode, TlsSettings};
 
 /// The socket, plain or TLS; split into reader and writer halves.
@@ -139,10 +140,11 @@ impl WireTls {
 /// Where and as whom to connect.
 #[derive(Clone)]
 pub struct ConnectParams {
-    /// `host:port`.
-    pub address: String,
-    /// The host name (or IP) the server certificate must be valid for.
-    pub host: String,
+    /// The hosts of `postgres.url` with their ports, tried in order (as
+    /// tokio-postgres does for the other connections).
+    pub hosts: Vec<(String, u16)>,
+    /// Keepalives, TCP_USER_TIMEOUT and the silence limit (`postgres.io_timeout`).
+    pub net: NetSettings,
     /// sslmode and certificates.
     pub tls: WireTls,
     /// Limit for TCP connect plus TLS handshake.
@@ -161,8 +163,8 @@ impl std::fmt::Debug for ConnectParams {
     /// Everything but the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectParams")
-            .field("address", &self.address)
-            .field("host", &self.host)
+            .field("hosts", &self.hosts)
+            .field("net", &self.net)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("database", &self.database)
@@ -179,16 +181,28 @@ impl ConnectParams {
     /// that with [`with_tls`](Self::with_tls) and the full `[postgres]`
     /// settings.
     pub fn from_config(config: &tokio_postgres::Config, application_name: &str) -> Result<ConnectParams, WireError> {
-        let host = match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-            Some(tokio_postgres::config::Host::Unix(_)) => {
-                return Err(WireError::Protocol(
-                    "replication mode needs a TCP host in postgres.url (unix sockets are not supported)".into(),
-                ))
-            }
-            None => "localhost".into(),
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let ports = config.get_ports();
+        let count = config.get_hosts().len().max(config.get_hostaddrs().len());
+        let mut hosts = Vec::with_capacity(count);
+        for i in 0..count {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            // A hostaddr is where to connect; the host name is what the certificate names.
+            // The replication client connects to the name (TLS checks it).
+            let host = match (config.get_hosts().get(i), config.get_hostaddrs().get(i)) {
+                (Some(tokio_postgres::config::Host::Tcp(host)), _) => host.clone(),
+                (None, Some(ip)) => ip.to_string(),
+                (Some(tokio_postgres::config::Host::Unix(_)), _) | (None, None) => {
+                    return Err(WireError::Protocol(
+                        "replication mode needs TCP hosts in postgres.url (unix sockets are not supported): use host=127.0.0.1 or a host name"
+                            .into(),
+                    ))
+                }
+            };
+            hosts.push((host, port));
+        }
+        if hosts.is_empty() {
+            hosts.push(("localhost".into(), ports.first().copied().unwrap_or(5432)));
+        }
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let settings = match config.get_ssl_mode() {
             tokio_postgres::config::SslMode::Disable => TlsSettings::disabled(),
@@ -197,14 +211,14 @@ impl ConnectParams {
         };
         let tls_config = settings.load().map_err(|e| WireError::Tls(e.to_string()))?;
         Ok(ConnectParams {
-            address: format!("{host}:{port}"),
+            hosts,
+            net: NetSettings::from_pg(config),
             tls: WireTls { settings, config: tls_config },
             connect_timeout: config.get_connect_timeout().copied(),
             database: config.get_dbname().unwrap_or(&user).to_owned(),
             user,
             password: config.get_password().map(<[u8]>::to_vec),
             application_name: application_name.to_owned(),
-            host,
         })
     }
 
@@ -223,11 +237,12 @@ struct Opened {
 }
 
 /// TCP connect, then SSLRequest and the TLS handshake unless `disable`.
-async fn open(params: &ConnectParams) -> Result<Opened, WireError> {
-    let mut tcp = TcpStream::connect(&params.address).await?;
-    tcp.set_nodelay(true)?;
+async fn open(params: &ConnectParams, host: &str, port: u16) -> Result<Opened, WireError> {
+    let tcp = liveness::open_tcp(host, port, None, &params.net).await?;
+    let mut tcp = Watched::new(tcp, params.net.io_timeout);
+    let address = format!("{host}:{port}");
     let mode = params.tls.settings.mode;
-    let plain = |tcp: TcpStream| Opened { stream: Box::new(tcp), channel_binding: None };
+    let plain = |tcp: Watched<TcpStream>| Opened { stream: Box::new(tcp), channel_binding: None };
     let Some(config) = params.tls.config.clone() else { return Ok(plain(tcp)) };
     let mut request = BytesMut::new();
     frontend::ssl_request(&mut request);
@@ -242,7 +257,7 @@ async fn open(params: &ConnectParams) -> Result<Opened, WireError> {
         b'N' => {
             return Err(WireError::Tls(format!(
                 "the server at {} does not accept TLS connections ({}): turn ssl on in the server, or use sslmode=prefer or disable",
-                params.address,
+                address,
                 params.tls.settings.label()
             )))
         }
@@ -257,11 +272,11 @@ async fn open(params: &ConnectParams) -> Result<Opened, WireError> {
         }
         other => return Err(WireError::Protocol(format!("unexpected answer {other:#04x} to SSLRequest"))),
     }
-    let name = rustls::pki_types::ServerName::try_from(params.host.clone())
-        .map_err(|_| WireError::Tls(format!("{:?} is not a host name TLS can verify ({})", params.host, params.tls.settings.label())))?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|_| WireError::Tls(format!("{host:?} is not a host name TLS can verify ({})", params.tls.settings.label())))?;
     let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
         WireError::Tls(
-            crate::tls::explain(&e).unwrap_or_else(|| format!("TLS handshake with {} failed: {e}", params.address)),
+            crate::tls::explain(&e).unwrap_or_else(|| format!("TLS handshake with {} failed: {e}", address)),
         )
     })?;
     let channel_binding = stream
@@ -287,12 +302,29 @@ impl ReplicationConnection {
     /// Connects (over TLS per `params.tls`), sends the startup message with
     /// `replication=database`, and authenticates.
     pub async fn connect(params: &ConnectParams) -> Result<ReplicationConnection, WireError> {
+        let mut last_error = None;
+        for (host, port) in &params.hosts {
+            match Self::connect_host(params, host, *port).await {
+                Ok(connection) => return Ok(connection),
+                // A server that answered with an error (bad password, no such database) is not worth
+                // hiding behind the next host's error: say which host said it.
+                Err(error) if params.hosts.len() > 1 => {
+                    tracing::debug!(host = %host, port, error = %error, "replication connection: host refused, trying the next");
+                    last_error = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| WireError::Protocol("postgres.url names no host".into())))
+    }
+
+    async fn connect_host(params: &ConnectParams, host: &str, port: u16) -> Result<ReplicationConnection, WireError> {
         let opened = match params.connect_timeout.filter(|t| !t.is_zero()) {
-            None => open(params).await?,
-            Some(limit) => tokio::time::timeout(limit, open(params)).await.map_err(|_| {
+            None => open(params, host, port).await?,
+            Some(limit) => tokio::time::timeout(limit, open(params, host, port)).await.map_err(|_| {
                 WireError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("connecting to {} timed out after {limit:?}", params.address),
+                    format!("connecting to {host}:{port} timed out after {limit:?}"),
                 ))
             })??,
         };
@@ -542,15 +574,18 @@ pub struct ReplicationStream {
 
 impl ReplicationStream {
     /// Sends a Standby Status Update: everything up to `flushed` may be
-    /// released by the server.
-    pub async fn send_status(&mut self, flushed: u64, reply_requested: bool) -> Result<(), WireError> {
+    /// released by the server. It always asks for a reply (whatever
+    /// `_reply_requested` says): the server's answer is what proves the
+    /// stream alive when no WAL flows, so a silent connection fails within
+    /// `postgres.io_timeout` ([`liveness`]).
+    pub async fn send_status(&mut self, flushed: u64, _reply_requested: bool) -> Result<(), WireError> {
         let mut message = BytesMut::with_capacity(34);
         message.put_u8(b'r');
         message.put_u64(flushed);
         message.put_u64(flushed);
         message.put_u64(flushed);
         message.put_i64(now_pg_micros());
-        message.put_u8(u8::from(reply_requested));
+        message.put_u8(1);
         let mut out = BytesMut::with_capacity(40);
         out.put_u8(b'd');
         out.put_i32(4 + message.len() as i32);
