@@ -11,7 +11,9 @@
 //!   and text: the text; bytea: the bytes); a NULL payload is a null value
 //!   (tombstone), and so is an empty one with
 //!   `route_tombstone_on_empty_payload`;
-//! - headers: `id` = the event id, then `additional_placement` headers;
+//! - headers: `id` = the event id, `traceparent` when the tracing column
+//!   holds one (as Debezium's router with OpenTelemetry), then
+//!   `additional_placement` headers;
 //! - record timestamp: the event time (`source.columns.created_at`, else the
 //!   commit time in replication / the read time in polling).
 //!
@@ -184,6 +186,10 @@ impl Debezium {
         }
         let mut headers: Headers = Vec::with_capacity(1 + self.placements.len());
         headers.push((Cow::Borrowed("id"), event.event_id.hyphenated().to_string().into_bytes()));
+        // What Debezium's router injects from tracingspancontext when tracing is on.
+        if let Some(traceparent) = &event.traceparent {
+            headers.push((Cow::Borrowed("traceparent"), traceparent.as_bytes().to_vec()));
+        }
         for (field, name) in &self.placements {
             // Kafka Connect's SimpleHeaderConverter writes a null header for NULL.
             let bytes = value(*field, event).map(|v| v.into_owned().into_bytes()).unwrap_or_default();
