@@ -61,7 +61,7 @@ struct EnvelopeV1<'a> {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
     /// The rendered topic is not a name any broker accepts.
-    #[error("topic {topic:?} is not a valid topic name (Kafka: 1-249 characters of a-z A-Z 0-9 . _ -; Pub/Sub also ~ + %): fix the row's topic, sink.topic or envelope.debezium.route_topic_replacement")]
+    #[error("topic {topic:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -) nor a Pub/Sub one (which also allows ~ + %): fix the row's topic, sink.topic or envelope.debezium.route_topic_replacement")]
     InvalidTopic { topic: String },
     /// A JSON envelope got a payload that is not JSON (text or bytea).
     #[error("payload is not valid JSON ({kind} column value): envelope.format = \"{format}\" carries JSON payloads only; set envelope.format = \"debezium\" to publish text and bytea payloads as they are")]
