@@ -141,6 +141,11 @@ pub enum EnvelopeFormat {
     /// CloudEvents 1.0 Kafka binding, binary mode: attributes in `ce_` headers, payload as value.
     #[serde(rename = "cloudevents-binary")]
     CloudEventsBinary,
+    /// Debezium's Outbox Event Router output: topic `outbox.event.<aggregate
+    /// type>`, key the aggregate id, value the payload as is, header `id`
+    /// (`docs/debezium.md`), so Debezium consumers need no change.
+    #[serde(rename = "debezium")]
+    Debezium,
 }
 
 /// How `event_version` shows in the CloudEvents `type` (and `dataschema`).
@@ -171,6 +176,35 @@ pub struct EnvelopeConfig {
     /// Extra CloudEvents extensions copied from the row's `headers` object:
     /// extension name -> header field, e.g. `tenant = "tenant_id"`.
     pub header_extensions: BTreeMap<String, String>,
+    /// Options of `format = "debezium"` (Event Router equivalents).
+    pub debezium: DebeziumConfig,
+}
+
+/// `[envelope.debezium]`: the Debezium Outbox Event Router options users
+/// set, under our names (`docs/debezium.md` maps each one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DebeziumConfig {
+    /// `route.by.field`: the column whose value routes (a mapped column,
+    /// by its table name or our name); default `aggregatetype`'s mapping.
+    pub route_by_field: String,
+    /// `route.topic.replacement`: the topic, `${routedByValue}` replaced.
+    pub route_topic_replacement: String,
+    /// `route.tombstone.on.empty.payload`: a NULL or empty payload becomes a tombstone.
+    pub route_tombstone_on_empty_payload: bool,
+    /// `table.fields.additional.placement` as a list of `column:header[:alias]`.
+    pub additional_placement: Vec<String>,
+}
+
+impl Default for DebeziumConfig {
+    fn default() -> Self {
+        Self {
+            route_by_field: "aggregate_type".into(),
+            route_topic_replacement: "outbox.event.${routedByValue}".into(),
+            route_tombstone_on_empty_payload: false,
+            additional_placement: Vec::new(),
+        }
+    }
 }
 
 impl Default for EnvelopeConfig {
@@ -181,6 +215,7 @@ impl Default for EnvelopeConfig {
             type_version: TypeVersion::Suffix,
             dataschema: String::new(),
             header_extensions: BTreeMap::new(),
+            debezium: DebeziumConfig::default(),
         }
     }
 }
@@ -719,6 +754,11 @@ impl Config {
             .map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
         crate::envelope::validate_config(&self.envelope, &self.source.table)
             .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
+        crate::envelope::debezium::validate_config(&self.envelope, &self.source.columns)
+            .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
+        if self.sink.kind == SinkKind::Kafka {
+            crate::envelope::check_kafka_template(&self.sink.topic).map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
+        }
         if self.sink.kind == SinkKind::PubSub {
             crate::sink::pubsub::validate_config(&self.sink.pubsub, &self.sink.topic)
                 .map_err(|e| ConfigError::invalid(e.key, e.problem))?;

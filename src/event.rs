@@ -20,8 +20,9 @@ pub struct OutboxEvent {
     pub event_type: String,
     /// Schema version of the payload for this event type.
     pub event_version: i32,
-    /// The application's JSON, kept as text so it is never re-serialized.
-    pub payload: Box<RawValue>,
+    /// The application's payload as the column held it: JSON kept as text
+    /// (never re-serialized), or text / bytes that are not JSON.
+    pub payload: Payload,
     /// Application headers, a JSON object.
     pub headers: Option<Box<RawValue>>,
     /// Who caused the event.
@@ -32,6 +33,98 @@ pub struct OutboxEvent {
     pub topic: Option<String>,
     /// When the row was written.
     pub created_at: DateTime<Utc>,
+}
+
+/// An event's payload. Debezium carries any payload as is (jsonb, text,
+/// bytea); the JSON envelopes need JSON, so the difference is kept here and
+/// each envelope decides (see `docs/debezium.md`).
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// SQL NULL: only the Debezium format carries it (a null value, a tombstone).
+    Null,
+    /// Valid JSON text (a json/jsonb column, or text that parses as JSON).
+    Json(Box<RawValue>),
+    /// Text that is not JSON (a text/varchar column).
+    Text(String),
+    /// A bytea column: `bytes` as stored, `text` its `\x` hex form (logs, dead letters).
+    Binary {
+        /// The stored bytes, published as is by the Debezium format.
+        bytes: Vec<u8>,
+        /// Postgres's hex text form of the bytes.
+        text: String,
+    },
+}
+
+impl Payload {
+    /// The payload as text: JSON text, the text, or `\x` hex for bytes.
+    pub fn get(&self) -> &str {
+        match self {
+            Payload::Null => "",
+            Payload::Json(raw) => raw.get(),
+            Payload::Text(text) => text,
+            Payload::Binary { text, .. } => text,
+        }
+    }
+
+    /// The JSON value, if the payload is JSON.
+    pub fn as_json(&self) -> Option<&RawValue> {
+        match self {
+            Payload::Json(raw) => Some(raw),
+            _ => None,
+        }
+    }
+
+    /// The bytes a Debezium consumer reads: the text's UTF-8 bytes, or the stored bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::Null => b"",
+            Payload::Json(raw) => raw.get().as_bytes(),
+            Payload::Text(text) => text.as_bytes(),
+            Payload::Binary { bytes, .. } => bytes,
+        }
+    }
+
+    /// Whether the payload is empty (Debezium's `route.tombstone.on.empty.payload`).
+    pub fn is_empty(&self) -> bool {
+        self.as_bytes().is_empty()
+    }
+}
+
+/// The W3C `traceparent` in a tracing column: either the bare value or
+/// Debezium's `tracingspancontext` (Java properties text holding a
+/// `traceparent=` line, comments starting with `#` or `!`). None when the
+/// text holds no traceparent.
+pub fn parse_traceparent(text: &str) -> Option<String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let looks_like_properties = text.lines().any(|l| {
+        let l = l.trim_start();
+        l.starts_with('#') || l.starts_with('!') || l.contains('=') || l.contains(':')
+    }) && !is_traceparent(text);
+    if !looks_like_properties {
+        return Some(text.to_owned());
+    }
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once(['=', ':']) else { continue };
+        if key.trim() == "traceparent" {
+            let value = value.trim();
+            return (!value.is_empty()).then(|| value.to_owned());
+        }
+    }
+    None
+}
+
+/// Whether `text` has the W3C shape `vv-<32 hex>-<16 hex>-ff`.
+fn is_traceparent(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('-').collect();
+    parts.len() >= 4
+        && [2usize, 32, 16, 2].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A row that can never become a valid event as it stands; it is recorded on
@@ -79,8 +172,10 @@ pub struct RawRow {
     pub event_type: Option<String>,
     /// See [`OutboxEvent::event_version`].
     pub event_version: Option<i32>,
-    /// Payload as text (json, jsonb or text column).
+    /// Payload as text (json, jsonb or text column; a bytea column's `\x` hex form).
     pub payload: Option<String>,
+    /// A bytea payload column's bytes (then `payload` holds their hex text).
+    pub payload_binary: Option<Vec<u8>>,
     /// Headers as text.
     pub headers: Option<String>,
     /// See [`OutboxEvent::actor`].
@@ -116,9 +211,18 @@ impl RawRow {
         // must hold its later events back behind this one, whatever is wrong.
         let reject = |reason: String| Rejected::new(position, reason).of_aggregate(Some(aggregate_id.clone()));
         let event_type = required(self.event_type, "event_type").map_err(|r| r.of_aggregate(Some(aggregate_id.clone())))?;
-        let payload_text = self.payload.ok_or_else(|| reject("payload is NULL".into()))?;
-        let payload = RawValue::from_string(payload_text)
-            .map_err(|e| reject(format!("payload is not valid JSON: {e}")))?;
+        // JSON stays JSON; anything else (NULL too) is carried as is, and only
+        // the JSON envelopes refuse it (with the reason and the fix, when encoding).
+        let payload = match (self.payload, self.payload_binary) {
+            (None, _) => Payload::Null,
+            (Some(payload_text), binary) => match binary {
+            Some(bytes) => Payload::Binary { bytes, text: payload_text },
+            None if serde_json::from_str::<&RawValue>(&payload_text).is_ok() => RawValue::from_string(payload_text)
+                .map(Payload::Json)
+                .map_err(|e| reject(format!("payload is not valid JSON: {e}")))?,
+            None => Payload::Text(payload_text),
+            },
+        };
         let headers = match self.headers {
             None => None,
             Some(text) => {
@@ -149,7 +253,7 @@ impl RawRow {
             payload,
             headers,
             actor: self.actor,
-            traceparent: self.traceparent.filter(|t| !t.is_empty()),
+            traceparent: self.traceparent.as_deref().and_then(parse_traceparent),
             topic: self.topic.filter(|t| !t.is_empty()),
             created_at: self.created_at.unwrap_or_else(Utc::now),
         })
@@ -191,12 +295,33 @@ mod tests {
     }
 
     #[test]
-    fn text_payload_that_is_not_json_is_rejected() {
+    fn text_payload_that_is_not_json_is_carried_as_text() {
         let mut r = row();
         r.payload = Some("{not json".into());
-        let rejected = r.into_event("t").unwrap_err();
-        assert!(rejected.reason.starts_with("payload is not valid JSON"), "{}", rejected.reason);
-        assert_eq!(rejected.aggregate_id.as_deref(), Some("42"), "a blocking policy must know whose event failed");
+        let event = r.into_event("t").unwrap();
+        assert!(matches!(&event.payload, Payload::Text(t) if t == "{not json"));
+        assert!(event.payload.as_json().is_none());
+    }
+
+    #[test]
+    fn bytea_payload_keeps_its_bytes() {
+        let mut r = row();
+        r.payload = Some("\\x00ff".into());
+        r.payload_binary = Some(vec![0, 255]);
+        let event = r.into_event("t").unwrap();
+        assert_eq!(event.payload.as_bytes(), &[0, 255]);
+        assert_eq!(event.payload.get(), "\\x00ff");
+    }
+
+    #[test]
+    fn traceparent_from_plain_text_or_debezium_properties() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(parse_traceparent(tp).as_deref(), Some(tp));
+        let props = format!("#\n#Wed Dec 02 05:34:49 UTC 2026\ntraceparent={tp}\n");
+        assert_eq!(parse_traceparent(&props).as_deref(), Some(tp));
+        assert_eq!(parse_traceparent("#only a comment\n"), None);
+        assert_eq!(parse_traceparent("tracestate=x\n"), None);
+        assert_eq!(parse_traceparent(""), None);
     }
 
     #[test]
@@ -204,7 +329,6 @@ mod tests {
         for broken in [
             RawRow { event_type: Some(String::new()), ..row() },
             RawRow { event_type: None, ..row() },
-            RawRow { payload: None, ..row() },
             RawRow { event_id: Some("nope".into()), ..row() },
             RawRow { event_version: Some(0), ..row() },
             RawRow { aggregate_type: None, ..row() },

@@ -137,6 +137,8 @@ impl DeadLetter {
                 (Cow::Borrowed("error"), self.error.as_bytes().to_vec()),
                 (Cow::Borrowed("source_table"), source_table.as_bytes().to_vec()),
             ],
+            timestamp_ms: None,
+            tombstone: false,
         }
     }
 }

@@ -191,14 +191,74 @@ pub fn select_list(columns: &ColumnMapping) -> String {
         col(&columns.aggregate_id, "text"),
         col(&columns.event_type, "text"),
         col(&columns.event_version, "int4"),
-        col(&columns.payload, "text"),
+        // Uncast: decode() reads it by its type, so bytea keeps its bytes
+        // and jsonb its Postgres text form (what Debezium publishes).
+        quote_ident(&columns.payload),
         col(&columns.headers, "text"),
         col(&columns.actor, "text"),
         col(&columns.traceparent, "text"),
         col(&columns.topic, "text"),
-        col(&columns.created_at, "timestamptz"),
+        utc_timestamp(&columns.created_at),
     ]
     .join(", ")
+}
+
+/// `column` as a timestamptz, reading a `timestamp without time zone` as
+/// UTC whatever the session's TimeZone (replication decodes it the same way).
+pub fn utc_timestamp(column: &str) -> String {
+    if column.is_empty() {
+        return "NULL::timestamptz".to_owned();
+    }
+    let c = quote_ident(column);
+    format!(
+        "CASE WHEN pg_typeof({c}) = 'timestamp without time zone'::regtype \
+         THEN {c}::timestamp AT TIME ZONE 'UTC' ELSE {c}::timestamptz END"
+    )
+}
+
+/// The payload column as it comes off the wire: the type tells how to read it.
+struct PayloadColumn(Option<(String, Option<Vec<u8>>)>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for PayloadColumn {
+    fn from_sql(ty: &tokio_postgres::types::Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        use tokio_postgres::types::{Kind, Type};
+        let base = match ty.kind() {
+            Kind::Domain(base) => base.clone(),
+            _ => ty.clone(),
+        };
+        let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|e| format!("payload is not UTF-8: {e}"));
+        Ok(PayloadColumn(Some(match base {
+            Type::BYTEA => {
+                let mut hex = String::with_capacity(2 + raw.len() * 2);
+                hex.push_str("\\x");
+                for b in raw {
+                    hex.push_str(&format!("{b:02x}"));
+                }
+                (hex, Some(raw.to_vec()))
+            }
+            // jsonb's binary form is a version byte (1) and its text output.
+            Type::JSONB => match raw.split_first() {
+                Some((1, rest)) => (text(rest)?, None),
+                _ => return Err("jsonb payload in an unknown binary version".into()),
+            },
+            Type::JSON | Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => (text(raw)?, None),
+            other => {
+                return Err(format!(
+                    "source.columns.payload has type {other}: use jsonb, json, text, varchar or bytea \
+                     (e.g. ALTER TABLE <outbox> ALTER COLUMN <payload> TYPE jsonb USING <payload>::text::jsonb)"
+                )
+                .into())
+            }
+        })))
+    }
+
+    fn from_sql_null(_: &tokio_postgres::types::Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(PayloadColumn(None))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
 }
 
 impl OutboxTable {
@@ -449,6 +509,84 @@ impl OutboxTable {
     }
 }
 
+/// Whether `source.columns.position` can order a poll: it must be an
+/// integer column. Returns the finding (what is wrong, the key, the SQL that
+/// fixes it) or None. For `check` and the poll session's start-up; replication
+/// needs no position column (see [`crate::source::replication::position_is_integer`]).
+pub async fn position_column_problem(client: &tokio_postgres::Client, table: &OutboxTable) -> Result<Option<String>, PostgresError> {
+    let column = &table.columns.position;
+    let row = client
+        .query_opt(
+            "SELECT format_type(a.atttypid, a.atttypmod), a.atttypid = ANY('{int2,int4,int8}'::regtype[]) \
+             FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attname = $2 AND NOT a.attisdropped",
+            &[&table.name.to_string(), column],
+        )
+        .await
+        .map_err(|e| PostgresError::query("reading the outbox position column's type", &e))?;
+    let name = &table.name;
+    let fix = format!(
+        "run ALTER TABLE {name} ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY; CREATE INDEX ON {name} (seq); \
+         and set source.columns.position = \"seq\" (map a uuid id as source.columns.event_id), \
+         or use source.mode = \"replication\" with published.mode = \"none\", which needs no position column"
+    );
+    Ok(match row {
+        None => Some(format!("source.columns.position = {column:?}: {name} has no such column; polling needs an integer column that grows with inserts: {fix}")),
+        Some(row) if !row.get::<_, bool>(1) => {
+            let ty: String = row.get(0);
+            Some(format!(
+                "source.columns.position = {column:?} is a {ty} column; polling needs an integer column that grows with inserts: {fix}"
+            ))
+        }
+        Some(_) => None,
+    })
+}
+
+/// Detects rows deleted by someone else before polling could see them (the
+/// Quarkus/Debezium outbox extensions insert and delete in one transaction):
+/// the table is empty, Postgres counted inserts, and either the relay never
+/// deletes (`published.mode` mark/none) or it published fewer events than
+/// were inserted (`published_by_relay`, e.g. from the metrics). Returns the
+/// finding for `check`, or None. Statistics are cumulative since the last
+/// stats reset and arrive with a delay of about a second.
+pub async fn deleted_by_others_problem(
+    client: &tokio_postgres::Client,
+    table: &OutboxTable,
+    published_by_relay: Option<u64>,
+) -> Result<Option<String>, PostgresError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(s.n_tup_ins), 0)::int8, coalesce(sum(s.n_tup_del), 0)::int8 \
+             FROM pg_stat_user_tables s \
+             WHERE s.relid = $1::text::regclass \
+                OR s.relid IN (SELECT relid FROM pg_partition_tree($1::text::regclass))",
+            &[&table.name.to_string()],
+        )
+        .await
+        .map_err(|e| PostgresError::query("reading the outbox table's statistics", &e))?;
+    let (inserted, deleted): (i64, i64) = (row.get(0), row.get(1));
+    let empty = client
+        .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", table.name), &[])
+        .await
+        .map_err(|e| PostgresError::query("reading the outbox table", &e))?
+        .get::<_, bool>(0);
+    let relay_deletes = table.published == PublishedMode::Delete;
+    let suspicious = empty
+        && inserted > 0
+        && deleted > 0
+        && (!relay_deletes || published_by_relay.is_some_and(|p| (p as i64) < inserted));
+    Ok(suspicious.then(|| {
+        format!(
+            "{} is empty although Postgres counted {inserted} inserts and {deleted} deletes{}: rows deleted in the \
+             transaction that inserted them (the Quarkus/Debezium outbox extensions' default, \
+             quarkus.debezium-outbox.remove-after-insert = true) are never visible to polling, so they are never published. \
+             Use source.mode = \"replication\" (which sees them in the WAL), or stop deleting them \
+             (remove-after-insert = false) and let the relay delete them with published.mode = \"delete\"",
+            table.name,
+            if relay_deletes { "" } else { " and the relay never deletes rows in this published.mode" }
+        )
+    }))
+}
+
 /// Which events to replay; all given filters must match.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
@@ -504,6 +642,10 @@ pub fn decode(row: &Row, first: usize) -> Result<Option<RawRow>, PostgresError> 
         return Ok(None);
     };
     let at = |i: usize| first + i;
+    let (payload, payload_binary) = match row.try_get(at(6)).map_err(get_err)? {
+        PayloadColumn(Some((text, bytes))) => (Some(text), bytes),
+        PayloadColumn(None) => (None, None),
+    };
     Ok(Some(RawRow {
         position,
         event_id: row.try_get(at(1)).map_err(get_err)?,
@@ -511,7 +653,8 @@ pub fn decode(row: &Row, first: usize) -> Result<Option<RawRow>, PostgresError> 
         aggregate_id: row.try_get(at(3)).map_err(get_err)?,
         event_type: row.try_get(at(4)).map_err(get_err)?,
         event_version: row.try_get(at(5)).map_err(get_err)?,
-        payload: row.try_get(at(6)).map_err(get_err)?,
+        payload,
+        payload_binary,
         headers: row.try_get(at(7)).map_err(get_err)?,
         actor: row.try_get(at(8)).map_err(get_err)?,
         traceparent: row.try_get(at(9)).map_err(get_err)?,

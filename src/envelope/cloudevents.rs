@@ -133,7 +133,7 @@ impl CloudEvents {
         }
         let mode = match config.format {
             EnvelopeFormat::CloudEventsBinary => ContentMode::Binary,
-            EnvelopeFormat::Native | EnvelopeFormat::CloudEventsStructured => ContentMode::Structured,
+            EnvelopeFormat::Native | EnvelopeFormat::CloudEventsStructured | EnvelopeFormat::Debezium => ContentMode::Structured,
         };
         Ok(CloudEvents { mode, source, type_version: config.type_version, dataschema, header_extensions })
     }
@@ -165,7 +165,8 @@ impl CloudEvents {
                     }
                     .map_err(encode)?;
                 }
-                map.serialize_entry("data", &*event.payload).map_err(encode)?;
+                let data = event.payload.as_json().ok_or(EnvelopeError::NotJson { kind: "text", format: "cloudevents" })?;
+                map.serialize_entry("data", data).map_err(encode)?;
                 map.end().map_err(encode)?;
                 Ok((value, vec![(Cow::Borrowed("content-type"), STRUCTURED_CONTENT_TYPE.as_bytes().to_vec())]))
             }
@@ -475,7 +476,7 @@ mod tests {
             aggregate_id: "42".into(),
             event_type: "OrderPlaced".into(),
             event_version: 2,
-            payload: RawValue::from_string(r#"{"total_cents": 1999, "items": [1, 2]}"#.into()).unwrap(),
+            payload: crate::event::Payload::Json(RawValue::from_string(r#"{"total_cents": 1999, "items": [1, 2]}"#.into()).unwrap()),
             headers: Some(
                 RawValue::from_string(r#"{"tenant": "acme", "tracestate": "rojo=00f067aa0ba902b7", "shard": 7, "big": 12345678901, "ok": true, "tags": ["a"]}"#.into())
                     .unwrap(),

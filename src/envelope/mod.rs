@@ -7,12 +7,20 @@
 //!   route on so they need not parse the value.
 //! - `cloudevents-structured` / `cloudevents-binary`: CloudEvents 1.0 over
 //!   the Kafka protocol binding, in [`cloudevents`].
+//! - `debezium`: Debezium's Outbox Event Router output, in [`debezium`]
+//!   (its topic comes from `envelope.debezium.route_topic_replacement`).
 //!
 //! In every format the key is the aggregate id and the topic comes from the
 //! `sink.topic` template. The payload is spliced in as raw JSON text: it is
-//! never parsed into a tree and re-serialized.
+//! never parsed into a tree and re-serialized. The JSON formats need a JSON
+//! payload; `debezium` carries text and bytea payloads as they are.
+//!
+//! Topic names: templates and rendered names are checked here against what
+//! some sink accepts (letters, digits, `. _ - ~ + %`); each sink then applies
+//! its own rule (Kafka: [`is_valid_topic`]; Pub/Sub: `sink::pubsub::topic`).
 
 pub mod cloudevents;
+pub mod debezium;
 
 use std::borrow::Cow;
 
@@ -22,7 +30,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::config::{EnvelopeConfig, EnvelopeFormat};
-use crate::event::OutboxEvent;
+use crate::event::{OutboxEvent, Payload};
 use crate::sink::OutgoingMessage;
 
 /// Version string written into every envelope and header.
@@ -30,6 +38,9 @@ pub const ENVELOPE_VERSION: &str = "1";
 
 /// Longest topic name Kafka accepts.
 const MAX_TOPIC_LEN: usize = 249;
+
+/// Longest topic name any sink accepts (Pub/Sub: 255).
+const MAX_ANY_TOPIC_LEN: usize = 255;
 
 /// The JSON value of one message, borrowed from the event.
 #[derive(Serialize)]
@@ -49,9 +60,15 @@ struct EnvelopeV1<'a> {
 /// Why an event could not become a message.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
-    /// The rendered topic is not a name the broker accepts.
-    #[error("topic {topic:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -): fix the row's topic or sink.topic")]
+    /// The rendered topic is not a name any broker accepts.
+    #[error("topic {topic:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -) nor a Pub/Sub one (which also allows ~ + %): fix the row's topic, sink.topic or envelope.debezium.route_topic_replacement")]
     InvalidTopic { topic: String },
+    /// A JSON envelope got a payload that is not JSON (text or bytea).
+    #[error("payload is not valid JSON ({kind} column value): envelope.format = \"{format}\" carries JSON payloads only; set envelope.format = \"debezium\" to publish text and bytea payloads as they are")]
+    NotJson { kind: &'static str, format: &'static str },
+    /// A NULL payload, which only the Debezium format can carry (null value or tombstone).
+    #[error("payload is NULL: envelope.format = \"{format}\" needs a payload; write one, or use envelope.format = \"debezium\" (a null value, or a tombstone with envelope.debezium.route_tombstone_on_empty_payload = true)")]
+    NullPayload { format: &'static str },
     /// The value could not be serialized (only possible with corrupt input).
     #[error("could not encode the envelope: {0}")]
     Encode(String),
@@ -102,8 +119,10 @@ impl TopicTemplate {
         }
         let template = TopicTemplate { parts };
         let sample = template.render("Aggregate", "EventType");
-        if !is_valid_topic(&sample) {
-            return Err(format!("renders invalid topic names such as {sample:?}: use only a-z A-Z 0-9 . _ -"));
+        if !is_valid_topic_for_some_sink(&sample) {
+            return Err(format!(
+                "renders invalid topic names such as {sample:?}: use only a-z A-Z 0-9 . _ - (Kafka), and for Pub/Sub also ~ + %"
+            ));
         }
         Ok(template)
     }
@@ -131,6 +150,28 @@ pub fn is_valid_topic(topic: &str) -> bool {
         && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Whether some sink accepts this name (letters, digits, `. _ - ~ + %`, at
+/// most 255 characters); each sink applies its own rule on top.
+pub fn is_valid_topic_for_some_sink(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= MAX_ANY_TOPIC_LEN
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~' | b'+' | b'%'))
+}
+
+/// Kafka's topic rule, quoted in every rejection.
+pub const KAFKA_TOPIC_RULE: &str = "Kafka topic names are 1-249 characters of a-z A-Z 0-9 . _ - and not \".\" or \"..\"";
+
+/// Checks a `sink.topic` template against Kafka's rule (`sink.kind = "kafka"`).
+pub fn check_kafka_template(template: &str) -> Result<(), String> {
+    let parsed = TopicTemplate::parse(template)?;
+    let sample = parsed.render("Aggregate", "EventType");
+    if is_valid_topic(&sample) {
+        Ok(())
+    } else {
+        Err(format!("renders names Kafka rejects, such as {sample:?} ({KAFKA_TOPIC_RULE})"))
+    }
+}
+
 /// An `[envelope]` setting that cannot work; `key` names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{key}` {problem}")]
@@ -152,6 +193,7 @@ pub fn validate_config(envelope: &EnvelopeConfig, source_table: &str) -> Result<
 enum Encoding {
     Native,
     CloudEvents(Box<cloudevents::CloudEvents>),
+    Debezium(Box<debezium::Debezium>),
 }
 
 /// Turns events into messages: topic, key, headers and value.
@@ -163,8 +205,21 @@ pub struct EnvelopeMapper {
 
 impl EnvelopeMapper {
     /// A mapper using the configured topic template and `[envelope]`
-    /// section; `source_table` is `source.table`.
+    /// section; `source_table` is `source.table`. The Debezium format's
+    /// column names resolve against the default mapping here; use
+    /// [`EnvelopeMapper::with_columns`] to give the configured one.
     pub fn new(topic: TopicTemplate, envelope: &EnvelopeConfig, source_table: &str) -> Result<Self, EnvelopeConfigError> {
+        Self::with_columns(topic, envelope, source_table, &crate::config::ColumnMapping::default())
+    }
+
+    /// As [`EnvelopeMapper::new`], resolving the Debezium format's column
+    /// names (`route_by_field`, `additional_placement`) against `columns`.
+    pub fn with_columns(
+        topic: TopicTemplate,
+        envelope: &EnvelopeConfig,
+        source_table: &str,
+        columns: &crate::config::ColumnMapping,
+    ) -> Result<Self, EnvelopeConfigError> {
         let encoding = match envelope.format {
             EnvelopeFormat::Native => {
                 // Validate the CloudEvents keys anyway, so a bad value is
@@ -174,6 +229,10 @@ impl EnvelopeMapper {
             }
             EnvelopeFormat::CloudEventsStructured | EnvelopeFormat::CloudEventsBinary => {
                 Encoding::CloudEvents(Box::new(cloudevents::CloudEvents::from_config(envelope, source_table)?))
+            }
+            EnvelopeFormat::Debezium => {
+                validate_config(envelope, source_table)?;
+                Encoding::Debezium(Box::new(debezium::Debezium::from_config(&envelope.debezium, columns)?))
             }
         };
         Ok(Self { topic, encoding })
@@ -186,18 +245,39 @@ impl EnvelopeMapper {
 
     /// The message for one event.
     pub fn to_message(&self, event: &OutboxEvent) -> Result<OutgoingMessage, EnvelopeError> {
+        if let Encoding::Debezium(debezium) = &self.encoding {
+            return debezium.to_message(event);
+        }
         let topic = match &event.topic {
             Some(topic) => topic.clone(),
             None => self.topic.render(&event.aggregate_type, &event.event_type),
         };
-        if !is_valid_topic(&topic) {
+        if !is_valid_topic_for_some_sink(&topic) {
             return Err(EnvelopeError::InvalidTopic { topic });
         }
+        let format = match &self.encoding {
+            Encoding::CloudEvents(_) => "cloudevents",
+            _ => "native",
+        };
+        match &event.payload {
+            Payload::Json(_) => {}
+            Payload::Null => return Err(EnvelopeError::NullPayload { format }),
+            Payload::Text(_) => return Err(EnvelopeError::NotJson { kind: "text", format }),
+            Payload::Binary { .. } => return Err(EnvelopeError::NotJson { kind: "bytea", format }),
+        }
         let (value, headers) = match &self.encoding {
-            Encoding::Native => native_value_and_headers(event)?,
+            Encoding::Native | Encoding::Debezium(_) => native_value_and_headers(event)?,
             Encoding::CloudEvents(ce) => ce.value_and_headers(event)?,
         };
-        Ok(OutgoingMessage { position: event.position, topic, key: event.aggregate_id.clone(), value, headers })
+        Ok(OutgoingMessage {
+            position: event.position,
+            topic,
+            key: event.aggregate_id.clone(),
+            value,
+            headers,
+            timestamp_ms: None,
+            tombstone: false,
+        })
     }
 }
 
@@ -217,7 +297,7 @@ fn native_value_and_headers(event: &OutboxEvent) -> Result<(Vec<u8>, Headers), E
         timestamp: event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
         actor: event.actor.as_deref(),
         headers: event.headers.as_deref().unwrap_or(empty_headers),
-        payload: &event.payload,
+        payload: event.payload.as_json().ok_or(EnvelopeError::NotJson { kind: "text", format: "native" })?,
     };
     let mut value = Vec::with_capacity(event.payload.get().len() + 320);
     serde_json::to_writer(&mut value, &envelope).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
@@ -251,7 +331,7 @@ mod tests {
             aggregate_id: "42".into(),
             event_type: "OrderPlaced".into(),
             event_version: 3,
-            payload: RawValue::from_string(r#"{"total_cents":1999,"items":[1,2]}"#.into()).unwrap(),
+            payload: Payload::Json(RawValue::from_string(r#"{"total_cents":1999,"items":[1,2]}"#.into()).unwrap()),
             headers: None,
             actor: Some("user-7".into()),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
@@ -342,6 +422,23 @@ mod tests {
         assert!(TopicTemplate::parse("out box").is_err());
         assert!(TopicTemplate::parse("outbox.{event_type").is_err());
         assert_eq!(TopicTemplate::parse("{event_type}-v1").unwrap().render("A", "E"), "E-v1");
+    }
+
+    #[test]
+    fn native_refuses_text_bytea_and_null_payloads_naming_the_fix() {
+        for payload in [Payload::Text("hi".into()), Payload::Binary { bytes: vec![1], text: "\\x01".into() }, Payload::Null] {
+            let e = OutboxEvent { payload, ..event() };
+            let err = mapper().to_message(&e).unwrap_err().to_string();
+            assert!(err.contains("envelope.format = \"debezium\""), "{err}");
+        }
+    }
+
+    #[test]
+    fn topic_rules_per_sink() {
+        assert!(TopicTemplate::parse("orders~v1+x%20").is_ok(), "Pub/Sub names pass the shared check");
+        assert!(check_kafka_template("orders~v1").unwrap_err().contains("Kafka"));
+        assert!(check_kafka_template("outbox.{aggregate_type}").is_ok());
+        assert!(TopicTemplate::parse("bad topic").is_err());
     }
 
     #[test]

@@ -172,10 +172,19 @@ impl KafkaSink {
         for (name, value) in &message.headers {
             headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
         }
-        let mut record = FutureRecord::to(&message.topic)
-            .key(message.key.as_bytes())
-            .payload(message.value.as_slice())
-            .headers(headers);
+        if !crate::envelope::is_valid_topic(&message.topic) {
+            return Err(PublishError {
+                reason: format!("topic {:?} is not a valid Kafka topic name ({})", message.topic, crate::envelope::KAFKA_TOPIC_RULE),
+                permanent: true,
+            });
+        }
+        let mut record = FutureRecord::to(&message.topic).key(message.key.as_bytes()).headers(headers);
+        if !message.tombstone {
+            record = record.payload(message.value.as_slice());
+        }
+        if let Some(timestamp) = message.timestamp_ms {
+            record = record.timestamp(timestamp);
+        }
         let mut backoff = Duration::from_millis(1);
         loop {
             match producer.send_result(record) {

@@ -23,6 +23,11 @@ pub struct OutgoingMessage {
     /// Message headers (name, value). Names are mostly fixed strings, but
     /// some formats derive them (CloudEvents binary mode: `ce_<extension>`).
     pub headers: Vec<(std::borrow::Cow<'static, str>, Vec<u8>)>,
+    /// Record timestamp (ms since the epoch) the Debezium format sets from
+    /// the event time; None: the producer's clock (Kafka only).
+    pub timestamp_ms: Option<i64>,
+    /// Send a null value (a Kafka tombstone) instead of `value`.
+    pub tombstone: bool,
 }
 
 /// Why one message was not acknowledged.

@@ -186,6 +186,8 @@ mod tests {
                 (Cow::Borrowed("envelope_version"), b"1".to_vec()),
                 (Cow::Borrowed("traceparent"), b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_vec()),
             ],
+            timestamp_ms: None,
+            tombstone: false,
         }
     }
 

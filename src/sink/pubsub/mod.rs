@@ -671,6 +671,8 @@ mod tests {
             key: key.into(),
             value: serde_json::to_vec(&serde_json::json!({"aggregate_type": "T", "seq": seq, "pad": "x".repeat(100)})).unwrap(),
             headers: vec![(std::borrow::Cow::Borrowed("event_id"), format!("{key}-{seq}").into_bytes())],
+            timestamp_ms: None,
+            tombstone: false,
         }
     }
 

@@ -124,17 +124,74 @@ pub async fn validate(client: &Client, config: &Config) -> Result<Result<(), Pre
     }
     if !covered {
         let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&r.publication]).await.map_err(q)?.is_some();
+        // A partitioned table in a publication without publish_via_partition_root
+        // is listed by its partitions: ADD TABLE would fail ("already member").
+        let member = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+                 WHERE p.pubname = $1 AND pr.prrelid = $2::text::regclass",
+                &[&r.publication, &table.to_string()],
+            )
+            .await
+            .map_err(q)?
+            .is_some();
+        if member {
+            return Ok(Err(Prerequisite(format!(
+                "publication {} holds the partitioned table {} but publishes its partitions under their own names: run \
+                 ALTER PUBLICATION {} SET (publish_via_partition_root = true); so its rows arrive as {}'s",
+                r.publication,
+                config.source.table,
+                quote_ident(&r.publication),
+                config.source.table
+            ))));
+        }
         let fix = if exists {
             format!("ALTER PUBLICATION {} ADD TABLE {table};", quote_ident(&r.publication))
         } else {
-            format!("CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert');", quote_ident(&r.publication))
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert', publish_via_partition_root = true);",
+                quote_ident(&r.publication)
+            )
         };
         return Ok(Err(Prerequisite(format!(
             "publication {} does not cover {}: run outbox-relay migrate (with source.mode = \"replication\"), or {fix}",
             r.publication, config.source.table
         ))));
     }
+    if marks_rows(config) && !position_is_integer(client, config).await? {
+        return Ok(Err(Prerequisite(format!(
+            "published.mode = \"{}\" stamps or deletes rows by source.columns.position = {:?}, which is not an integer column: \
+             set published.mode = \"none\" (the slot alone tracks progress; replication needs no position column), \
+             or run ALTER TABLE {table} ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY; CREATE INDEX ON {table} (seq); \
+             and set source.columns.position = \"seq\"",
+            published_mode_name(config.published.mode),
+            config.source.columns.position,
+        ))));
+    }
     Ok(Ok(()))
+}
+
+fn published_mode_name(mode: PublishedMode) -> &'static str {
+    match mode {
+        PublishedMode::Mark => "mark",
+        PublishedMode::Delete => "delete",
+        PublishedMode::None => "none",
+    }
+}
+
+/// Whether `source.columns.position` is an integer column. Replication
+/// orders events by the WAL and needs it only to stamp or delete rows
+/// (`published.mode` mark/delete); with `none`, any column (a uuid) works.
+pub async fn position_is_integer(client: &Client, config: &Config) -> Result<bool, PostgresError> {
+    let row = client
+        .query_opt(
+            "SELECT a.atttypid = ANY('{int2,int4,int8}'::regtype[]) FROM pg_attribute a \
+             WHERE a.attrelid = $1::text::regclass AND a.attname = $2 AND NOT a.attisdropped",
+            &[&config.source.table, &config.source.columns.position],
+        )
+        .await
+        .map_err(|e| PostgresError::query("reading the outbox position column's type", &e))?;
+    Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 /// Reads the slot's state.
@@ -200,7 +257,12 @@ pub async fn setup(client: &Client, config: &Config) -> Result<Vec<String>, Post
         .is_some();
     if !exists {
         client
-            .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert')", quote_ident(&r.publication)))
+            // publish_via_partition_root: a partitioned outbox's rows arrive
+            // as the root table's (harmless for a plain table).
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert', publish_via_partition_root = true)",
+                quote_ident(&r.publication)
+            ))
             .await
             .map_err(|e| PostgresError::Query(format!("creating publication {}: {}", r.publication, describe(&e))))?;
         done.push(format!("created publication {} for {}", r.publication, config.source.table));
@@ -224,6 +286,8 @@ pub fn start_command(r: &ReplicationConfig) -> String {
 /// Where each mapped column sits in the outbox relation's tuples.
 #[derive(Debug, Clone, Default)]
 struct ColumnSlots {
+    /// The payload column is bytea: its text form is `\x` hex, published as bytes.
+    payload_is_bytea: bool,
     position: Option<usize>,
     event_id: Option<usize>,
     aggregate_type: Option<usize>,
@@ -241,14 +305,16 @@ struct ColumnSlots {
 impl ColumnSlots {
     fn resolve(columns: &[Column], mapping: &ColumnMapping) -> ColumnSlots {
         let find = |name: &str| if name.is_empty() { None } else { columns.iter().position(|c| c.name == name) };
+        let payload = find(&mapping.payload);
         ColumnSlots {
+            payload_is_bytea: payload.and_then(|i| columns.get(i)).is_some_and(|c| c.type_oid == BYTEA_OID),
             position: find(&mapping.position),
             event_id: find(&mapping.event_id),
             aggregate_type: find(&mapping.aggregate_type),
             aggregate_id: find(&mapping.aggregate_id),
             event_type: find(&mapping.event_type),
             event_version: find(&mapping.event_version),
-            payload: find(&mapping.payload),
+            payload,
             headers: find(&mapping.headers),
             actor: find(&mapping.actor),
             traceparent: find(&mapping.traceparent),
@@ -257,6 +323,9 @@ impl ColumnSlots {
         }
     }
 }
+
+/// pg_type oid of bytea.
+const BYTEA_OID: u32 = 17;
 
 /// What a decoded change means for the relay.
 #[derive(Debug)]
@@ -281,6 +350,12 @@ pub struct EventDecoder {
     mapping: ColumnMapping,
     prefix: String,
     relations: HashMap<u32, Option<ColumnSlots>>,
+    /// Rows are stamped or deleted after publishing (needs integer positions).
+    marks_rows: bool,
+    /// Last position handed out: rows without an integer position (a uuid
+    /// `id`, published.mode = "none") get the next one, kept above the LSNs
+    /// of emitted messages so positions in a stream only grow.
+    last_position: std::cell::Cell<i64>,
 }
 
 /// The JSON applications pass to `pg_logical_emit_message(true, '<prefix>', ...)`.
@@ -313,6 +388,8 @@ impl EventDecoder {
             mapping: config.source.columns.clone(),
             prefix: config.source.replication.message_prefix.clone(),
             relations: HashMap::new(),
+            marks_rows: marks_rows(config),
+            last_position: std::cell::Cell::new(0),
         })
     }
 
@@ -332,11 +409,24 @@ impl EventDecoder {
                 Some(Value::Text(bytes)) => Ok(Some(String::from_utf8_lossy(bytes).into_owned())),
             }
         };
-        let position = match text(slots.position).ok().flatten().and_then(|t| t.parse::<i64>().ok()) {
-            Some(position) => position,
+        let (position, row) = match text(slots.position).ok().flatten().and_then(|t| t.parse::<i64>().ok()) {
+            Some(position) => (position, true),
+            // Nothing to stamp: the WAL orders the rows, the slot tracks progress.
+            None if !self.marks_rows => {
+                let next = self.last_position.get().saturating_add(1);
+                self.last_position.set(next);
+                (next, false)
+            }
             None => {
                 return Decoded::Rejected {
-                    rejected: Rejected::new(0, format!("outbox row without an integer {}", self.mapping.position)),
+                    rejected: Rejected::new(
+                        0,
+                        format!(
+                            "outbox row without an integer source.columns.position ({:?}): published.mode mark/delete needs one to stamp rows; \
+                             set published.mode = \"none\" or add an integer column (ALTER TABLE {} ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY)",
+                            self.mapping.position, self.label
+                        ),
+                    ),
                     row: false,
                 }
             }
@@ -352,6 +442,14 @@ impl EventDecoder {
                     None => None,
                     Some(v) => Some(v.parse().map_err(|_| format!("event_version {v:?} is not an integer"))?),
                 },
+                payload_binary: if slots.payload_is_bytea {
+                    match text(slots.payload)? {
+                        Some(hex) => Some(decode_bytea(&hex).ok_or_else(|| format!("bytea payload {hex:.40} is not in hex format: SET bytea_output = 'hex' for the walsender's role"))?),
+                        None => None,
+                    }
+                } else {
+                    None
+                },
                 payload: text(slots.payload)?,
                 headers: text(slots.headers)?,
                 actor: text(slots.actor)?,
@@ -364,8 +462,8 @@ impl EventDecoder {
             })
         };
         match build().map_err(|reason| Rejected::new(position, reason)).and_then(|raw| raw.into_event(&self.label)) {
-            Ok(event) => Decoded::Event { event: Box::new(event), row: true },
-            Err(rejected) => Decoded::Rejected { rejected, row: true },
+            Ok(event) => Decoded::Event { event: Box::new(event), row },
+            Err(rejected) => Decoded::Rejected { rejected, row },
         }
     }
 
@@ -375,6 +473,7 @@ impl EventDecoder {
             return Decoded::Ignored;
         }
         let position = lsn as i64;
+        self.last_position.set(self.last_position.get().max(position));
         let parsed: EmittedEvent = match serde_json::from_slice(content) {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -395,6 +494,7 @@ impl EventDecoder {
             event_type: Some(parsed.event_type),
             event_version: parsed.event_version,
             payload: Some(parsed.payload.get().to_owned()),
+            payload_binary: None,
             headers: parsed.headers.map(|h| h.get().to_owned()),
             actor: parsed.actor,
             traceparent: parsed.traceparent,
@@ -411,14 +511,26 @@ impl EventDecoder {
     }
 }
 
-/// Parses Postgres's ISO text output of a timestamptz (`2026-11-22 07:38:00.123456+00`).
+/// Parses Postgres's ISO text output of a timestamptz (`2026-11-22
+/// 07:38:00.123456+00`) or of a `timestamp without time zone`, read as UTC
+/// (as polling reads it, see [`crate::outbox::utc_timestamp`]).
 pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
     for format in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%#z"] {
         if let Ok(t) = DateTime::parse_from_str(text, format) {
             return Some(t.with_timezone(&Utc));
         }
     }
-    None
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").ok().map(|t| t.and_utc())
+}
+
+/// Bytes of a bytea's hex text output (`\x00ff`); None for another format.
+pub fn decode_bytea(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?.as_bytes();
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    hex.chunks(2).map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?)).collect()
 }
 
 /// A Postgres timestamp (microseconds since 2000-01-01) as UTC.
@@ -522,6 +634,47 @@ mod tests {
         assert_eq!(event.event_id, same.event_id, "stable id per LSN");
         assert!(matches!(decoder.message("other", json, 1, Utc::now()), Decoded::Ignored));
         assert!(matches!(decoder.message("outbox", b"{nope", 1, Utc::now()), Decoded::Rejected { .. }));
+    }
+
+    #[test]
+    fn timestamp_without_time_zone_is_utc_and_bytea_is_hex() {
+        assert_eq!(parse_timestamptz("2026-12-02 05:34:49.143595").unwrap().to_rfc3339(), "2026-12-02T05:34:49.143595+00:00");
+        assert_eq!(parse_timestamptz("2026-12-02 05:34:49").unwrap().to_rfc3339(), "2026-12-02T05:34:49+00:00");
+        assert_eq!(parse_timestamptz("2026-12-02 05:34:49+02").unwrap().to_rfc3339(), "2026-12-02T03:34:49+00:00");
+        assert_eq!(decode_bytea("\\x00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(decode_bytea("\\x0"), None);
+        assert_eq!(decode_bytea("abc"), None);
+    }
+
+    #[test]
+    fn uuid_position_without_marking_gets_growing_positions() {
+        let mut c = config();
+        c.published.mode = PublishedMode::None;
+        c.source.columns.event_id = "id".into();
+        let mut decoder = EventDecoder::new(&c).unwrap();
+        decoder.relation(1, "outbox", "events", &outbox_columns());
+        let mut values = vec![
+            t("6a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11"),
+            t("ignored"),
+            t("Order"),
+            t("o-1"),
+            t("OrderPlaced"),
+            t("1"),
+            t("{}"),
+            t("{}"),
+            t("2026-11-22 07:38:00"),
+        ];
+        let Decoded::Event { event: a, row } = decoder.insert(1, &values, Utc::now()) else { panic!() };
+        assert!(!row, "nothing to stamp");
+        values[0] = t("7a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11");
+        let Decoded::Event { event: b, .. } = decoder.insert(1, &values, Utc::now()) else { panic!() };
+        assert!(b.position > a.position);
+        assert_eq!(a.event_id.to_string(), "6a1c1a0e-4a8e-4c55-9a53-3c8e7f0a2b11");
+        c.published.mode = PublishedMode::Delete;
+        let mut marking = EventDecoder::new(&c).unwrap();
+        marking.relation(1, "outbox", "events", &outbox_columns());
+        let Decoded::Rejected { rejected, .. } = marking.insert(1, &values, Utc::now()) else { panic!() };
+        assert!(rejected.reason.contains("published.mode = \"none\""), "{}", rejected.reason);
     }
 
     #[test]
