@@ -222,9 +222,24 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
     let Ok(outbox) = OutboxTable::from_config(config) else { return results };
     let table = outbox.name();
     let client = &connection.client;
+    let polling = config.source.mode == crate::config::SourceMode::Poll;
+    let position_problem = crate::outbox::position_column_problem(client, &outbox).await.ok().flatten();
+    if let (Some(problem), true) = (&position_problem, polling) {
+        results.push(fail(
+            "outbox table",
+            problem.clone(),
+            "give polling an integer position column (the message says how), or use source.mode = \"replication\"",
+        ));
+        return results;
+    }
     // Preparing the relay's own statements proves the table and columns exist.
+    // Replication orders events by the WAL and needs no integer position.
     let probe = postgres::connect(&config.postgres, "outbox-relay check").await;
     match probe {
+        Ok(_) if position_problem.is_some() => results.push(ok(
+            "outbox table",
+            format!("{} is read from the WAL; replication needs no integer position column", config.source.table),
+        )),
         Ok(probe) => match PollSource::prepare(
             probe,
             &config.source,
@@ -244,6 +259,11 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
             }
         },
         Err(e) => results.push(fail("outbox table", e.to_string(), "see the postgres check")),
+    }
+    if polling {
+        if let Ok(Some(problem)) = crate::outbox::deleted_by_others_problem(client, &outbox, None).await {
+            results.push(warn("deleted rows", problem, "see the message: polling cannot see rows deleted by their own transaction"));
+        }
     }
     let quoted = table.to_string();
     let privileges = client

@@ -63,7 +63,8 @@ pub async fn run<S: Sink>(
     let (matched, _, _) = count(config, selection).await?;
     let query = OutboxTable::from_config(config).and_then(|t| t.replay_query(selection)).map_err(ReplayError::Selection)?;
     let template = TopicTemplate::parse(&config.sink.topic).map_err(ReplayError::Selection)?;
-    let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| ReplayError::Selection(e.to_string()))?;
+    let mapper = EnvelopeMapper::with_columns(template, &config.envelope, &config.source.table, &config.source.columns)
+        .map_err(|e| ReplayError::Selection(e.to_string()))?;
     let connection = postgres::connect(&config.postgres, "outbox-relay replay").await?;
     let statement = connection.client.prepare(&query.page).await.map_err(|e| PostgresError::query("preparing replay", &e))?;
     // Re-driven dead letters are done once acknowledged: clear the stamp, or delete the row in delete mode.

@@ -123,7 +123,8 @@ impl<S: Sink> Relay<S> {
     /// A relay over `sink`; validates the topic template.
     pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
         let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
-        let mapper = EnvelopeMapper::new(template, &config.envelope, &config.source.table).map_err(|e| RelayError::Config(e.to_string()))?;
+        let mapper = EnvelopeMapper::with_columns(template, &config.envelope, &config.source.table, &config.source.columns)
+            .map_err(|e| RelayError::Config(e.to_string()))?;
         let identity = Identity::new(config.replicas.resolved_relay_id());
         let table = OutboxTable::from_config(&config).map_err(RelayError::Config)?;
         Ok(Relay {

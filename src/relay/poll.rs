@@ -117,6 +117,11 @@ impl<S: Sink> Relay<S> {
                 own.insert(Coordinator::start(&self.config, resource, self.identity.clone()).await?)
             }
         };
+        if !until_caught_up {
+            if let Some(problem) = crate::outbox::position_column_problem(&connection.client, &self.table).await? {
+                return Err(RelayError::Prerequisite(problem));
+            }
+        }
         let scope = coordinator.claim_scope();
         let mut source = PollSource::prepare(connection, &self.config.source, &self.table, &scope).await?;
         self.health.set_postgres(true);
