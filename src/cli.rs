@@ -158,7 +158,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         });
         return crate::demo::run(events, config, mode).await.map_err(CliError::Runtime);
     }
-    let config = Config::load(cli.config.as_deref())?;
+    let config = crate::startup::load(cli.config.as_deref())?;
     crate::postgres::set_relay_id(config.replicas.resolved_relay_id());
     let reload = init_logging(&config.log.level, config.log.format);
     match cli.command {
@@ -218,7 +218,7 @@ fn reload_on_sighup(path: Option<PathBuf>, reload: LogReload) -> std::io::Result
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match Config::load(path.as_deref()) {
+            match crate::startup::load(path.as_deref()) {
                 Ok(config) => match reload(&config.log.level) {
                     Ok(()) => info!(level = %config.log.level, "SIGHUP: log level reloaded (other settings need a restart)"),
                     Err(e) => warn!(error = %e, "SIGHUP: log level not changed"),

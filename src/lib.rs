@@ -17,6 +17,7 @@
 //! migrate     applies sql/ migrations
 //! postgres    connections, NOTIFY, operator-friendly errors
 //! tls         sslmode over rustls (ring) for tokio-postgres and the replication client
+//! startup     the configuration checks that need the feature modules (config stays the bottom layer)
 //! config      figment: defaults < TOML < OUTBOX_RELAY_* env, validation
 //! metrics     Prometheus counters, gauges, histograms
 //! http        /metrics, /healthz, /readyz
@@ -53,6 +54,7 @@ pub mod settle;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod startup;
 pub mod status;
 pub mod systemd;
 pub mod tls;

@@ -287,17 +287,7 @@ pub fn relay_id() -> String {
     RELAY_ID.get().cloned().unwrap_or_else(host_name)
 }
 
-/// The host name (in Kubernetes, the pod name).
-pub fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `len` bytes into the buffer.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return format!("pid-{}", std::process::id());
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
+pub use crate::config::host_name;
 
 /// The driver error with the server's message and a hint for common causes.
 pub fn describe(error: &tokio_postgres::Error) -> String {

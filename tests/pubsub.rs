@@ -326,7 +326,7 @@ fn missing_project_and_invalid_static_topic_exit_2_naming_the_key() {
             "sink.pubsub.max_messages_per_request",
             "1000",
         ),
-        (vec![("OUTBOX_RELAY_SINK__PUBSUB__PROJEKT", PROJECT)], "projekt", "unknown field"),
+        (vec![("OUTBOX_RELAY_SINK__PUBSUB__PROJEKT", PROJECT)], "projekt", "unknown key"),
     ] {
         for command in ["run", "check"] {
             let out = run_command(&[command], &base(&extra));

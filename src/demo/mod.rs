@@ -71,7 +71,7 @@ pub async fn run(events: usize, config: Config, mode: Option<SourceMode>) -> any
     config.sink.kind = SinkKind::Kafka;
     config.sink.kafka.brokers = brokers.clone();
     config.http.listen = "127.0.0.1:0".into();
-    config.validate()?;
+    crate::startup::validate(&config)?;
     let capture = match config.source.mode {
         SourceMode::Poll => "source.mode = \"poll\": claiming unpublished rows, woken by NOTIFY at commit",
         SourceMode::Replication => "source.mode = \"replication\": tailing a logical replication slot (pgoutput)",

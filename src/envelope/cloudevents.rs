@@ -737,14 +737,14 @@ mod tests {
             ),
         )
         .unwrap();
-        let loaded = crate::config::Config::load(Some(&path)).unwrap();
+        let loaded = crate::startup::load(Some(&path)).unwrap();
         assert_eq!(loaded.envelope.format, EnvelopeFormat::CloudEventsBinary);
         assert_eq!(loaded.envelope.source, "urn:orders");
         assert_eq!(loaded.envelope.type_version, TypeVersion::None);
         assert_eq!(loaded.envelope.header_extensions["tenant"], "tenant_id");
 
         std::fs::write(&path, base).unwrap();
-        let defaults = crate::config::Config::load(Some(&path)).unwrap();
+        let defaults = crate::startup::load(Some(&path)).unwrap();
         assert_eq!(defaults.envelope.format, EnvelopeFormat::Native);
         assert_eq!(defaults.envelope.type_version, TypeVersion::Suffix);
 
@@ -756,7 +756,7 @@ mod tests {
             ("[envelope.header_extensions]\nTenant = \"t\"", "envelope.header_extensions"),
         ] {
             std::fs::write(&path, format!("{base}[envelope]\n{section}\n")).unwrap();
-            let msg = crate::config::Config::load(Some(&path)).unwrap_err().to_string();
+            let msg = crate::startup::load(Some(&path)).unwrap_err().to_string();
             assert!(msg.contains(key), "{section}: {msg}");
         }
     }
