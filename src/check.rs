@@ -8,7 +8,8 @@ use std::time::Duration;
 use rdkafka::producer::Producer;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, EnvelopeFormat};
+use crate::envelope::debezium::Debezium;
 use crate::envelope::TopicTemplate;
 use crate::postgres;
 use crate::sink::kafka::KafkaSink;
@@ -295,14 +296,22 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
     if config.published.mode != crate::config::PublishedMode::None {
         results.push(check_position_index(config, client, &quoted).await);
     }
+    // The topics pending events go to, as the configured envelope routes them.
+    let debezium = (config.envelope.format == EnvelopeFormat::Debezium)
+        .then(|| Debezium::from_config(&config.envelope.debezium, &config.source.columns).ok())
+        .flatten();
+    let route_by = debezium.as_ref().map(|d| d.route_column(&config.source.columns));
     if let Ok(template) = TopicTemplate::parse(&config.sink.topic) {
-        if let Ok(rows) = client.query(&outbox.pending_topics_sql(), &[]).await {
+        if let Ok(rows) = client.query(&outbox.pending_topics_sql(route_by), &[]).await {
             for row in rows.iter().take(200) {
-                let explicit: Option<String> = row.try_get(2).unwrap_or(None);
-                let rendered = explicit.unwrap_or_else(|| {
-                    template.render(&row.try_get::<_, String>(0).unwrap_or_default(), &row.try_get::<_, String>(1).unwrap_or_default())
-                });
-                topics.insert(rendered);
+                let text = |i: usize| row.try_get::<_, Option<String>>(i).unwrap_or(None);
+                let rendered = match (text(2), &debezium) {
+                    (Some(explicit), _) => Some(explicit),
+                    // A NULL routing value fails the event itself (reported as a failing row), not a topic.
+                    (None, Some(debezium)) => text(3).map(|routed| debezium.topic_for(&routed)),
+                    (None, None) => Some(template.render(&text(0).unwrap_or_default(), &text(1).unwrap_or_default())),
+                };
+                topics.extend(rendered);
             }
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, ConfigError, LogFormat};
@@ -336,7 +336,7 @@ async fn run(config: Config, path: Option<PathBuf>, reload: LogReload) -> Result
     crate::http::serve(&config.http.listen, metrics.clone(), health.clone(), shutdown.clone())
         .await
         .with_context(|| format!("cannot serve http.listen {} (set http.listen to a free address)", config.http.listen))?;
-    if !wait_for_broker(&sink, &config, &health, shutdown.clone()).await {
+    if !wait_for_broker(&sink, &relay, &config, &health, shutdown.clone()).await {
         return Ok(());
     }
     health.set_broker(true);
@@ -371,22 +371,38 @@ async fn check_static_pubsub_topic(sink: &PubSubSink, template: &str) {
 
 /// Retries the broker until it answers; false if asked to stop first.
 /// Meanwhile readiness tells the truth: it names what the relay waits for,
-/// and Postgres is probed so `"postgres"` says whether it is reachable.
-async fn wait_for_broker(sink: &AnySink, config: &Config, health: &Health, mut shutdown: Shutdown) -> bool {
+/// and Postgres is probed so `"postgres"` says whether it is reachable;
+/// `status` lists the relay as waiting (it holds no lanes yet, and does not
+/// count in anyone's fair share).
+async fn wait_for_broker(sink: &AnySink, relay: &Relay<AnySink>, config: &Config, health: &Health, mut shutdown: Shutdown) -> bool {
     let mut backoff = crate::relay::reconnect_backoff();
-    let mut postgres_checked = false;
+    let mut postgres: Option<crate::postgres::Connection> = None;
+    let mut announced = false;
     loop {
         match sink.reachable(Duration::from_secs(5)).await {
-            Ok(()) => return true,
+            Ok(()) => {
+                if let (Some(connection), true) = (&postgres, announced) {
+                    if let Err(e) = relay.stop_waiting(&connection.client).await {
+                        debug!(error = %e, "could not clear this relay's waiting entry; it expires by itself");
+                    }
+                }
+                return true;
+            }
             Err(error) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 warn!(%error, retry_in = ?delay, "{} is not reachable yet", sink.name());
                 health.set_waiting(Some(format!("{} is not reachable yet: {error}", sink.name())));
-                if !postgres_checked {
-                    // Once is enough: the relay reconnects by itself after the wait.
-                    let up = crate::postgres::connect(&config.postgres, "outbox-relay start-up probe").await.is_ok();
-                    health.set_postgres(up);
-                    postgres_checked = up;
+                if postgres.is_none() {
+                    // The relay reconnects by itself after the wait; this connection only reports.
+                    postgres = crate::postgres::connect(&config.postgres, "outbox-relay start-up probe").await.ok();
+                    health.set_postgres(postgres.is_some());
+                }
+                if let Some(connection) = &postgres {
+                    // Visible until a little after the next attempt, renewed on each one.
+                    match relay.announce_waiting(&connection.client, delay + Duration::from_secs(10)).await {
+                        Ok(()) => announced = true,
+                        Err(e) => debug!(error = %e, "this relay cannot show itself as waiting in status"),
+                    }
                 }
                 health.beat();
                 tokio::select! {

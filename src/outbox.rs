@@ -382,14 +382,17 @@ impl OutboxTable {
 
     /// SQL listing distinct (aggregate type, event type, topic column) among
     /// up to 10,000 unpublished rows: where pending events will go (`check`).
-    pub fn pending_topics_sql(&self) -> String {
+    /// With `route_by` (a column Debezium's router routes by), also that
+    /// column's value, fourth.
+    pub fn pending_topics_sql(&self, route_by: Option<&str>) -> String {
         let c = &self.columns;
         let text = |name: &str| if name.is_empty() { "NULL::text".to_owned() } else { format!("{}::text", quote_ident(name)) };
         format!(
-            "SELECT DISTINCT {}, {}, {} FROM (SELECT * FROM {} WHERE {} LIMIT 10000) s",
+            "SELECT DISTINCT {}, {}, {}, {} FROM (SELECT * FROM {} WHERE {} LIMIT 10000) s",
             text(&c.aggregate_type),
             text(&c.event_type),
             text(&c.topic),
+            text(route_by.unwrap_or_default()),
             self.name,
             self.unpublished_sql()
         )

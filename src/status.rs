@@ -50,7 +50,8 @@ pub struct RelayStatus {
     pub relay_id: String,
     /// Its process.
     pub instance: String,
-    /// `streaming` (holds the slot), `claiming` (holds lanes) or `standby`.
+    /// `streaming` (holds the slot), `claiming` (holds lanes), `standby`,
+    /// or `waiting` (running, but its broker was not reachable yet at start-up).
     pub role: &'static str,
     /// The lanes it holds (polling only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,12 +113,21 @@ pub async fn gather(config: &Config) -> Result<Status, PostgresError> {
         SourceMode::Poll => Resource::lanes_of(table::resolve(client, table).await?, config.replicas.lanes),
         SourceMode::Replication => Resource::slot(&config.source.replication.slot),
     };
+    // Relays that run but wait for their broker at start-up.
+    let waiting = holdings(client, &resource.waiting_room().name).await?;
     let holdings: Vec<Holding> = holdings(client, &resource.name).await?.into_iter().filter(|h| h.lane_count == resource.lanes).collect();
     let held: std::collections::BTreeSet<i32> = holdings.iter().flat_map(|r| r.lanes.iter().copied()).collect();
     let unheld_lanes: Vec<i32> = (0..resource.lanes).filter(|lane| !held.contains(lane)).collect();
-    let relays = holdings
+    let relays = waiting
         .into_iter()
         .map(|h| RelayStatus {
+            role: "waiting",
+            lanes: (!slot).then(Vec::new),
+            relay_id: h.relay_id,
+            instance: h.instance,
+            expires_in_seconds: h.expires_in_seconds,
+        })
+        .chain(holdings.into_iter().map(|h| RelayStatus {
             role: match (slot, h.lanes.is_empty()) {
                 (_, true) => "standby",
                 (true, false) => "streaming",
@@ -127,7 +137,7 @@ pub async fn gather(config: &Config) -> Result<Status, PostgresError> {
             relay_id: h.relay_id,
             instance: h.instance,
             expires_in_seconds: h.expires_in_seconds,
-        })
+        }))
         .collect();
     Ok(Status {
         table: config.source.table.clone(),
@@ -177,9 +187,11 @@ pub fn print(status: &Status) {
         let holds = match (relay.role, &relay.lanes) {
             ("streaming", _) => format!("streaming {}", status.coordinated_on),
             ("claiming", Some(lanes)) => format!("claiming {} lanes {}", lanes.len(), lane_ranges(lanes)),
+            ("waiting", _) => "waiting for the broker (start-up; see its /readyz)".to_owned(),
             _ => "standby".to_owned(),
         };
-        println!("relay {:<16} {holds} (lease renewed, expires in {:.1} s)", relay.relay_id, relay.expires_in_seconds);
+        let renewed = if relay.role == "waiting" { "entry renewed" } else { "lease renewed" };
+        println!("relay {:<16} {holds} ({renewed}, expires in {:.1} s)", relay.relay_id, relay.expires_in_seconds);
     }
     if let (Some(unheld), Some(lanes)) = (&status.unheld_lanes, status.lanes) {
         if !unheld.is_empty() {

@@ -339,8 +339,13 @@ async fn debezium_table_by_polling_with_a_seq_column() {
         .unwrap();
     let table = OutboxTable::from_config(&test_config(&s, "seq", PublishedMode::Delete)).unwrap();
     assert_eq!(position_column_problem(&client, &table).await.unwrap(), None);
-    // WHEN the application writes events and the relay polls
+    // WHEN the application writes events
     let written = write(&client, N, Kind::Jsonb, false).await;
+    // THEN check lists the topics the Event Router routes them to (which exist), not sink.topic's
+    let (_, out, err) = common::relay::cli(&["check"], &s.env);
+    let topics = out.lines().find(|l| l.contains("topics")).unwrap_or_default().to_owned();
+    assert!(topics.contains("[ ok ]") && topics.contains(&format!("{} topic(s)", AGGREGATE_TYPES.len())), "{out}\n{err}");
+    // AND the relay polls them
     let relay = RelayProcess::start(&["run"], &s.env);
     // THEN a Debezium consumer reads what the Event Router would have sent
     let records = consume(&s.broker.bootstrap(), N, Duration::from_secs(60));

@@ -169,6 +169,54 @@ async fn replication_never_confirms_the_slot_past_rows_it_has_not_marked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_marks_rows_whose_commit_was_streamed_before_it_was_visible() {
+    // GIVEN replication in mark mode, and a writer whose commit is in the WAL (so it is
+    // streamed) but not yet visible to other sessions: it waits for a synchronous
+    // standby that is not there. (On a loaded box the same moment happens on its own,
+    // between a backend flushing its commit and publishing it.)
+    let pg = ThrowawayPostgres::start().expect("start throwaway postgres");
+    let broker = TestBroker::start();
+    broker.create_topic("outbox.Order", 1);
+    let env = replication_env(&pg.url(), &broker.bootstrap(), "mark");
+    migrate_with(&env);
+    let client = connect(&pg.url()).await;
+    for statement in [
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = local', current_database()); END $$",
+        "ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'",
+        "SELECT pg_reload_conf()",
+    ] {
+        client.batch_execute(statement).await.expect("configure a missing synchronous standby");
+    }
+    let writer = connect(&pg.url()).await;
+    writer.batch_execute("SET synchronous_commit = on").await.unwrap();
+    let writer_pid: i32 = writer.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let relay = RelayProcess::start(&["run"], &env);
+    assert!(relay.wait_for_log("streaming from the replication slot", Duration::from_secs(30)), "{}", relay.log());
+    let commit = tokio::spawn(async move {
+        writer
+            .batch_execute(
+                "BEGIN; \
+                 INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+                 SELECT 'Order', 'A', 'OrderUpdated', jsonb_build_object('seq', g) FROM generate_series(0, 2) g; \
+                 COMMIT;",
+            )
+            .await
+    });
+
+    // WHEN the relay streams and publishes the rows before they are visible
+    let consumed = consume(&broker.bootstrap(), &["outbox.Order"], 3, Duration::from_secs(30));
+    assert_eq!(consumed.len(), 3, "{}", relay.log());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // THEN once the commit becomes visible (the writer stops waiting for the standby), the
+    // rows are marked: the relay did not settle them while it could not see them
+    client.execute("SELECT pg_cancel_backend($1)", &[&writer_pid]).await.unwrap();
+    commit.await.expect("writer task").expect("the commit completes locally");
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox.events").await, 3);
+    wait_all_published(&client, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_published_rows_in_replication_mode_too() {
     // GIVEN replication in mark mode with a one-second retention
     let pg = ThrowawayPostgres::start().expect("start throwaway postgres");

@@ -133,3 +133,29 @@ async fn none_mode_measures_the_backlog_from_the_slot_not_from_rows() {
     assert!(!metrics.contains("outbox_relay_oldest_unpublished_age_seconds"), "{metrics}");
     assert!(metrics.contains("outbox_relay_replication_slot_lag_bytes"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_a_relay_that_waits_for_its_broker_at_start_up() {
+    for mode in ["poll", "replication"] {
+        // GIVEN a migrated outbox, and nothing listening where the broker should be
+        let pg = ThrowawayPostgres::start().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut env = relay_env(&pg.url(), &format!("127.0.0.1:{closed}"));
+        env.push(("OUTBOX_RELAY_SOURCE__MODE", mode.into()));
+        migrate_with(&env);
+        // WHEN a relay starts and waits for the broker
+        let relay = RelayProcess::start(&["run"], &env);
+        // THEN status shows it running and waiting, not "none running", and no lane as its
+        let mut last = String::new();
+        let shown = wait_until(Duration::from_secs(20), || {
+            let (code, out, err) = cli(&["status", "--json"], &env);
+            last = format!("{code} {out} {err}");
+            let Ok(status) = serde_json::from_str::<serde_json::Value>(&out) else { return false };
+            let relays = status["relays"].as_array().cloned().unwrap_or_default();
+            relays.len() == 1 && relays[0]["role"] == "waiting"
+        });
+        assert!(shown, "{mode}: {last}\n{}", relay.log());
+        let (_, text, _) = cli(&["status"], &env);
+        assert!(text.contains("waiting for the broker") && !text.contains("none running"), "{mode}: {text}");
+    }
+}

@@ -159,6 +159,32 @@ impl Resource {
     pub fn slot(slot: &str) -> Resource {
         Resource { name: format!("slot:{slot}"), lanes: 1, share: false }
     }
+
+    /// Where a relay that runs but cannot take work yet (its broker is not
+    /// reachable at start-up) shows itself: a resource of its own, so it is
+    /// visible to `status` but never counted in the fair share of lanes.
+    pub fn waiting_room(&self) -> Resource {
+        Resource { name: format!("{WAITING_ROOM}{}", self.name), lanes: self.lanes, share: false }
+    }
+}
+
+/// Prefix of [`Resource::waiting_room`] names.
+const WAITING_ROOM: &str = "waiting:";
+
+/// Shows `me` as running but waiting (see [`Resource::waiting_room`]) for
+/// `expires_after`; renew before then.
+pub async fn announce_waiting(
+    client: &tokio_postgres::Client,
+    resource: &Resource,
+    me: &Identity,
+    expires_after: Duration,
+) -> Result<(), PostgresError> {
+    store::heartbeat(client, &resource.waiting_room(), me, expires_after).await
+}
+
+/// Stops showing `me` as waiting: it joins the real resource now.
+pub async fn stop_waiting(client: &tokio_postgres::Client, resource: &Resource, me: &Identity) -> Result<(), PostgresError> {
+    store::leave(client, &resource.waiting_room(), me).await
 }
 
 /// This relay process, as the lease table knows it.

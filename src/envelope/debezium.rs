@@ -167,6 +167,20 @@ impl Debezium {
         Ok(Debezium { route_by, topic, tombstone_on_empty: config.route_tombstone_on_empty_payload, placements })
     }
 
+    /// The outbox column `route_by_field` names (what `check` reads to list
+    /// the topics pending events go to).
+    pub fn route_column<'a>(&self, columns: &'a ColumnMapping) -> &'a str {
+        configured(self.route_by, columns)
+    }
+
+    /// The topic for an event whose routing column holds `routed`.
+    pub fn topic_for(&self, routed: &str) -> String {
+        match &self.topic {
+            (before, Some(after)) => format!("{before}{routed}{after}"),
+            (whole, None) => whole.clone(),
+        }
+    }
+
     /// The message Debezium's Event Router would produce for `event`.
     pub fn to_message(&self, event: &OutboxEvent) -> Result<OutgoingMessage, EnvelopeError> {
         let topic = match &event.topic {
@@ -175,10 +189,7 @@ impl Debezium {
                 let routed = value(self.route_by, event).ok_or_else(|| EnvelopeError::Encode(
                     "the envelope.debezium.route_by_field column is NULL: write a value, or route by another column".into(),
                 ))?;
-                match &self.topic {
-                    (before, Some(after)) => format!("{before}{routed}{after}"),
-                    (whole, None) => whole.clone(),
-                }
+                self.topic_for(&routed)
             }
         };
         if !is_valid_topic_for_some_sink(&topic) {

@@ -31,7 +31,8 @@ use crate::event::RawRow;
 use crate::failure::{self, DeadLetter, FailedRow};
 use crate::retention;
 use crate::settle::Ledger;
-use crate::coordination::{CoordinationError, Identity};
+use crate::coordination::{CoordinationError, Identity, Resource};
+use crate::source::table;
 use crate::envelope::{EnvelopeMapper, TopicTemplate};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -140,6 +141,28 @@ impl<S: Sink> Relay<S> {
             blocked: Blocked::default(),
             blocked_behind_lsn: 0,
         })
+    }
+
+    /// What this relay coordinates on: the outbox table's lanes, or the slot.
+    async fn resource(&self, client: &tokio_postgres::Client) -> Result<Resource, RelayError> {
+        Ok(match self.config.source.mode {
+            SourceMode::Poll => Resource::lanes_of(table::resolve(client, self.table.name()).await?, self.config.replicas.lanes),
+            SourceMode::Replication => Resource::slot(&self.config.source.replication.slot),
+        })
+    }
+
+    /// Start-up cannot take work yet (the broker is unreachable): show this
+    /// relay in `status` as running and waiting, for `expires_after`.
+    /// Without the lease tables (not migrated yet) it stays invisible.
+    pub async fn announce_waiting(&self, client: &tokio_postgres::Client, expires_after: Duration) -> Result<(), RelayError> {
+        let resource = self.resource(client).await?;
+        Ok(crate::coordination::announce_waiting(client, &resource, &self.identity, expires_after).await?)
+    }
+
+    /// Start-up stopped waiting: the relay now joins as a member.
+    pub async fn stop_waiting(&self, client: &tokio_postgres::Client) -> Result<(), RelayError> {
+        let resource = self.resource(client).await?;
+        Ok(crate::coordination::stop_waiting(client, &resource, &self.identity).await?)
     }
 
     /// Runs sessions until shutdown; errors are logged and retried.

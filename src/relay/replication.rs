@@ -56,6 +56,8 @@ struct PendingBatch {
     keys: HashMap<i64, Option<EventKey>>,
     /// The highest commit LSN of the transactions the batch's events belong to.
     final_lsn: u64,
+    /// Transactions (ids as pgoutput's Begin carries them) of the batch's rows.
+    xids: Vec<u32>,
 }
 
 /// Events read from the stream and not yet handed to the stage.
@@ -69,9 +71,18 @@ struct Building {
     commit_lsn: Option<u64>,
     /// When the batch must be sent even if not full.
     send_by: Option<Instant>,
+    /// Transactions the batch's rows belong to (see [`MarkJob::xids`]).
+    xids: Vec<u32>,
 }
 
 impl Building {
+    /// The row just pushed belongs to transaction `xid`.
+    fn row_of(&mut self, xid: u32) {
+        if self.xids.last() != Some(&xid) {
+            self.xids.push(xid);
+        }
+    }
+
     /// Adds one decoded change of the transaction committing at `txn`;
     /// an event the broker already acknowledged (`ledger`) is only marked.
     fn push(&mut self, decoded: Decoded, txn: u64, ledger: &Ledger) {
@@ -117,6 +128,11 @@ struct MarkJob {
     failed: Vec<Rejected>,
     /// Rows whose event went to the dead-letter topic, to stamp as done.
     dead_lettered: Vec<i64>,
+    /// The transactions those rows were written by. A commit reaches the WAL,
+    /// and so the stream, a moment before other sessions can see it: a
+    /// statement in that moment misses the rows, so a short count waits for
+    /// these to become visible and runs again.
+    xids: Vec<u32>,
 }
 
 /// Marks rows off the streaming loop, coalescing queued jobs into one
@@ -138,31 +154,33 @@ impl Marker {
         let (jobs, mut incoming) = mpsc::channel::<MarkJob>(capacity * 4);
         let (done_tx, done) = mpsc::channel(capacity * 4);
         let task = tokio::spawn(async move {
+            let client = &connection.client;
             while let Some(first) = incoming.recv().await {
                 let mut batch = vec![first];
                 while let Ok(job) = incoming.try_recv() {
                     batch.push(job);
                 }
+                let xids: Vec<u32> = batch.iter().flat_map(|j| j.xids.iter().copied()).collect();
                 let rows: Vec<i64> = batch.iter().flat_map(|j| j.rows.iter().copied()).collect();
                 let failed: Vec<&Rejected> = batch.iter().flat_map(|j| j.failed.iter()).collect();
                 if !rows.is_empty() {
-                    if let Err(e) = connection.client.execute(queries.checkpoint_sql(), &[&rows]).await {
-                        error!(error = %postgres::describe(&e), "marking published rows failed");
+                    if let Err(e) = execute_visible(client, queries.checkpoint_sql(), &[&rows], rows.len(), &xids).await {
+                        error!(error = %e, "marking published rows failed");
                         return;
                     }
                 }
                 if let (Some(sql), false) = (queries.record_failures_sql(), failed.is_empty()) {
                     let positions: Vec<i64> = failed.iter().map(|f| f.position).collect();
                     let reasons: Vec<&str> = failed.iter().map(|f| f.reason.as_str()).collect();
-                    if let Err(e) = connection.client.execute(sql, &[&positions, &reasons]).await {
-                        error!(error = %postgres::describe(&e), "recording failed rows failed");
+                    if let Err(e) = execute_visible(client, sql, &[&positions, &reasons], positions.len(), &xids).await {
+                        error!(error = %e, "recording failed rows failed");
                         return;
                     }
                 }
                 let dead: Vec<i64> = batch.iter().flat_map(|j| j.dead_lettered.iter().copied()).collect();
                 if !dead.is_empty() {
-                    if let Err(e) = connection.client.execute(queries.dead_lettered_sql(), &[&dead]).await {
-                        error!(error = %postgres::describe(&e), "stamping dead-lettered rows failed");
+                    if let Err(e) = execute_visible(client, queries.dead_lettered_sql(), &[&dead], dead.len(), &xids).await {
+                        error!(error = %e, "stamping dead-lettered rows failed");
                         return;
                     }
                 }
@@ -173,6 +191,41 @@ impl Marker {
         });
         Marker { jobs, done, task }
     }
+}
+
+/// How long a statement on streamed rows waits for their transactions to
+/// become visible. Normally microseconds; a writer descheduled between
+/// flushing its commit and publishing it can take longer on a loaded box.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Runs `sql` over `expected` streamed rows. If it touched fewer, some may
+/// belong to a transaction whose commit was streamed but is not visible yet
+/// (rows deleted since, e.g. by their own transaction, are simply gone):
+/// waits for `xids` to become visible, then runs it once more.
+async fn execute_visible(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    expected: usize,
+    xids: &[u32],
+) -> Result<(), String> {
+    let touched = client.execute(sql, params).await.map_err(|e| postgres::describe(&e))?;
+    if touched as usize >= expected {
+        return Ok(());
+    }
+    match replication::wait_visible(client, xids, VISIBLE_WITHIN).await {
+        Ok(true) => {}
+        // Settling now could confirm the slot past rows never marked: end the
+        // session instead; the rows are streamed (and marked) again.
+        Ok(false) => {
+            return Err(format!(
+                "transactions {xids:?} streamed from the slot are still not visible after {VISIBLE_WITHIN:?}; restarting from the slot"
+            ))
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    client.execute(sql, params).await.map_err(|e| postgres::describe(&e))?;
+    Ok(())
 }
 
 /// What the operator reads when replication stops at an event it cannot publish.
@@ -396,6 +449,8 @@ impl<S: Sink> Relay<S> {
         let mut next_sequence = 0u64;
         let mut in_transaction = false;
         let mut txn = 0u64;
+        // The transaction being read (pgoutput's 32-bit id).
+        let mut xid = 0u32;
         let mut commit_time = chrono::Utc::now();
         let mut last_keepalive = 0u64;
         let mut drain_deadline: Option<Instant> = None;
@@ -529,9 +584,10 @@ impl<S: Sink> Relay<S> {
                         WalMessage::XLogData { data, .. } => {
                             let mut alone = false;
                             match Logical::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
-                                Logical::Begin { final_lsn, commit_time: time, .. } => {
+                                Logical::Begin { final_lsn, commit_time: time, xid: begun } => {
                                     in_transaction = true;
                                     txn = final_lsn;
+                                    xid = begun;
                                     commit_time = pg_time(time);
                                 }
                                 Logical::Commit { end_lsn, .. } => {
@@ -546,6 +602,7 @@ impl<S: Sink> Relay<S> {
                                 Logical::Insert { oid, values } => {
                                     let decoded = decoder.insert(oid, &values, commit_time);
                                     alone = self.push_change(&mut building, decoded, txn, true, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
+                                    building.row_of(xid);
                                 }
                                 Logical::Message { prefix, content, lsn, transactional } => {
                                     let time = if transactional { commit_time } else { chrono::Utc::now() };
@@ -618,7 +675,13 @@ impl<S: Sink> Relay<S> {
         self.metrics.batch_size.observe(done.batch.len() as f64);
         self.metrics.events_in_flight.add(done.batch.len() as i64);
         progress.open(done.batch.sequence, done.commit_lsn);
-        pending.push_back(PendingBatch { sequence: done.batch.sequence, rows: done.rows, keys: done.keys, final_lsn: done.final_lsn });
+        pending.push_back(PendingBatch {
+            sequence: done.batch.sequence,
+            rows: done.rows,
+            keys: done.keys,
+            final_lsn: done.final_lsn,
+            xids: done.xids,
+        });
         batches.send(done.batch).await.map_err(|_| RelayError::StageStopped)
     }
 
@@ -647,7 +710,7 @@ impl<S: Sink> Relay<S> {
             self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
         }
         let rows: HashSet<i64> = batch.rows.iter().copied().collect();
-        let mut job = MarkJob { sequence: batch.sequence, ..MarkJob::default() };
+        let mut job = MarkJob { sequence: batch.sequence, xids: batch.xids, ..MarkJob::default() };
         if !rows.is_empty() {
             job.rows = plan.mark.iter().copied().filter(|p| rows.contains(p)).collect();
         }

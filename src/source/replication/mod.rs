@@ -26,6 +26,7 @@ pub mod pgoutput;
 pub mod wire;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -272,6 +273,40 @@ pub async fn setup(client: &Client, config: &Config) -> Result<Vec<String>, Post
         done.push(format!("created replication slot {}", r.slot));
     }
     Ok(done)
+}
+
+/// `$1::int8[]` transaction ids as pgoutput's Begin carries them (32 bits):
+/// true when every one is visible to a new snapshot. Each id is widened to
+/// the full 64-bit id nearest the snapshot's xmax (a streamed transaction is
+/// recent), so the test holds across epoch wraparound.
+const TRANSACTIONS_VISIBLE_SQL: &str = "\
+    SELECT coalesce(bool_and(pg_visible_in_snapshot((s.xmax + CASE WHEN d >= 2147483648 THEN d - 4294967296 ELSE d END)::text::xid8, s.snap)), true) \
+    FROM (SELECT pg_current_snapshot() AS snap, pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS xmax) s, \
+         LATERAL (SELECT ((x - s.xmax % 4294967296) % 4294967296 + 4294967296) % 4294967296 AS d FROM unnest($1::int8[]) AS x) w";
+
+/// Waits until the transactions `xids` are visible to new snapshots, at
+/// most `timeout`; false if they are still not. A commit is flushed to the
+/// WAL (and streamed) just before the committing backend makes it visible,
+/// so a statement on its rows can, for a moment, not see them.
+pub async fn wait_visible(client: &Client, xids: &[u32], timeout: Duration) -> Result<bool, PostgresError> {
+    let ids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let visible: bool = client
+            .query_one(TRANSACTIONS_VISIBLE_SQL, &[&ids])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| PostgresError::query("waiting for streamed transactions to become visible", &e))?;
+        if visible {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
 }
 
 /// The START_REPLICATION command for this configuration.
