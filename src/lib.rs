@@ -12,11 +12,13 @@
 //! failure     the failure vocabulary (FailureKind, FailedRow) and dead letters
 //! settle      the settlement core: a batch outcome + the failure policy -> marks, dead letters, retries, or the session's end
 //! relay/      sessions (poll.rs, replication.rs): capture -> publish -> checkpoint, reconnect, drain
+//! coordination/  several relays on one outbox: members, lane and slot leases in Postgres, fair shares (quota.rs)
 //! retention   deletes published rows past retention (mark mode)
 //! outbox      the outbox table: its name, column mapping and every statement on it
 //! migrate     applies sql/ migrations
 //! postgres    connections, NOTIFY, operator-friendly errors
-//! tls         sslmode over rustls (ring) for tokio-postgres and the replication client
+//! tls/        sslmode over rustls (ring) for tokio-postgres and the replication client: connection strings,
+//!             sslmode policy, the certificate verifier, channel binding, error explanations
 //! startup     the configuration checks that need the feature modules (config stays the bottom layer)
 //! config      figment: defaults < TOML < OUTBOX_RELAY_* env, validation
 //! metrics     Prometheus counters, gauges, histograms
