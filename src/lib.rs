@@ -8,7 +8,7 @@
 //! envelope/   OutboxEvent -> message: topic template, key, headers, native v1 JSON or CloudEvents
 //! sink/       brokers: kafka.rs (idempotent librdkafka producer), pubsub/ (REST, ordering keys)
 //! pipeline    publish stage: enqueue batches, return outcomes in claim order
-//! blocking    failures.policy = "block": hold an aggregate back behind its failed event
+//! holdback    failures.policy = "block": hold an aggregate back behind its failed event
 //! failure     the failure vocabulary (FailureKind, FailedRow) and dead letters
 //! settle      the settlement core: a batch outcome + the failure policy -> marks, dead letters, retries, or the session's end
 //! relay/      sessions (poll.rs, replication.rs): capture -> publish -> checkpoint, reconnect, drain
@@ -32,7 +32,6 @@
 //! demo/       zero-setup demo: throwaway Postgres + librdkafka mock cluster
 //! ```
 
-pub mod blocking;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -42,6 +41,7 @@ pub mod envelope;
 pub mod event;
 pub mod failure;
 pub mod health;
+pub mod holdback;
 pub mod http;
 pub mod metrics;
 pub mod migrate;
