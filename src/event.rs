@@ -1,5 +1,5 @@
 //! One captured outbox event, decoded and validated, independent of how it
-//! was captured (polling today, logical replication later).
+//! was captured (polling the table, or logical replication from a slot).
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;

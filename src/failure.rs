@@ -49,7 +49,7 @@ pub enum FailureKind {
     /// The broker refused it for good (too large, not authorized...).
     BrokerPermanent,
     /// Too many aggregates are blocked to hold back one more: the session
-    /// stops and retries (see [`crate::blocking::MAX_BLOCKED`]).
+    /// stops and retries (see [`crate::holdback::MAX_BLOCKED`]).
     TooManyBlocked,
 }
 

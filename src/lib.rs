@@ -8,15 +8,17 @@
 //! envelope/   OutboxEvent -> message: topic template, key, headers, native v1 JSON or CloudEvents
 //! sink/       brokers: kafka.rs (idempotent librdkafka producer), pubsub/ (REST, ordering keys)
 //! pipeline    publish stage: enqueue batches, return outcomes in claim order
-//! blocking    failures.policy = "block": hold an aggregate back behind its failed event
+//! holdback    failures.policy = "block": hold an aggregate back behind its failed event
 //! failure     the failure vocabulary (FailureKind, FailedRow) and dead letters
 //! settle      the settlement core: a batch outcome + the failure policy -> marks, dead letters, retries, or the session's end
 //! relay/      sessions (poll.rs, replication.rs): capture -> publish -> checkpoint, reconnect, drain
+//! coordination/  several relays on one outbox: members, lane and slot leases in Postgres, fair shares (quota.rs)
 //! retention   deletes published rows past retention (mark mode)
 //! outbox      the outbox table: its name, column mapping and every statement on it
 //! migrate     applies sql/ migrations
 //! postgres    connections, NOTIFY, operator-friendly errors
-//! tls         sslmode over rustls (ring) for tokio-postgres and the replication client
+//! tls/        sslmode over rustls (ring) for tokio-postgres and the replication client: connection strings,
+//!             sslmode policy, the certificate verifier, channel binding, error explanations
 //! startup     the configuration checks that need the feature modules (config stays the bottom layer)
 //! config      figment: defaults < TOML < OUTBOX_RELAY_* env, validation
 //! metrics     Prometheus counters, gauges, histograms
@@ -30,7 +32,6 @@
 //! demo/       zero-setup demo: throwaway Postgres + librdkafka mock cluster
 //! ```
 
-pub mod blocking;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -40,6 +41,7 @@ pub mod envelope;
 pub mod event;
 pub mod failure;
 pub mod health;
+pub mod holdback;
 pub mod http;
 pub mod metrics;
 pub mod migrate;

@@ -17,7 +17,7 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::blocking::Blocked;
+use crate::holdback::Blocked;
 use crate::coordination::Fence;
 use crate::failure::{DeadLetter, FailedRow, FailureKind};
 use crate::envelope::EnvelopeMapper;
@@ -45,7 +45,7 @@ pub struct BatchOutcome {
 
 /// Runs until `batches` closes and every enqueued batch has an outcome.
 /// With `blocked`, later events of an aggregate whose event failed are held
-/// back (see [`crate::blocking`]). A batch is sent only while `fence` holds.
+/// back (see [`crate::holdback`]). A batch is sent only while `fence` holds.
 #[allow(clippy::too_many_arguments)]
 pub async fn publish_stage<S: Sink>(
     sink: Arc<S>,

@@ -7,8 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::relay::{connect, migrate, relay_env, RelayProcess};
-use common::{consume, TestBroker};
-use outbox_relay::demo::postgres::ThrowawayPostgres;
+use common::{consume, TestBroker, ThrowawayPostgres};
 
 fn run_with(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));

@@ -14,9 +14,8 @@ use rdkafka::message::{Headers, Message, Timestamp};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use common::relay::{connect, RelayProcess};
-use common::TestBroker;
+use common::{TestBroker, ThrowawayPostgres};
 use outbox_relay::config::{Config, PublishedMode};
-use outbox_relay::demo::postgres::ThrowawayPostgres;
 use outbox_relay::outbox::{deleted_by_others_problem, position_column_problem, OutboxTable};
 
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";

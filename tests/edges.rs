@@ -8,15 +8,12 @@
 //! `scenario | io_timeout | recovery | lost | duplicates | order violations`.
 
 mod common;
-#[path = "common/proxy.rs"]
-mod proxy;
 
 use std::time::{Duration, Instant};
 
+use common::proxy::Proxy;
 use common::relay::{connect, migrate, relay_env, unpublished, verify, wait_all_published_or, RelayProcess};
-use common::{consume, TestBroker};
-use outbox_relay::demo::postgres::ThrowawayPostgres;
-use proxy::Proxy;
+use common::{consume, TestBroker, ThrowawayPostgres};
 
 const TOPIC: &str = "outbox.Order";
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
@@ -192,7 +189,7 @@ async fn prepare_transaction_works_unless_the_notify_trigger_is_wanted() {
         let client = connect(&pg.url()).await;
         client.batch_execute("ALTER SYSTEM SET max_prepared_transactions = 5").await.expect("enable prepared transactions");
     }
-    pg.stop(outbox_relay::demo::postgres::StopMode::Fast).expect("stop postgres");
+    pg.stop(common::StopMode::Fast).expect("stop postgres");
     pg.start_again().expect("restart postgres");
     let url = pg.url();
     let base = relay_env(&url, "127.0.0.1:9");

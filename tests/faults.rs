@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::relay::{connect, metric_sum, relay_env, verify, wait_all_published, RelayProcess};
-use common::{consume, Consumed, TestBroker};
-use outbox_relay::demo::postgres::{StopMode, ThrowawayPostgres};
+use common::relay::{check_order, connect, metric_sum, relay_env, verify, wait_all_published, Numbering, RelayProcess};
+use common::{consume, Consumed, StopMode, TestBroker, ThrowawayPostgres};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -68,27 +67,6 @@ async fn write_seqs(url: &str, aggregates: usize, seqs: std::ops::RangeInclusive
             }
         }
     }
-}
-
-/// Per key, the first-seen `payload.seq` must only grow (gaps allowed).
-fn order_violations(consumed: &[Consumed]) -> usize {
-    let mut last: HashMap<Vec<u8>, i64> = HashMap::new();
-    let mut seen = HashSet::new();
-    let mut violations = 0;
-    for m in consumed {
-        let value: serde_json::Value = serde_json::from_slice(&m.value).expect("envelope is JSON");
-        let Some(seq) = value["payload"]["seq"].as_i64() else { continue };
-        let key = m.key.clone().unwrap_or_default();
-        if !seen.insert((key.clone(), seq)) {
-            continue;
-        }
-        if let Some(previous) = last.insert(key, seq) {
-            if seq <= previous {
-                violations += 1;
-            }
-        }
-    }
-    violations
 }
 
 fn event_ids(consumed: &[Consumed]) -> HashSet<String> {
@@ -356,7 +334,7 @@ async fn permanent_produce_errors_dead_letter_the_affected_events_and_the_rest_f
         assert!(value["error"].as_str().unwrap().to_lowercase().contains("too large"), "{value}");
     }
     assert_eq!(lost, 0, "{}", relay.log());
-    assert_eq!(order_violations(&consumed), 0);
+    assert_eq!(check_order(&consumed, Numbering::Increasing).order_violations, 0);
 }
 
 in_both_modes!(postgres_restarts_and_terminated_connections_lose_nothing: postgres_restarts_poll, postgres_restarts_replication);

@@ -1,14 +1,15 @@
 //! Proves the test harness itself works before anything relies on it: the
 //! throwaway Postgres (start, fast stop, crash stop, restarts) and the tansu
-//! broker with an idempotent producer and the `consume` helper.
+//! broker with an idempotent producer and the `consume` helper, and the
+//! order checker every delivery test trusts.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{consume, TestBroker};
-use outbox_relay::demo::postgres::{StopMode, ThrowawayPostgres};
+use common::relay::{check_order, verify, Numbering};
+use common::{consume, Consumed, StopMode, TestBroker, ThrowawayPostgres};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
@@ -124,4 +125,49 @@ async fn tansu_takes_1000_idempotent_messages_and_consume_reads_them_in_key_orde
     let after =
         tokio::task::spawn_blocking(move || consume(&bootstrap, &["selftest"], 0, Duration::from_secs(10))).await.unwrap();
     assert!(after.is_empty());
+}
+
+/// A message of aggregate `order-{aggregate}` with `payload.seq = seq`, at `offset` of one partition.
+fn message(aggregate: usize, seq: i64, offset: i64) -> Consumed {
+    let key = format!("order-{aggregate}");
+    let value = serde_json::json!({"event_id": format!("{aggregate}-{seq}"), "aggregate_id": key, "payload": {"seq": seq}});
+    Consumed {
+        topic: "outbox.Order".into(),
+        partition: 0,
+        offset,
+        key: Some(key.into_bytes()),
+        value: serde_json::to_vec(&value).unwrap(),
+        headers: Vec::new(),
+        timestamp_ms: None,
+    }
+}
+
+fn messages(sequence: &[(usize, i64)]) -> Vec<Consumed> {
+    sequence.iter().enumerate().map(|(offset, &(aggregate, seq))| message(aggregate, seq, offset as i64)).collect()
+}
+
+#[test]
+fn the_order_checker_is_strict_for_contiguous_numbering_and_allows_gaps_only_when_told() {
+    // GIVEN two aggregates delivered in order, 1..=3 each, interleaved
+    let clean = messages(&[(0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3)]);
+    let verdict = verify(&clean, 2, 3);
+    assert_eq!((verdict.unique, verdict.lost, verdict.duplicates, verdict.order_violations), (6, 0, 0, 0));
+
+    // WHEN one aggregate's events swap, THEN both numberings call it a violation
+    let swapped = messages(&[(0, 1), (1, 1), (0, 3), (1, 2), (0, 2), (1, 3)]);
+    assert!(verify(&swapped, 2, 3).order_violations > 0);
+    assert!(check_order(&swapped, Numbering::Increasing).order_violations > 0);
+
+    // WHEN an earlier event is delivered again, THEN it is a duplicate, not a violation
+    let mut again = clean;
+    again.push(message(0, 2, 6));
+    let verdict = verify(&again, 2, 3);
+    assert_eq!((verdict.duplicates, verdict.order_violations), (1, 0));
+
+    // WHEN numbers skip (one counter shared by all aggregates), THEN only
+    // the contiguous rule objects; a missing event is loss either way
+    let gaps = messages(&[(0, 1), (1, 2), (0, 3), (1, 4)]);
+    assert_eq!(check_order(&gaps, Numbering::Increasing).order_violations, 0);
+    assert!(check_order(&gaps, Numbering::Contiguous).order_violations > 0);
+    assert_eq!(verify(&messages(&[(0, 1), (0, 2), (1, 1)]), 2, 2).lost, 1);
 }

@@ -4,24 +4,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::relay::{cli, connect, http_get, metric_sum, migrate, relay_env, wait_all_published, write_events, RelayProcess};
-use common::{consume, TestBroker};
-use outbox_relay::demo::postgres::{StopMode, ThrowawayPostgres};
+use common::relay::{
+    cli, connect, http_get, metric_sum, migrate, relay_env, wait_all_published, wait_until, write_events, RelayProcess,
+};
+use common::{consume, StopMode, TestBroker, ThrowawayPostgres};
 
 const TOPIC: &str = "outbox.Order";
-
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_each_event_once_and_backlog_drains_to_zero() {

@@ -8,19 +8,18 @@
 //! order checker is itself tested on a deliberately reordered sequence.
 
 mod common;
-#[path = "common/pubsub.rs"]
-mod pubsub_harness;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::relay::{connect, http_get, unpublished, verify, wait_all_published, write_events, RelayProcess, Verdict};
-use common::Consumed;
-use outbox_relay::demo::postgres::ThrowawayPostgres;
-use pubsub_harness::{PubSubClient, PubSubEmulator, Received};
+use common::cloudevents::{assert_round_trip, expected_attributes, hex, parse_with_sdk, row_for, write_sample_events, Row};
+use common::pubsub::{PubSubClient, PubSubEmulator, Received};
+use common::relay::{
+    connect, http_get, published, unpublished, verify, wait_all_published, wait_published_at_least, write_events, RelayProcess,
+    Verdict,
+};
+use common::{Consumed, ThrowawayPostgres};
 use serde_json::{json, Value};
 
 /// Project ids need at least 6 characters on the emulator.
@@ -126,18 +125,6 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-async fn published_count(client: &tokio_postgres::Client) -> i64 {
-    client.query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NOT NULL", &[]).await.unwrap().get(0)
-}
-
-async fn wait_published_at_least(client: &tokio_postgres::Client, n: i64, timeout: Duration, relay: &RelayProcess) {
-    let deadline = Instant::now() + timeout;
-    while published_count(client).await < n {
-        assert!(Instant::now() < deadline, "fewer than {n} published after {timeout:?}; log:\n{}", tail(&relay.log()));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[test]
 fn order_checker_catches_a_reordered_aggregate() {
     // GIVEN a perfect delivery of 3 aggregates x 4 events, as pulled messages
@@ -223,9 +210,9 @@ async fn survives_sigkill(mode: Mode) {
     let writer = tokio::spawn(async move { write_events(&url, AGGREGATES, PER_AGGREGATE, 4, Duration::from_millis(2)).await });
 
     // WHEN it is killed with SIGKILL part-way and started again
-    wait_published_at_least(&db, 2000, Duration::from_secs(120), &relay).await;
+    wait_published_at_least(&db, 2000, Duration::from_secs(120), || tail(&relay.log())).await;
     relay.kill();
-    let at_kill = published_count(&db).await;
+    let at_kill = published(&db).await;
     let relay = RelayProcess::start(&["run"], &s.env);
     writer.await.unwrap();
     wait_all_published(&db, Duration::from_secs(180)).await;
@@ -259,18 +246,18 @@ async fn survives_a_frozen_emulator(mode: Mode) {
     let http = relay.http_address(Duration::from_secs(30));
     let url = s.pg.url();
     let writer = tokio::spawn(async move { write_events(&url, AGGREGATES, PER_AGGREGATE, 4, Duration::from_millis(3)).await });
-    wait_published_at_least(&db, 1500, Duration::from_secs(120), &relay).await;
+    wait_published_at_least(&db, 1500, Duration::from_secs(120), || tail(&relay.log())).await;
 
     // WHEN the emulator is frozen for 15 s
     s.emulator.freeze();
-    let frozen_at = published_count(&db).await;
+    let frozen_at = published(&db).await;
     let freeze_ends = Instant::now() + Duration::from_secs(15);
     let mut saw_not_ready = false;
     while Instant::now() < freeze_ends {
         saw_not_ready |= http_get(&http, "/readyz").0 == 503;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let during = published_count(&db).await;
+    let during = published(&db).await;
     s.emulator.thaw();
 
     // THEN the relay retried (and said so), readiness failed while frozen,
@@ -503,7 +490,7 @@ async fn check_passes_and_sigterm_drains_and_exits_0() {
 
     // WHEN the relay is asked to stop with SIGTERM while publishing
     let mut relay = RelayProcess::start(&["run"], &s.env);
-    wait_published_at_least(&db, 1, Duration::from_secs(60), &relay).await;
+    wait_published_at_least(&db, 1, Duration::from_secs(60), || tail(&relay.log())).await;
     relay.signal(libc::SIGTERM);
 
     // THEN it exits 0 and everything it acknowledged is marked; a restart publishes the rest
@@ -517,83 +504,6 @@ async fn check_passes_and_sigterm_drains_and_exits_0() {
 }
 
 // ---------------------------------------------------------------- CloudEvents
-
-/// The SDK release the tests parse with (same as tests/cloudevents.rs).
-const CLOUDEVENTS_SDK: &str = "2.2.0";
-const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-/// One outbox row as the relay reads it.
-#[derive(Debug)]
-struct Row {
-    event_id: String,
-    aggregate_id: String,
-    event_type: String,
-    event_version: i32,
-    payload: String,
-    headers: String,
-    actor: Option<String>,
-    traceparent: Option<String>,
-    created: String,
-}
-
-impl Row {
-    fn header_field(&self, name: &str) -> Option<Value> {
-        serde_json::from_str::<Value>(&self.headers).unwrap().get(name).cloned()
-    }
-}
-
-/// aggregate_id, event_type, payload, event_version, headers, actor, traceparent.
-type SampleEvent<'a> = (&'a str, &'a str, &'a str, i32, &'a str, Option<&'a str>, Option<&'a str>);
-
-/// Events covering optional attributes present and absent, several event
-/// versions and each JSON kind of payload.
-async fn write_sample_events(pg_url: &str) -> Vec<Row> {
-    let client = connect(pg_url).await;
-    let enqueue = "SELECT outbox.enqueue('Order', $1, $2, $3::text::jsonb, $4, $5::text::jsonb, $6, $7)";
-    let events: [SampleEvent<'_>; 5] = [
-        (
-            "ord-1",
-            "OrderPlaced",
-            r#"{"order_id": 1, "note": "ünïcode ✓ \"quoted\" 100%"}"#,
-            2,
-            r#"{"tenant": "acme", "tracestate": "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE", "shard": 3}"#,
-            Some("user:1017"),
-            Some(TRACEPARENT),
-        ),
-        ("ord-1", "OrderPaid", "[1, 2, 3]", 1, "{}", None, None),
-        ("ord-2", "OrderNoted", r#""just a string""#, 1, r#"{"tenant": "glo bex%"}"#, Some("svc:billing"), Some(TRACEPARENT)),
-        ("ord-3", "OrderCancelled", r#"{"nested": {"a": [true, null, 1.5]}}"#, 3, r#"{"tenant": null}"#, None, None),
-        ("ord-3", "OrderArchived", "42", 1, "{}", Some(""), None),
-    ];
-    for (aggregate_id, event_type, payload, version, headers, actor, traceparent) in events {
-        client
-            .execute(enqueue, &[&aggregate_id, &event_type, &payload, &version, &headers, &actor, &traceparent])
-            .await
-            .expect("enqueue event");
-    }
-    client
-        .query(
-            "SELECT event_id::text, aggregate_id, event_type, event_version, payload::text, headers::text, actor, traceparent, \
-                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
-             FROM outbox.events ORDER BY id",
-            &[],
-        )
-        .await
-        .expect("read rows back")
-        .iter()
-        .map(|r| Row {
-            event_id: r.get(0),
-            aggregate_id: r.get(1),
-            event_type: r.get(2),
-            event_version: r.get(3),
-            payload: r.get(4),
-            headers: r.get(5),
-            actor: r.get(6),
-            traceparent: r.get(7),
-            created: r.get(8),
-        })
-        .collect()
-}
 
 /// Relays the sample events with `extra` settings and pulls them back.
 async fn relay_samples(extra: &[(&'static str, &str)]) -> (Vec<Row>, Vec<Received>) {
@@ -613,109 +523,10 @@ async fn relay_samples(extra: &[(&'static str, &str)]) -> (Vec<Row>, Vec<Receive
     (rows, received)
 }
 
-fn row_for<'r>(rows: &'r [Row], event_id: &str) -> &'r Row {
-    rows.iter().find(|r| r.event_id == event_id).unwrap_or_else(|| panic!("no row with event_id {event_id}"))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `.tools/pyce` with the CloudEvents SDK (installed with pip on first use,
-/// the way tests/cloudevents.rs does).
-fn pyce_dir() -> PathBuf {
-    let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools");
-    let dir = tools.join("pyce");
-    if dir.join(format!("cloudevents-{CLOUDEVENTS_SDK}.dist-info")).is_dir() {
-        return dir;
-    }
-    let staging = tools.join(format!("pyce.installing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&tools).expect("create .tools");
-    let output = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "--target"])
-        .arg(&staging)
-        .arg(format!("cloudevents=={CLOUDEVENTS_SDK}"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run `python3 -m pip` (needed to install the CloudEvents SDK the tests parse with)");
-    assert!(output.status.success(), "pip install cloudevents failed: {}", String::from_utf8_lossy(&output.stderr));
-    if std::fs::rename(&staging, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    assert!(dir.join(format!("cloudevents-{CLOUDEVENTS_SDK}.dist-info")).is_dir(), "SDK not installed in {}", dir.display());
-    dir
-}
-
-/// Parses the messages with the Python SDK; one `{attributes, data}` each.
-fn parse_with_sdk(mode: &str, messages: &[Received]) -> Vec<Value> {
-    let request = json!({
-        "mode": mode,
-        "messages": messages.iter().map(|m| json!({"attributes": m.attributes, "data": hex(&m.data)})).collect::<Vec<_>>(),
-    });
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cloudevents_pubsub_parse.py");
-    let mut child = Command::new("python3")
-        .arg("-I")
-        .arg(&script)
-        .arg(pyce_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python3 tests/cloudevents_pubsub_parse.py");
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "the CloudEvents SDK rejected the messages: {}\nmessages: {request}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let parsed: Vec<Value> = serde_json::from_slice(&output.stdout).expect("parser prints JSON");
-    assert_eq!(parsed.len(), messages.len());
-    parsed
-}
-
-/// What the SDK must report for `row`; binary mode carries integers as text.
-fn expected_attributes(row: &Row, binary: bool, source: &str, ty: &str, dataschema: Option<String>) -> Value {
-    let int = |n: i64| if binary { json!(n.to_string()) } else { json!(n) };
-    let mut attributes = json!({
-        "specversion": "1.0",
-        "id": row.event_id,
-        "source": source,
-        "type": ty,
-        "subject": row.aggregate_id,
-        "time": row.created,
-        "datacontenttype": "application/json",
-        "aggregatetype": "Order",
-        "eventversion": int(i64::from(row.event_version)),
-        "partitionkey": row.aggregate_id,
-    });
-    let map = attributes.as_object_mut().unwrap();
-    if let Some(dataschema) = dataschema {
-        map.insert("dataschema".into(), json!(dataschema));
-    }
-    if let Some(actor) = row.actor.as_deref().filter(|a| !a.is_empty()) {
-        map.insert("actor".into(), json!(actor));
-    }
-    if let Some(traceparent) = &row.traceparent {
-        map.insert("traceparent".into(), json!(traceparent));
-        if let Some(tracestate) = row.header_field("tracestate") {
-            map.insert("tracestate".into(), tracestate);
-        }
-    }
-    match row.header_field("tenant") {
-        None | Some(Value::Null) => {}
-        Some(value) => {
-            map.insert("tenant".into(), value);
-        }
-    }
-    attributes
-}
-
-fn assert_round_trip(parsed: &Value, expected: &Value, row: &Row) {
-    assert_eq!(parsed["attributes"], *expected, "attributes of event {}", row.event_id);
-    let payload: Value = serde_json::from_str(&row.payload).unwrap();
-    assert_eq!(parsed["data"], payload, "data of event {}", row.event_id);
+/// Pulled messages as `tests/cloudevents_pubsub_parse.py` reads them.
+fn parse_pubsub_messages(mode: &str, messages: &[Received]) -> Vec<Value> {
+    let messages = messages.iter().map(|m| json!({"attributes": m.attributes, "data": hex(&m.data)})).collect();
+    parse_with_sdk("cloudevents_pubsub_parse.py", mode, messages)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -746,10 +557,12 @@ async fn cloudevents_binary_mode_uses_ce_dash_attributes_and_round_trips_through
     }
 
     // AND the CloudEvents SDK reads every attribute and the data back
-    for event in parse_with_sdk("binary", &received) {
+    for event in parse_pubsub_messages("binary", &received) {
         let row = row_for(&rows, event["attributes"]["id"].as_str().unwrap());
         let dataschema = format!("https://schemas.example.com/{}/v{}.json", row.event_type, row.event_version);
-        let expected = expected_attributes(row, true, "https://orders.example.com/outbox", &row.event_type, Some(dataschema));
+        let extensions = [("tenant", "tenant")];
+        let expected =
+            expected_attributes(row, true, "https://orders.example.com/outbox", &row.event_type, Some(dataschema), &extensions);
         assert_round_trip(&event, &expected, row);
     }
 }
@@ -776,10 +589,10 @@ async fn cloudevents_structured_mode_round_trips_through_the_sdk() {
     }
 
     // AND the CloudEvents SDK reads every attribute and the data back
-    for event in parse_with_sdk("structured", &received) {
+    for event in parse_pubsub_messages("structured", &received) {
         let row = row_for(&rows, event["attributes"]["id"].as_str().unwrap());
         let ty = format!("{}.v{}", row.event_type, row.event_version);
-        let expected = expected_attributes(row, false, "/outbox-relay/outbox.events", &ty, None);
+        let expected = expected_attributes(row, false, "/outbox-relay/outbox.events", &ty, None, &[("tenant", "tenant")]);
         assert_round_trip(&event, &expected, row);
     }
 }

@@ -5,29 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::relay::{connect, migrate, relay_env, verify, wait_all_published, write_events, RelayProcess};
-use common::{consume, TestBroker};
-use outbox_relay::demo::postgres::ThrowawayPostgres;
+use common::relay::{connect, relay_env, verify, wait_all_published, write_events, RelayProcess, Stack};
+use common::consume;
 
 const TOPIC: &str = "outbox.Order";
-
-struct Setup {
-    pg: ThrowawayPostgres,
-    broker: TestBroker,
-}
-
-fn setup() -> Setup {
-    let pg = ThrowawayPostgres::start().expect("start throwaway postgres");
-    let broker = TestBroker::start();
-    broker.create_topic(TOPIC, 8);
-    migrate(&pg.url());
-    Setup { pg, broker }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delivers_10k_events_over_100_aggregates_once_in_order_with_envelope() {
     // GIVEN a relay running against an outbox that four writers fill concurrently
-    let s = setup();
+    let s = Stack::start(TOPIC, 8);
     let relay = RelayProcess::start(&["run"], &relay_env(&s.pg.url(), &s.broker.bootstrap()));
     write_events(&s.pg.url(), 100, 100, 4, Duration::ZERO).await;
 
@@ -88,7 +74,7 @@ async fn delivers_10k_events_over_100_aggregates_once_in_order_with_envelope() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_killed_mid_stream_and_restarted_loses_nothing() {
     // GIVEN a steady stream of events and a relay publishing them
-    let s = setup();
+    let s = Stack::start(TOPIC, 8);
     let env = relay_env(&s.pg.url(), &s.broker.bootstrap());
     let url = s.pg.url();
     let writers = tokio::spawn(async move { write_events(&url, 100, 100, 4, Duration::from_millis(2)).await });
@@ -116,7 +102,7 @@ async fn relay_killed_mid_stream_and_restarted_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn second_relay_shares_the_lanes_then_takes_them_all_when_the_first_dies() {
     // GIVEN one relay holding every lane, then a second one joining while writers run
-    let s = setup();
+    let s = Stack::start(TOPIC, 8);
     let env = relay_env(&s.pg.url(), &s.broker.bootstrap());
     let with_id = |id: &str| {
         let mut env = env.clone();
@@ -151,7 +137,7 @@ async fn second_relay_shares_the_lanes_then_takes_them_all_when_the_first_dies()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_relays_from_the_start_publish_each_event_exactly_once() {
-    let s = setup();
+    let s = Stack::start(TOPIC, 8);
     let env = relay_env(&s.pg.url(), &s.broker.bootstrap());
     let _a = RelayProcess::start(&["run"], &env);
     let _b = RelayProcess::start(&["run"], &env);
@@ -166,7 +152,7 @@ async fn two_relays_from_the_start_publish_each_event_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_marks_what_was_acknowledged_and_exits_zero() {
     // GIVEN a relay busy with a backlog
-    let s = setup();
+    let s = Stack::start(TOPIC, 8);
     write_events(&s.pg.url(), 50, 100, 2, Duration::ZERO).await;
     let mut relay = RelayProcess::start(&["run"], &relay_env(&s.pg.url(), &s.broker.bootstrap()));
     assert!(relay.wait_for_log("claiming lanes", Duration::from_secs(30)), "{}", relay.log());
@@ -190,7 +176,7 @@ async fn sigterm_drains_marks_what_was_acknowledged_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delete_mode_removes_rows_and_mark_mode_retention_cleans_up() {
-    let s = setup();
+    let s = Stack::start(TOPIC, 8);
     write_events(&s.pg.url(), 10, 10, 1, Duration::ZERO).await;
     let mut env = relay_env(&s.pg.url(), &s.broker.bootstrap());
     env.push(("OUTBOX_RELAY_PUBLISHED__MODE", "delete".into()));
@@ -225,7 +211,7 @@ async fn wait_for_count(client: &tokio_postgres::Client, sql: &str, want: i64) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn row_committed_late_with_a_lower_id_is_neither_skipped_nor_overtaken() {
     // GIVEN a transaction that takes an id for aggregate X and stays open
-    let s = setup();
+    let s = Stack::start(TOPIC, 8);
     let relay = RelayProcess::start(&["run"], &relay_env(&s.pg.url(), &s.broker.bootstrap()));
     let mut slow = connect(&s.pg.url()).await;
     let slow_tx = slow.transaction().await.unwrap();

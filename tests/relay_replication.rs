@@ -5,8 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::relay::{connect, relay_env, verify, write_events, RelayProcess};
-use common::{consume, TestBroker};
-use outbox_relay::demo::postgres::{StopMode, ThrowawayPostgres};
+use common::{consume, StopMode, TestBroker, ThrowawayPostgres};
 
 const TOPIC: &str = "outbox.Order";
 

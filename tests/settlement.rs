@@ -9,9 +9,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::relay::{connect, migrate, relay_env, wait_all_published, RelayProcess};
-use common::{consume, Consumed, TestBroker};
-use outbox_relay::demo::postgres::ThrowawayPostgres;
+use common::relay::{connect, migrate, migrate_with, relay_env, slot_confirmed, wait_all_published, RelayProcess};
+use common::{consume, Consumed, TestBroker, ThrowawayPostgres};
 use rdkafka::mocking::MockCluster;
 
 fn replication_env(pg_url: &str, brokers: &str, published: &str) -> Vec<(&'static str, String)> {
@@ -19,18 +18,6 @@ fn replication_env(pg_url: &str, brokers: &str, published: &str) -> Vec<(&'stati
     env.push(("OUTBOX_RELAY_SOURCE__MODE", "replication".into()));
     env.push(("OUTBOX_RELAY_PUBLISHED__MODE", published.into()));
     env
-}
-
-/// `outbox-relay migrate` with `env` (in replication mode it creates the
-/// publication and the slot too, so it runs before any event is written).
-fn migrate_with(env: &[(&str, String)]) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    command.arg("migrate");
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let output = command.output().expect("run migrate");
-    assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 fn write_config(dir: &Path, text: &str) -> String {
@@ -140,11 +127,7 @@ async fn replication_never_confirms_the_slot_past_rows_it_has_not_marked() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // THEN the slot stays behind the unmarked rows
-    let confirmed: i64 = count(
-        &client,
-        "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-    )
-    .await;
+    let confirmed = slot_confirmed(&client).await;
     assert!(confirmed < after_rows, "the slot confirmed {confirmed} past the unmarked rows (written by {after_rows})\n{}", relay.log());
     assert_eq!(count(&client, "SELECT count(*) FROM outbox.events WHERE published_at IS NULL").await, 10);
 
@@ -155,14 +138,7 @@ async fn replication_never_confirms_the_slot_past_rows_it_has_not_marked() {
     wait_for(
         "the slot to move past the rows",
         Duration::from_secs(30),
-        async || {
-            count(
-                &client,
-                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-            )
-            .await
-                >= after_rows
-        },
+        async || slot_confirmed(&client).await >= after_rows,
         relay_log,
     )
     .await;

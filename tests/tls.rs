@@ -10,9 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::relay::{cli, relay_env, RelayProcess};
-use common::{consume, TestBroker};
+use common::{consume, ClusterOptions, ServerTls, TestBroker, ThrowawayPostgres};
 use outbox_relay::config::PostgresConfig;
-use outbox_relay::demo::postgres::{ClusterOptions, ServerTls, ThrowawayPostgres};
 use outbox_relay::source::replication::wire::{ConnectParams, ReplicationConnection, WireTls};
 
 const TOPIC: &str = "outbox.Order";

@@ -10,22 +10,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::relay::{cli, connect, http_get, relay_env, RelayProcess};
-use common::TestBroker;
-use outbox_relay::demo::postgres::ThrowawayPostgres;
+use common::relay::{cli, connect, http_get, migrate_with, relay_env, wait_until, RelayProcess};
+use common::{TestBroker, ThrowawayPostgres};
 
 const TOPIC: &str = "outbox.Order";
-
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
 
 fn env_for(pg: &ThrowawayPostgres, broker: &TestBroker, mode: &str, published: &str) -> Vec<(&'static str, String)> {
     let mut env = relay_env(&pg.url(), &broker.bootstrap());
@@ -34,11 +22,6 @@ fn env_for(pg: &ThrowawayPostgres, broker: &TestBroker, mode: &str, published: &
     // The production default: the first round's timing is what is measured.
     env.retain(|(k, _)| *k != "OUTBOX_RELAY_REPLICAS__TAKEOVER_WITHIN");
     env
-}
-
-fn migrate_with(env: &[(&str, String)]) {
-    let (code, _, err) = cli(&["migrate"], env);
-    assert_eq!(code, 0, "{err}");
 }
 
 /// Starts a lone relay over one pending event; returns milliseconds from

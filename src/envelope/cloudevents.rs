@@ -31,6 +31,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::SecondsFormat;
+use iri_string::types::UriReferenceStr;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::ser::{SerializeMap, Serializer as _};
 
 use super::{EnvelopeConfigError, EnvelopeError, Headers};
@@ -297,92 +299,48 @@ fn check_extension_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What a value spliced into a URI keeps as is: RFC 3986's unreserved
+/// characters. Everything else is percent-encoded.
+const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
 /// Appends `text` with everything but RFC 3986 unreserved characters
 /// percent-encoded, so a value spliced into a URI keeps it valid.
 fn percent_encode_into(out: &mut String, text: &str) {
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
+    out.extend(utf8_percent_encode(text, NOT_UNRESERVED));
 }
 
 /// Checks that `text` is an RFC 3986 URI-reference; returns whether it has
-/// a scheme (is a URI rather than a relative reference).
+/// a scheme (is a URI rather than a relative reference). The grammar is
+/// `iri-string`'s; ours is only the hint that says what to change.
 pub fn check_uri_reference(text: &str) -> Result<bool, String> {
     if text.is_empty() {
         return Err("it is empty".into());
     }
+    match UriReferenceStr::new(text) {
+        Ok(reference) => Ok(reference.scheme_str().is_some()),
+        Err(_) => Err(uri_hint(text)),
+    }
+}
+
+/// Why `text`, which is not a URI-reference, is not one, as far as one
+/// character tells; else the rules people most often break.
+fn uri_hint(text: &str) -> String {
     let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
-            if hex.is_none() {
-                return Err("'%' must start a percent-encoding such as %20".into());
-            }
-            i += 3;
-            continue;
+    for (i, c) in text.char_indices() {
+        if c == '%' && !bytes.get(i + 1..i + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) {
+            return "'%' must start a percent-encoding such as %20".into();
         }
-        if !b.is_ascii() {
-            let c = text[i..].chars().next().unwrap_or('?');
-            return Err(format!("{c:?} must be percent-encoded"));
+        if !c.is_ascii() {
+            return format!("{c:?} must be percent-encoded");
         }
-        let allowed = b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=".contains(&b);
-        if !allowed {
-            return Err(format!("{:?} is not allowed in a URI: percent-encode it", b as char));
+        if !(c.is_ascii_alphanumeric() || "%-._~:/?#[]@!$&'()*+,;=".contains(c)) {
+            return format!("{c:?} is not allowed in a URI: percent-encode it");
         }
-        i += 1;
     }
-    let (before_fragment, fragment) = match text.split_once('#') {
-        Some((before, fragment)) => (before, Some(fragment)),
-        None => (text, None),
-    };
-    if fragment.is_some_and(|f| f.contains(['#', '[', ']'])) {
-        return Err("the fragment (after '#') may not contain '#', '[' or ']'".into());
-    }
-    let (hier, query) = match before_fragment.split_once('?') {
-        Some((hier, query)) => (hier, Some(query)),
-        None => (before_fragment, None),
-    };
-    if query.is_some_and(|q| q.contains(['[', ']'])) {
-        return Err("the query (after '?') may not contain '[' or ']'".into());
-    }
-    let first_slash = hier.find('/').unwrap_or(hier.len());
-    let (has_scheme, rest) = match hier[..first_slash].find(':') {
-        Some(colon) => {
-            let scheme = &hier[..colon];
-            let mut chars = scheme.chars();
-            let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
-                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-            if !valid {
-                return Err(format!(
-                    "{scheme:?} before ':' is not a scheme (a letter, then letters, digits, '+', '-' or '.'); a relative reference's first segment may not contain ':'"
-                ));
-            }
-            (true, &hier[colon + 1..])
-        }
-        None => (false, hier),
-    };
-    let path = match rest.strip_prefix("//") {
-        Some(after) => {
-            let end = after.find('/').unwrap_or(after.len());
-            let authority = &after[..end];
-            let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-            if authority.contains(['[', ']']) && !(host.starts_with('[') && host.contains(']')) {
-                return Err("'[' and ']' are only allowed around an IP literal host".into());
-            }
-            &after[end..]
-        }
-        None => rest,
-    };
-    if path.contains(['[', ']']) {
-        return Err("'[' and ']' are only allowed around an IP literal host".into());
-    }
-    Ok(has_scheme)
+    "it breaks RFC 3986: a scheme is a letter, then letters, digits, '+', '-' or '.'; a relative reference's \
+     first segment may not contain ':'; '[' and ']' only surround an IP literal host; a fragment (after '#') \
+     may not contain another '#'"
+        .into()
 }
 
 /// A parsed `[envelope] dataschema` template; placeholder values are
@@ -679,6 +637,21 @@ mod tests {
             assert_eq!(err.key, "envelope.source", "{bad}");
             assert!(err.problem.contains("not a URI-reference"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn uri_errors_say_what_to_change() {
+        assert_eq!(check_uri_reference("https://x.example.com/a%20b"), Ok(true));
+        assert_eq!(check_uri_reference("/relative?q=1#f"), Ok(false));
+        let hint = |text: &str| check_uri_reference(text).unwrap_err();
+        assert!(hint("a%2").contains("'%' must start a percent-encoding"), "{}", hint("a%2"));
+        assert!(hint("ü").contains("must be percent-encoded"), "{}", hint("ü"));
+        assert!(hint("a b").contains("' ' is not allowed"), "{}", hint("a b"));
+        assert!(hint("1http://x").contains("first segment may not contain ':'"), "{}", hint("1http://x"));
+        assert!(hint("").contains("empty"));
+        let mut out = String::new();
+        percent_encode_into(&mut out, "Order Placed/ü~x");
+        assert_eq!(out, "Order%20Placed%2F%C3%BC~x");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::sleep;
 use tracing::{error, Instrument};
 
-use crate::blocking::Blocked;
+use crate::holdback::Blocked;
 use crate::config::{Config, PublishedMode, SourceMode};
 use crate::event::RawRow;
 use crate::failure::{self, DeadLetter, FailedRow};
@@ -225,7 +225,7 @@ struct Stage {
 impl<S: Sink> Relay<S> {
     /// Starts a session's publish stage, bounded by `source.max_in_flight_batches`,
     /// sending only while `fence` holds.
-    fn start_stage(&self, blocked: Option<crate::blocking::Blocked>, fence: crate::coordination::Fence) -> Stage {
+    fn start_stage(&self, blocked: Option<crate::holdback::Blocked>, fence: crate::coordination::Fence) -> Stage {
         use tracing::Instrument;
         let max_in_flight = self.config.source.max_in_flight_batches;
         let (batches, batch_rx) = tokio::sync::mpsc::channel(max_in_flight);

@@ -9,7 +9,7 @@
 //! flight, so a lane is handed back with all its events acknowledged and
 //! marked. Failed rows are recorded and parked for a retry
 //! with their aggregate blocked behind them (`failures.policy = "block"`,
-//! see [`crate::blocking`]), or published to the dead-letter topic.
+//! see [`crate::holdback`]), or published to the dead-letter topic.
 //! Nothing is marked before the broker acknowledged it, so a crash at any
 //! point re-publishes at most the in-flight window and never loses an event.
 
@@ -26,7 +26,7 @@ use crate::source::table;
 use crate::config::FailurePolicy;
 use crate::failure::FailureKind;
 use crate::event::Rejected;
-use crate::blocking::Blocked;
+use crate::holdback::Blocked;
 use crate::settle::{self, Capture, End, EventKey, Rules};
 use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
 use crate::coordination::{Coordinator, Fence, Resource};
-use crate::blocking::Blocked;
+use crate::holdback::Blocked;
 use crate::config::{FailurePolicy, PublishedMode};
 use crate::event::Rejected;
 use crate::settle::{self, Capture, End, EventKey, Ledger, LsnProgress, Rules};

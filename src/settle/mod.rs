@@ -18,7 +18,7 @@
 //!   failed, so `failures.max_attempts` counts across restarts.
 //! * [`LsnProgress`] (replication): the confirmed LSN only ever covers an
 //!   unbroken prefix of batches that were acknowledged *and* marked.
-//! * [`crate::blocking::Blocked`] (poll): aggregates held back behind a
+//! * [`crate::holdback::Blocked`] (poll): aggregates held back behind a
 //!   failed event, also kept across sessions by the relay.
 //!
 //! # Error handling

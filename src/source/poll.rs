@@ -31,7 +31,7 @@ use tokio_postgres::{Row, Statement};
 
 use super::table::quote_ident;
 use super::ClaimedBatch;
-use crate::blocking::Blocked;
+use crate::holdback::Blocked;
 use crate::config::SourceConfig;
 use crate::coordination::ClaimScope;
 use crate::event::{RawRow, Rejected};

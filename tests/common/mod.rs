@@ -1,10 +1,28 @@
-//! Shared integration-test support: a real Kafka-protocol broker (tansu) as
-//! a child process, a consumer that reads topics back, and (in `relay`) the
-//! relay binary, writers and delivery checks.
+//! The test kit: everything the integration tests share, in one module.
+//!
+//! - here: a real Kafka-protocol broker (tansu) as a child process, and a
+//!   consumer that reads topics back;
+//! - [`ThrowawayPostgres`]: a private Postgres cluster per test. It lives in
+//!   the library (`outbox_relay::demo::postgres`) because `outbox-relay demo`
+//!   ships it; tests take it from here, so they have one place to look;
+//! - [`relay`]: the relay binary as a child process, writers, the delivery
+//!   and order checks, the CLI and HTTP helpers;
+//! - [`pubsub`]: Google's Pub/Sub emulator and a REST client;
+//! - [`proxy`]: a TCP forwarder that fails the way networks do;
+//! - [`cloudevents`]: sample rows and the CloudEvents SDK as parser.
+//!
+//! Each test file declares `mod common;` and takes what it needs; what a
+//! file does not use is compiled anyway, hence `allow(dead_code)`.
 
 #![allow(dead_code)]
 
+pub mod cloudevents;
+pub mod proxy;
+pub mod pubsub;
 pub mod relay;
+
+#[allow(unused_imports)] // each test file uses some of them
+pub use outbox_relay::demo::postgres::{ClusterOptions, ServerTls, StopMode, ThrowawayPostgres};
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -177,6 +195,10 @@ pub struct Consumed {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp in ms since the epoch: for the relay's native
+    /// and CloudEvents formats the producer's clock when the relay handed
+    /// the message to librdkafka (CreateTime), so it says when it was sent.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Reads every partition of `topics` from the beginning (assign, no group
@@ -242,6 +264,7 @@ pub fn consume(bootstrap: &str, topics: &[&str], expected: usize, timeout: Durat
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
+                    timestamp_ms: m.timestamp().to_millis(),
                 });
             }
             // Transient fetch errors: librdkafka retries; the caller's counts

@@ -138,6 +138,7 @@ impl Received {
             key: Some(self.ordering_key.clone().into_bytes()),
             value: self.data.clone(),
             headers: self.attributes.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect(),
+            timestamp_ms: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
-use super::Consumed;
+use super::{Consumed, TestBroker, ThrowawayPostgres};
 
 /// The relay binary as a child process, its output in a log file.
 pub struct RelayProcess {
@@ -150,6 +150,58 @@ pub fn migrate(pg_url: &str) {
     assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// Runs `outbox-relay migrate` with a whole relay environment (in
+/// replication mode it creates the publication and the slot too, so it runs
+/// before any event is written) and asserts it succeeded.
+pub fn migrate_with(env: &[(&str, String)]) {
+    let (code, _, err) = cli(&["migrate"], env);
+    assert_eq!(code, 0, "migrate failed: {err}");
+}
+
+/// A private Postgres, migrated, and a broker with topic `topic`: what most
+/// end-to-end tests start from.
+pub struct Stack {
+    pub pg: ThrowawayPostgres,
+    pub broker: TestBroker,
+}
+
+impl Stack {
+    /// Starts both, creates `topic` with `partitions` and runs `migrate`.
+    pub fn start(topic: &str, partitions: i32) -> Stack {
+        let pg = ThrowawayPostgres::start().expect("start throwaway postgres");
+        let broker = TestBroker::start();
+        broker.create_topic(topic, partitions);
+        migrate(&pg.url());
+        Stack { pg, broker }
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds (true) or `timeout` passes
+/// (false): for states only a log or an HTTP answer shows.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Where the replication slot `outbox_relay` has confirmed up to, as a byte
+/// position (`confirmed_flush_lsn - '0/0'`).
+pub async fn slot_confirmed(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            &[],
+        )
+        .await
+        .expect("read the slot's confirmed_flush_lsn")
+        .get(0)
+}
+
 /// A connected client whose connection is driven in the background.
 pub async fn connect(pg_url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(pg_url, NoTls).await.expect("connect to test postgres");
@@ -229,6 +281,30 @@ pub async fn wait_all_published_or(client: &Client, timeout: Duration, context: 
     }
 }
 
+/// Rows marked published so far.
+pub async fn published(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NOT NULL", &[])
+        .await
+        .expect("count published")
+        .get(0)
+}
+
+/// Waits until at least `n` rows are published (a state, where a test would
+/// otherwise sleep "long enough" for work to be under way); a timeout
+/// panics with `context()` (a relay's log).
+pub async fn wait_published_at_least(client: &Client, n: i64, timeout: Duration, context: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done = published(client).await;
+        if done >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{done} of at least {n} events published after {timeout:?}\n{}", context());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs `outbox-relay <args>` to completion: (exit code, stdout, stderr).
 pub fn cli(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
@@ -257,30 +333,56 @@ pub struct Verdict {
     pub order_violations: usize,
 }
 
-/// Checks delivery: every `(aggregate, 1..=per_aggregate)` present, and each
-/// aggregate's events, first occurrences only, in sequence order.
-pub fn verify(consumed: &[Consumed], aggregates: usize, per_aggregate: usize) -> Verdict {
+/// How the writer numbered each aggregate's events (`payload.seq`), which
+/// decides what "in order" can demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numbering {
+    /// 1, 2, 3, ... per aggregate ([`write_events`]): each first-seen event
+    /// must be its predecessor plus one, so a gap is caught too.
+    Contiguous,
+    /// Increasing, with gaps (one counter shared by all aggregates): each
+    /// first-seen event must be larger than the one before.
+    Increasing,
+}
+
+/// The one order checker. Walks the messages in partition/offset order and
+/// looks at each `(key, payload.seq)` the first time it appears (a later
+/// copy is a duplicate, which at-least-once allows, not a violation).
+/// Messages without `payload.seq` are skipped.
+pub fn check_order(consumed: &[Consumed], numbering: Numbering) -> Verdict {
     let mut messages: Vec<&Consumed> = consumed.iter().collect();
     messages.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     let mut seen = HashSet::new();
-    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut last: HashMap<Vec<u8>, i64> = HashMap::new();
     let mut verdict = Verdict::default();
     for message in messages {
         let value: serde_json::Value = serde_json::from_slice(&message.value).expect("envelope is JSON");
-        let key = String::from_utf8(message.key.clone().expect("message has a key")).expect("utf-8 key");
-        assert_eq!(value["aggregate_id"], key.as_str(), "key is the aggregate id");
-        let seq = value["payload"]["seq"].as_i64().expect("payload.seq");
+        let Some(seq) = value["payload"]["seq"].as_i64() else { continue };
+        let key = message.key.clone().expect("message has a key");
+        assert_eq!(value["aggregate_id"].as_str().map(str::as_bytes), Some(key.as_slice()), "key is the aggregate id");
         if !seen.insert((key.clone(), seq)) {
             verdict.duplicates += 1;
             continue;
         }
-        let previous = last.insert(key, seq).unwrap_or(0);
-        if seq != previous + 1 {
+        let previous = last.insert(key, seq);
+        let in_order = match numbering {
+            Numbering::Contiguous => seq == previous.unwrap_or(0) + 1,
+            Numbering::Increasing => previous.is_none_or(|previous| seq > previous),
+        };
+        if !in_order {
             verdict.order_violations += 1;
         }
     }
     verdict.unique = seen.len();
-    verdict.lost = aggregates * per_aggregate - seen.len().min(aggregates * per_aggregate);
+    verdict
+}
+
+/// Checks delivery of [`write_events`]' events: every `(aggregate,
+/// 1..=per_aggregate)` present, and each aggregate's events, first
+/// occurrences only, in sequence order with no gap.
+pub fn verify(consumed: &[Consumed], aggregates: usize, per_aggregate: usize) -> Verdict {
+    let mut verdict = check_order(consumed, Numbering::Contiguous);
+    verdict.lost = aggregates * per_aggregate - verdict.unique.min(aggregates * per_aggregate);
     verdict
 }
 

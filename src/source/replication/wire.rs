@@ -7,6 +7,24 @@
 //! backend messages itself (postgres-protocol's parser rejects
 //! CopyBothResponse) and uses postgres-protocol for frontend messages and
 //! the authentication math.
+//!
+//! # Kept, bounded (decided in issue 21)
+//!
+//! This module stays hand-written, and stays this size: connection,
+//! authentication, simple query, CopyBoth. It does not decode what the
+//! stream carries (that is `pgoutput.rs`) nor decide anything about
+//! progress (that is the relay). The crates weighed were:
+//! - tokio-postgres forks that speak replication: git-only, not on crates.io;
+//! - `pgwire-replication`: works, but hands Relation/Insert over as raw
+//!   bytes (we would keep our decoder anyway) and is young;
+//! - `pg_walstream`: large, and pulls aws-lc-rs (cmake) or libpq.
+//!
+//! What it does not write itself it takes from `postgres-protocol` (every
+//! frontend message, SCRAM, MD5) and `crate::tls` (sslmode, certificates,
+//! channel binding). Its protocol-level tests run against a real server in
+//! `tests/wire.rs` (authentication methods, server errors, IDENTIFY_SYSTEM,
+//! a CopyBoth session with keepalives and status updates); the framing is
+//! tested below. Revisit when tokio-postgres releases replication support.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
