@@ -56,6 +56,21 @@ struct Options {
     relays: Vec<usize>,
     /// Also drain to the Pub/Sub emulator (`--no-pubsub` skips it).
     pubsub: bool,
+    /// Rows per transaction of the backlog loads (0: one bulk INSERT).
+    shapes: Vec<usize>,
+    /// Also drain the 1-row backlog under a CPU hog (`--no-hog` skips).
+    hog: bool,
+    /// Also run the Debezium-style table (`--no-debezium` skips).
+    debezium: bool,
+}
+
+/// How a backlog shape is named in the results.
+fn shape_name(per_txn: usize) -> String {
+    match per_txn {
+        0 => "bulk".into(),
+        1 => "1 row/txn".into(),
+        n => format!("{n} rows/txn"),
+    }
 }
 
 /// A capture mode and a published mode, e.g. `replication/none`.
@@ -96,7 +111,14 @@ fn options() -> Options {
         .collect();
     let pubsub = !args.iter().any(|a| a == "--no-pubsub");
     let relays = value("--relays").unwrap_or_default().split(',').filter_map(|n| n.parse().ok()).filter(|n| *n >= 1).collect();
-    Options { events, reps, rates, live_secs, scenarios, relays, pubsub }
+    let shapes = value("--shapes")
+        .unwrap_or_else(|| "1,10,bulk".into())
+        .split(',')
+        .filter_map(|s| if s == "bulk" { Some(0) } else { s.parse().ok() })
+        .collect();
+    let hog = !args.iter().any(|a| a == "--no-hog");
+    let debezium = !args.iter().any(|a| a == "--no-debezium");
+    Options { events, reps, rates, live_secs, scenarios, relays, pubsub, shapes, hog, debezium }
 }
 
 fn main() {
@@ -147,59 +169,84 @@ async fn run(opts: Options) {
     let mut samples = Samples::default();
     eprintln!("bench: {} events, {} repetitions, machine: {}", opts.events, opts.reps, machine());
     for rep in 0..opts.reps {
-        eprintln!("bench: repetition {}/{}", rep + 1, opts.reps);
-        // Raw database limits.
-        reset(&client).await;
-        let insert_rate = preload(&client, opts.events).await;
-        samples.add("raw: postgres bulk INSERT (events/s)", insert_rate);
-        let select_rate = bare_select(&client, opts.events).await;
-        samples.add("raw: postgres keyset SELECT (events/s)", select_rate);
+        eprintln!("bench: repetition {}/{} (load average {})", rep + 1, opts.reps, load_average());
+        samples.add("load average (1 min) at start", load_average());
         // Raw broker limit.
         restart_broker(&mut broker);
         let produce_rate = raw_produce(&broker.bootstrap(), opts.events).await;
         samples.add("raw: librdkafka produce (events/s)", produce_rate);
-        // Raw logical replication read: pgoutput decoding only, no publishing.
-        reset(&client).await;
-        recreate_slot(&client, "bench_raw").await;
-        preload(&client, opts.events).await;
-        let read_rate = bare_replication_read(&pg.url(), "bench_raw", opts.events).await;
-        drop_slot(&client, "bench_raw").await;
-        samples.add("raw: pgoutput read, no publishing (events/s)", read_rate);
-        // Backlog drain per scenario.
-        for scenario in &opts.scenarios {
-            let name = scenario.name();
+        // The floor under any commit->consumer latency: the broker alone.
+        restart_broker(&mut broker);
+        let floor = broker_floor(&broker.bootstrap(), 5000, opts.live_secs).await;
+        samples.add("broker floor 5000/s produce->consume: p50 latency (ms)", floor.0);
+        samples.add("broker floor 5000/s produce->consume: p99 latency (ms)", floor.1);
+        let mut quiet_1row: HashMap<String, f64> = HashMap::new();
+        for &per_txn in &opts.shapes {
+            let shape = shape_name(per_txn);
+            // Raw database limits for this shape.
             reset(&client).await;
-            if scenario.replication() {
-                recreate_slot(&client, "outbox_relay").await;
+            let insert_rate = preload(&client, opts.events, per_txn).await;
+            samples.add(&format!("{shape}: raw postgres INSERT (events/s)"), insert_rate);
+            let select_rate = bare_select(&client, opts.events).await;
+            samples.add(&format!("{shape}: raw postgres keyset SELECT (events/s)"), select_rate);
+            // Raw logical replication read: the relay's wire client and pgoutput decoder, no publishing.
+            reset(&client).await;
+            recreate_slot(&client, "bench_raw").await;
+            preload(&client, opts.events, per_txn).await;
+            let read_rate = bare_replication_read(&pg.url(), "bench_raw", opts.events).await;
+            drop_slot(&client, "bench_raw").await;
+            samples.add(&format!("{shape}: raw pgoutput read, relay's wire client, no publishing (events/s)"), read_rate);
+            // Backlog drain per scenario.
+            for scenario in &opts.scenarios {
+                let name = format!("{shape} {}", scenario.name());
+                let drain = backlog_run(&pg.url(), &mut broker, &client, scenario, opts.events, per_txn).await;
+                let rate = opts.events as f64 / drain.seconds;
+                if per_txn == 1 {
+                    quiet_1row.insert(scenario.name(), rate);
+                }
+                samples.add(&format!("{name} drain (events/s)"), rate);
+                samples.add(&format!("{name} drain relay CPU µs per event"), drain.cpu_seconds * 1e6 / opts.events as f64);
+                samples.add(&format!("{name} drain events per batch"), drain.events_per_batch);
+                samples.add(&format!("{name} drain peak RSS (MiB)"), drain.peak_rss_mib);
+                let db_limit = if scenario.replication() { read_rate } else { select_rate };
+                samples.add(&format!("{name} drain / bare {} read (%)", if scenario.replication() { "pgoutput" } else { "SELECT" }), 100.0 * rate / db_limit);
+                samples.add(&format!("{name} drain / tighter raw limit (%)"), 100.0 * rate / db_limit.min(produce_rate));
+                if scenario.replication() || per_txn != 0 {
+                    continue;
+                }
+                for &relays in &opts.relays {
+                    reset(&client).await;
+                    preload(&client, opts.events, per_txn).await;
+                    restart_broker(&mut broker);
+                    let shared = drain_shared(&pg.url(), &broker.bootstrap(), &client, scenario, relays).await;
+                    let per_million = |cpu: f64| cpu * 1e6 / opts.events as f64;
+                    let name = scenario.name();
+                    samples.add(&format!("{name} x{relays} relays drain (events/s)"), opts.events as f64 / shared.seconds);
+                    samples.add(&format!("{name} x{relays} relays: relays' CPU s per 1M events"), per_million(shared.relays_cpu));
+                    samples.add(&format!("{name} x{relays} relays: Postgres CPU s per 1M events"), per_million(shared.postgres_cpu));
+                    samples.add(&format!("{name} x{relays} relays: broker CPU s per 1M events"), per_million(shared.broker_cpu));
+                    samples.add(&format!("{name} x{relays} relays: machine CPU busy (%)"), shared.busy_percent);
+                    samples.add(&format!("{name} x{relays} relays: peak RSS per relay (MiB)"), shared.peak_rss_mib);
+                }
             }
-            preload(&client, opts.events).await;
-            restart_broker(&mut broker);
-            let drain = drain_backlog(&pg.url(), &broker.bootstrap(), &client, scenario).await;
-            samples.add(&format!("{name} drain (events/s)"), opts.events as f64 / drain.seconds);
-            samples.add(&format!("{name} drain peak RSS (MiB)"), drain.peak_rss_mib);
-            samples.add(&format!("{name} drain CPU s per 1M events"), drain.cpu_seconds * 1e6 / opts.events as f64);
-            let db_limit = if scenario.replication() { read_rate } else { select_rate };
-            let limit = db_limit.min(produce_rate);
-            samples.add(&format!("{name} drain / tighter raw limit (%)"), 100.0 * opts.events as f64 / drain.seconds / limit);
-            if scenario.replication() {
-                drop_slot(&client, "outbox_relay").await;
+        }
+        // The 1-row backlog again with one busy process per core.
+        if opts.hog {
+            for scenario in &opts.scenarios {
+                let hog = CpuHog::start();
+                let drain = backlog_run(&pg.url(), &mut broker, &client, scenario, opts.events, 1).await;
+                drop(hog);
+                let name = format!("1 row/txn {} under CPU hog", scenario.name());
+                let rate = opts.events as f64 / drain.seconds;
+                samples.add(&format!("{name}: drain (events/s)"), rate);
+                samples.add(&format!("{name}: events per batch"), drain.events_per_batch);
+                if let Some(quiet) = quiet_1row.get(&scenario.name()) {
+                    samples.add(&format!("{name}: / quiet rate (%)"), 100.0 * rate / quiet);
+                }
             }
-            if scenario.replication() {
-                continue;
-            }
-            for &relays in &opts.relays {
-                reset(&client).await;
-                preload(&client, opts.events).await;
-                restart_broker(&mut broker);
-                let shared = drain_shared(&pg.url(), &broker.bootstrap(), &client, scenario, relays).await;
-                let per_million = |cpu: f64| cpu * 1e6 / opts.events as f64;
-                samples.add(&format!("{name} x{relays} relays drain (events/s)"), opts.events as f64 / shared.seconds);
-                samples.add(&format!("{name} x{relays} relays: relays' CPU s per 1M events"), per_million(shared.relays_cpu));
-                samples.add(&format!("{name} x{relays} relays: Postgres CPU s per 1M events"), per_million(shared.postgres_cpu));
-                samples.add(&format!("{name} x{relays} relays: broker CPU s per 1M events"), per_million(shared.broker_cpu));
-                samples.add(&format!("{name} x{relays} relays: machine CPU busy (%)"), shared.busy_percent);
-                samples.add(&format!("{name} x{relays} relays: peak RSS per relay (MiB)"), shared.peak_rss_mib);
-            }
+        }
+        if opts.debezium {
+            debezium_runs(&pg.url(), &mut broker, &client, opts.events, &mut samples).await;
         }
         // Backlog drain to the Pub/Sub emulator (its own functions, below).
         if opts.pubsub {
@@ -225,7 +272,8 @@ async fn run(opts: Options) {
                 samples.add(&format!("{name} live {rate}: p99.9 latency (ms)"), live.p999_ms);
                 samples.add(&format!("{name} live {rate}: backlog 1 s after writers stop"), live.backlog_after as f64);
                 samples.add(&format!("{name} live {rate}: peak RSS (MiB)"), live.peak_rss_mib);
-                samples.add(&format!("{name} live {rate}: CPU s per 1M events"), live.cpu_seconds * 1e6 / live.events.max(1) as f64);
+                samples.add(&format!("{name} live {rate}: relay CPU µs per event"), live.cpu_seconds * 1e6 / live.events.max(1) as f64);
+                samples.add(&format!("{name} live {rate}: events per batch"), live.events_per_batch);
             }
         }
     }
@@ -240,7 +288,7 @@ fn render(opts: &Options, samples: &Samples) -> String {
     let _ = writeln!(out, "Machine: {}. Events per backlog run: {}, payload ~300 B JSON, {} aggregates, {} partitions. Repetitions: {} (median, min-max).\n", machine(), opts.events, AGGREGATES, PARTITIONS, opts.reps);
     let _ = writeln!(out, "| measurement | value |\n|---|---|");
     for label in &samples.order {
-        let digits = if label.contains("latency") || label.contains("CPU") { 1 } else { 0 };
+        let digits = if label.contains("latency") || label.contains("CPU") || label.contains("per batch") || label.contains("load") { 1 } else { 0 };
         let _ = writeln!(out, "| {label} | {} |", samples.cell(label, digits));
     }
     out
@@ -257,6 +305,12 @@ fn machine() -> String {
         .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
         .unwrap_or_default();
     format!("{cores} cores ({cpu}), {:.0} GiB RAM", mem_kib as f64 / 1048576.0)
+}
+
+/// The relay binary: this build's, or `BENCH_RELAY_BIN` (e.g. an older
+/// build, to compare two builds on the same machine back to back).
+fn relay_bin() -> String {
+    std::env::var("BENCH_RELAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_owned())
 }
 
 fn migrate(url: &str) {
@@ -288,25 +342,50 @@ async fn reset(client: &Client) {
     client.batch_execute("VACUUM ANALYZE outbox.events").await.expect("vacuum");
 }
 
-/// Loads `n` events with the bulk INSERT an application batch job would
-/// use; returns events/s (the raw write limit).
-async fn preload(client: &Client, n: usize) -> f64 {
+/// Loads `n` events, `per_txn` rows per transaction (0: the bulk INSERT an
+/// application batch job would use, 100,000 rows per statement); returns
+/// events/s (the raw write limit of that shape). Small transactions are
+/// committed by a server-side procedure, so the load measures Postgres, not
+/// client round trips.
+async fn preload(client: &Client, n: usize, per_txn: usize) -> f64 {
     let started = Instant::now();
-    let chunk = 100_000;
-    let mut done = 0;
-    while done < n {
-        let upto = (done + chunk).min(n);
+    if per_txn == 0 {
+        let chunk = 100_000;
+        let mut done = 0;
+        while done < n {
+            let upto = (done + chunk).min(n);
+            client
+                .execute(
+                    "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+                     SELECT 'Order', 'order-' || (g % $3::int8), 'OrderUpdated', \
+                            jsonb_build_object('seq', g / $3::int8, 'aggregate', g % $3::int8, 'sent_us', 0, 'pad', repeat('x', 220)) \
+                     FROM generate_series($1::int8, $2::int8) g",
+                    &[&(done as i64 + 1), &(upto as i64), &(AGGREGATES as i64)],
+                )
+                .await
+                .expect("preload");
+            done = upto;
+        }
+    } else {
         client
-            .execute(
-                "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
-                 SELECT 'Order', 'order-' || (g % $3::int8), 'OrderUpdated', \
-                        jsonb_build_object('seq', g / $3::int8, 'aggregate', g % $3::int8, 'sent_us', 0, 'pad', repeat('x', 220)) \
-                 FROM generate_series($1::int8, $2::int8) g",
-                &[&(done as i64 + 1), &(upto as i64), &(AGGREGATES as i64)],
-            )
+            .batch_execute(&format!(
+                "CREATE OR REPLACE PROCEDURE public.bench_load(n int8, per int8, aggregates int8) LANGUAGE plpgsql AS $$ \
+                 DECLARE g int8 := 1; BEGIN \
+                   WHILE g <= n LOOP \
+                     INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+                     SELECT 'Order', 'order-' || (s % aggregates), 'OrderUpdated', \
+                            jsonb_build_object('seq', s / aggregates, 'aggregate', s % aggregates, 'sent_us', 0, 'pad', repeat('x', 220)) \
+                     FROM generate_series(g, least(g + per - 1, n)) s; \
+                     COMMIT; g := g + per; \
+                   END LOOP; END $$"
+            ))
             .await
-            .expect("preload");
-        done = upto;
+            .expect("preload procedure");
+        // Alone in its query string: a multi-statement string is one transaction, and the procedure commits.
+        client
+            .batch_execute(&format!("CALL public.bench_load({n}, {per_txn}, {AGGREGATES})"))
+            .await
+            .expect("preload in small transactions");
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     client.batch_execute("VACUUM ANALYZE outbox.events").await.expect("vacuum");
@@ -390,25 +469,60 @@ async fn raw_produce(bootstrap: &str, n: usize) -> f64 {
 struct RelayRun {
     child: Child,
     pid: u32,
+    /// Where its /metrics listens (None: not known).
+    http: Option<u16>,
+}
+
+/// A port free right now (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 impl RelayRun {
     fn start(url: &str, bootstrap: &str, scenario: &Scenario) -> RelayRun {
-        let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        RelayRun::start_with(url, bootstrap, scenario, &[])
+    }
+
+    fn start_with(url: &str, bootstrap: &str, scenario: &Scenario, extra: &[(&str, String)]) -> RelayRun {
+        let port = free_port();
+        let child = Command::new(relay_bin())
             .arg("run")
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("RUST_LOG")
             .env("OUTBOX_RELAY_POSTGRES__URL", url)
             .env("OUTBOX_RELAY_SINK__KAFKA__BROKERS", bootstrap)
             .env("OUTBOX_RELAY_SOURCE__MODE", &scenario.capture)
             .env("OUTBOX_RELAY_PUBLISHED__MODE", &scenario.published)
-            .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
+            .env("OUTBOX_RELAY_HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env("OUTBOX_RELAY_LOG__LEVEL", std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start relay");
         let pid = child.id();
-        RelayRun { child, pid }
+        RelayRun { child, pid, http: Some(port) }
+    }
+
+    /// Mean events per batch handed to the broker, from the relay's
+    /// `outbox_relay_batch_size` histogram (NaN when unknown).
+    fn events_per_batch(&self) -> f64 {
+        use std::io::{Read, Write};
+        let Some(port) = self.http else { return f64::NAN };
+        let Ok(mut socket) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return f64::NAN };
+        let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = socket.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut text = String::new();
+        let _ = socket.read_to_string(&mut text);
+        let metric = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        match (metric("outbox_relay_batch_size_sum"), metric("outbox_relay_batch_size_count")) {
+            (Some(sum), Some(count)) if count > 0.0 => sum / count,
+            _ => f64::NAN,
+        }
     }
 
     /// Peak RSS in MiB (VmHWM).
@@ -443,6 +557,100 @@ struct Drain {
     seconds: f64,
     peak_rss_mib: f64,
     cpu_seconds: f64,
+    events_per_batch: f64,
+}
+
+/// A fresh outbox (and slot) loaded with `events` in transactions of
+/// `per_txn` rows, an empty broker, then the relay's drain of it.
+async fn backlog_run(url: &str, broker: &mut TestBroker, client: &Client, scenario: &Scenario, events: usize, per_txn: usize) -> Drain {
+    reset(client).await;
+    if scenario.replication() {
+        recreate_slot(client, "outbox_relay").await;
+    }
+    preload(client, events, per_txn).await;
+    restart_broker(broker);
+    let drain = drain_backlog(url, &broker.bootstrap(), client, scenario).await;
+    if scenario.replication() {
+        drop_slot(client, "outbox_relay").await;
+    }
+    drain
+}
+
+/// One busy process per core (`sh` spinning), stopped on drop: a loaded box.
+struct CpuHog {
+    children: Vec<Child>,
+}
+
+impl CpuHog {
+    fn start() -> CpuHog {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let children = (0..cores)
+            .filter_map(|_| Command::new("sh").arg("-c").arg("while :; do :; done").stdout(Stdio::null()).spawn().ok())
+            .collect();
+        CpuHog { children }
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The 1-minute load average from /proc/loadavg.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok())).unwrap_or(f64::NAN)
+}
+
+/// The broker's own produce->consume latency at `rate` messages/s for
+/// `secs` (same producer settings as the relay, same consumer as the live
+/// runs): the floor under any commit->consumer figure. Returns (p50, p99) ms.
+async fn broker_floor(bootstrap: &str, rate: u64, secs: u64) -> (f64, f64) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let bootstrap = bootstrap.to_owned();
+        let stop = stop.clone();
+        std::thread::spawn(move || consume_latencies(&bootstrap, stop))
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let keys: Vec<String> = (0..AGGREGATES).map(|a| format!("order-{a}")).collect();
+    let pad = "x".repeat(400);
+    let started = Instant::now();
+    let total = rate * secs;
+    let mut pending = Vec::new();
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let value = format!(r#"{{"payload":{{"sent_us":{},"pad":"{pad}"}}}}"#, now_us());
+        let record = FutureRecord::to(TOPIC).key(&keys[i as usize % AGGREGATES]).payload(&value);
+        if let Ok(delivery) = producer.send_result(record) {
+            pending.push(delivery);
+        }
+    }
+    for d in pending {
+        let _ = d.await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = consumer.join().unwrap_or_default();
+    let warm = (latencies.len() as f64 / secs as f64) as usize;
+    let mut measured: Vec<f64> = latencies.drain(warm.min(latencies.len())..).collect();
+    measured.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| measured.get(((measured.len() as f64 * p) as usize).min(measured.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    eprintln!("bench:   broker floor {rate}/s: p50 {:.1} ms, p99 {:.1} ms", pct(0.5), pct(0.99));
+    (pct(0.5), pct(0.99))
 }
 
 /// Whether the scenario still has work: unpublished rows, rows left (delete
@@ -528,9 +736,22 @@ async fn drain_backlog(url: &str, bootstrap: &str, client: &Client, scenario: &S
         assert!(started.elapsed() < Duration::from_secs(900), "drain took over 15 minutes");
     }
     let seconds = started.elapsed().as_secs_f64();
-    let drain = Drain { seconds, peak_rss_mib: relay.peak_rss_mib(), cpu_seconds: relay.cpu_seconds() };
+    let drain = Drain {
+        seconds,
+        peak_rss_mib: relay.peak_rss_mib(),
+        cpu_seconds: relay.cpu_seconds(),
+        events_per_batch: relay.events_per_batch(),
+    };
     relay.stop();
-    eprintln!("bench:   {} drain {:.1} s, peak RSS {:.1} MiB", scenario.name(), drain.seconds, drain.peak_rss_mib);
+    eprintln!(
+        "bench:   {} drain {:.1} s, peak RSS {:.1} MiB, CPU {:.2} s, {:.0} events/batch (load {:.1})",
+        scenario.name(),
+        drain.seconds,
+        drain.peak_rss_mib,
+        drain.cpu_seconds,
+        drain.events_per_batch,
+        load_average()
+    );
     drain
 }
 
@@ -602,6 +823,7 @@ struct Live {
     backlog_after: i64,
     peak_rss_mib: f64,
     cpu_seconds: f64,
+    events_per_batch: f64,
 }
 
 fn now_us() -> i64 {
@@ -691,6 +913,7 @@ async fn live(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario, 
         backlog_after,
         peak_rss_mib: relay.peak_rss_mib(),
         cpu_seconds: relay.cpu_seconds(),
+        events_per_batch: relay.events_per_batch(),
     };
     relay.stop();
     eprintln!(
@@ -734,6 +957,123 @@ fn consume_latencies(bootstrap: &str, stop: Arc<AtomicBool>) -> Vec<f64> {
     latencies
 }
 
+// ------------------------------------------------------------ Debezium table
+//
+// Debezium's documented outbox table (uuid id) plus the `seq` identity
+// column with an index that polling needs, loaded one row per transaction,
+// drained by poll/delete (position `seq`) and replication/none (position
+// `id`) with the Debezium envelope.
+
+const DEBEZIUM_TOPIC: &str = "outbox.event.Order";
+
+/// The relay's configuration for the Debezium table.
+fn debezium_config(position: &str) -> String {
+    format!(
+        r#"
+[source]
+table = "public.outbox"
+[source.columns]
+position = "{position}"
+event_id = "id"
+aggregate_type = "aggregatetype"
+aggregate_id = "aggregateid"
+event_type = "type"
+payload = "payload"
+created_at = "timestamp"
+traceparent = "tracingspancontext"
+event_version = ""
+headers = ""
+actor = ""
+topic = ""
+published_at = ""
+attempts = ""
+last_error = ""
+failed_at = ""
+dead_lettered_at = ""
+[source.replication]
+publication = "bench_dbz_pub"
+[envelope]
+format = "debezium"
+"#
+    )
+}
+
+async fn debezium_runs(url: &str, broker: &mut TestBroker, client: &Client, events: usize, samples: &mut Samples) {
+    client
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pgcrypto; \
+             CREATE TABLE IF NOT EXISTS public.outbox (
+               id uuid NOT NULL PRIMARY KEY,
+               aggregatetype varchar(255) NOT NULL,
+               aggregateid varchar(255) NOT NULL,
+               type varchar(255) NOT NULL,
+               timestamp timestamp NOT NULL,
+               payload jsonb,
+               tracingspancontext varchar(256),
+               seq bigint GENERATED ALWAYS AS IDENTITY);
+             CREATE INDEX IF NOT EXISTS outbox_seq ON public.outbox (seq);
+             DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'bench_dbz_pub') THEN \
+               CREATE PUBLICATION bench_dbz_pub FOR TABLE public.outbox WITH (publish = 'insert'); END IF; END $$;
+             CREATE OR REPLACE PROCEDURE public.bench_load_dbz(n int8, aggregates int8) LANGUAGE plpgsql AS $$
+             BEGIN FOR s IN 1..n LOOP
+               INSERT INTO public.outbox (id, aggregatetype, aggregateid, type, timestamp, payload)
+               VALUES (gen_random_uuid(), 'Order', 'order-' || (s % aggregates), 'OrderUpdated', now(),
+                       jsonb_build_object('seq', s / aggregates, 'aggregate', s % aggregates, 'sent_us', 0, 'pad', repeat('x', 220)));
+               COMMIT;
+             END LOOP; END $$;",
+        )
+        .await
+        .expect("debezium table");
+    let dir = std::env::temp_dir().join(format!("bench-dbz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    for (capture, published, position) in [("poll", "delete", "seq"), ("replication", "none", "id")] {
+        let scenario = Scenario { capture: capture.into(), published: published.into() };
+        let path = dir.join(format!("{capture}.toml"));
+        std::fs::write(&path, debezium_config(position)).expect("write config");
+        client.batch_execute("TRUNCATE public.outbox").await.expect("truncate");
+        client.batch_execute("VACUUM ANALYZE public.outbox").await.expect("vacuum");
+        if scenario.replication() {
+            drop_slot(client, "outbox_relay").await;
+            client.execute("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')", &[]).await.expect("slot");
+        }
+        let started = Instant::now();
+        client.batch_execute(&format!("CALL public.bench_load_dbz({events}, {AGGREGATES})")).await.expect("load");
+        let load_rate = events as f64 / started.elapsed().as_secs_f64();
+        client.batch_execute("VACUUM ANALYZE public.outbox").await.expect("vacuum");
+        restart_broker(broker);
+        broker.create_topic(DEBEZIUM_TOPIC, PARTITIONS);
+        let target = current_lsn(client).await;
+        let started = Instant::now();
+        let relay = RelayRun::start_with(url, &broker.bootstrap(), &scenario, &[("OUTBOX_RELAY_CONFIG", path.display().to_string())]);
+        loop {
+            let left: bool = if scenario.replication() {
+                remaining(client, &scenario, &target).await
+            } else {
+                client.query_one("SELECT EXISTS (SELECT 1 FROM public.outbox)", &[]).await.expect("remaining").get(0)
+            };
+            if !left {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(started.elapsed() < Duration::from_secs(900), "Debezium drain took over 15 minutes");
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let (cpu, per_batch, rss) = (relay.cpu_seconds(), relay.events_per_batch(), relay.peak_rss_mib());
+        relay.stop();
+        if scenario.replication() {
+            drop_slot(client, "outbox_relay").await;
+        }
+        let name = format!("Debezium table (uuid id + seq), 1 row/txn, {}", scenario.name());
+        eprintln!("bench:   {name}: drain {seconds:.1} s, CPU {cpu:.2} s, {per_batch:.0} events/batch");
+        samples.add(&format!("{name}: load (events/s)"), load_rate);
+        samples.add(&format!("{name}: drain (events/s)"), events as f64 / seconds);
+        samples.add(&format!("{name}: relay CPU µs per event"), cpu * 1e6 / events as f64);
+        samples.add(&format!("{name}: events per batch"), per_batch);
+        samples.add(&format!("{name}: peak RSS (MiB)"), rss);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ------------------------------------------------------------------ Pub/Sub
 //
 // Backlog drain to Google's Pub/Sub emulator, reported as its own rows next
@@ -757,10 +1097,10 @@ async fn pubsub_drain(url: &str, client: &Client, events: usize, samples: &mut S
     let raw = pubsub_raw_publish(&emulator.host(), events).await;
     samples.add("raw: Pub/Sub emulator REST publish (events/s)", raw);
     reset(client).await;
-    preload(client, events).await;
+    preload(client, events, 0).await;
     let scenario = Scenario { capture: "poll".into(), published: "mark".into() };
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let child = Command::new(relay_bin())
         .arg("run")
         .env_remove("RUST_LOG")
         .env("OUTBOX_RELAY_POSTGRES__URL", url)
@@ -773,7 +1113,7 @@ async fn pubsub_drain(url: &str, client: &Client, events: usize, samples: &mut S
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start relay");
-    let relay = RelayRun { pid: child.id(), child };
+    let relay = RelayRun { pid: child.id(), child, http: None };
     while remaining(client, &scenario, "0/0").await {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(started.elapsed() < Duration::from_secs(900), "Pub/Sub drain took over 15 minutes");

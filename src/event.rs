@@ -217,10 +217,11 @@ impl RawRow {
             (None, _) => Payload::Null,
             (Some(payload_text), binary) => match binary {
             Some(bytes) => Payload::Binary { bytes, text: payload_text },
-            None if serde_json::from_str::<&RawValue>(&payload_text).is_ok() => RawValue::from_string(payload_text)
-                .map(Payload::Json)
-                .map_err(|e| reject(format!("payload is not valid JSON: {e}")))?,
-            None => Payload::Text(payload_text),
+            // Parsed once (checking first, then `from_string`, parsed it twice).
+            None => match serde_json::from_str::<Box<RawValue>>(&payload_text) {
+                Ok(raw) => Payload::Json(raw),
+                Err(_) => Payload::Text(payload_text),
+            },
             },
         };
         let headers = match self.headers {

@@ -28,7 +28,7 @@
 //! dead-lettered ones are marked only after the dead-letter topic
 //! acknowledged them, and everything else stays unpublished.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::config::{FailurePolicy, FailuresConfig};
 use crate::failure::{FailedRow, FailureKind};
@@ -181,11 +181,26 @@ pub const LEDGER_CAPACITY: usize = 100_000;
 
 /// What the broker already acknowledged, and how often events failed,
 /// across the sessions of one relay process (see the module docs).
+///
+/// Replication enters every acknowledged event and forgets it once the slot
+/// confirmed past its commit, as often as every 100 ms: `by_commit` orders
+/// the entries by commit LSN so forgetting costs what is forgotten, not a
+/// walk over everything remembered.
 #[derive(Debug, Default)]
 pub struct Ledger {
     /// Acknowledged, not yet marked/confirmed -> the LSN after which it can
     /// no longer be streamed again (0 when polling).
     acknowledged: HashMap<EventKey, u64>,
+    /// The entries of `acknowledged` with a commit LSN, by that LSN. May
+    /// hold keys already forgotten (marked, settled) or re-entered at another
+    /// LSN: an entry is dropped only when `acknowledged` still maps it to an
+    /// LSN below the confirmed one.
+    by_commit: BTreeMap<u64, Vec<EventKey>>,
+    /// Keys in `by_commit` (stale ones included), to keep it bounded.
+    indexed: usize,
+    /// Entries of `acknowledged` at LSN 0 (polling), which any confirmed
+    /// LSN also forgets.
+    uncommitted: usize,
     /// Failed attempts per event still unpublished.
     attempts: HashMap<EventKey, u32>,
 }
@@ -194,9 +209,43 @@ impl Ledger {
     /// Remembers that the broker acknowledged `key`; `lsn` is its
     /// transaction's commit LSN in replication (0 when polling).
     pub fn acknowledged(&mut self, key: EventKey, lsn: u64) {
-        self.attempts.remove(&key);
-        if self.acknowledged.len() < LEDGER_CAPACITY {
-            self.acknowledged.insert(key, lsn);
+        if !self.attempts.is_empty() {
+            self.attempts.remove(&key);
+        }
+        if self.acknowledged.len() >= LEDGER_CAPACITY && !self.acknowledged.contains_key(&key) {
+            return;
+        }
+        let previous = self.acknowledged.insert(key, lsn);
+        if previous == Some(0) {
+            self.uncommitted -= 1;
+        }
+        if lsn == 0 {
+            self.uncommitted += 1;
+        } else if previous != Some(lsn) {
+            if self.indexed >= 2 * LEDGER_CAPACITY {
+                self.reindex();
+            }
+            self.by_commit.entry(lsn).or_default().push(key);
+            self.indexed += 1;
+        }
+    }
+
+    /// Rebuilds `by_commit` from `acknowledged`, dropping stale keys.
+    fn reindex(&mut self) {
+        self.by_commit.clear();
+        self.indexed = 0;
+        for (key, &lsn) in &self.acknowledged {
+            if lsn != 0 {
+                self.by_commit.entry(lsn).or_default().push(*key);
+                self.indexed += 1;
+            }
+        }
+    }
+
+    /// Forgets `key` (marked or settled).
+    fn forget(&mut self, key: &EventKey) {
+        if self.acknowledged.remove(key) == Some(0) {
+            self.uncommitted -= 1;
         }
     }
 
@@ -212,14 +261,29 @@ impl Ledger {
             return;
         }
         for position in positions {
-            self.acknowledged.remove(&EventKey::row(*position));
+            self.forget(&EventKey::row(*position));
         }
     }
 
-    /// The slot confirmed `lsn`: what committed before it is never streamed again.
+    /// The slot confirmed `lsn`: what committed before it is never streamed
+    /// again. Costs the entries forgotten (see `by_commit`).
     pub fn confirmed(&mut self, lsn: u64) {
-        if !self.acknowledged.is_empty() {
-            self.acknowledged.retain(|_, commit| *commit >= lsn);
+        if lsn > 0 && self.uncommitted > 0 {
+            self.acknowledged.retain(|_, commit| *commit != 0);
+            self.uncommitted = 0;
+        }
+        if self.by_commit.first_key_value().is_none_or(|(&oldest, _)| oldest >= lsn) {
+            return;
+        }
+        let kept = self.by_commit.split_off(&lsn);
+        let gone = std::mem::replace(&mut self.by_commit, kept);
+        for key in gone.into_values().flatten() {
+            self.indexed -= 1;
+            if let std::collections::hash_map::Entry::Occupied(entry) = self.acknowledged.entry(key) {
+                if *entry.get() < lsn {
+                    entry.remove();
+                }
+            }
         }
     }
 
@@ -236,13 +300,16 @@ impl Ledger {
 
     /// How often `key` failed so far (0: never, or it was settled since).
     pub fn failures(&self, key: &EventKey) -> u32 {
+        if self.attempts.is_empty() {
+            return 0;
+        }
         self.attempts.get(key).copied().unwrap_or(0)
     }
 
     /// `key` is done (dead-lettered): forget its failures.
     pub fn settled(&mut self, key: &EventKey) {
         self.attempts.remove(key);
-        self.acknowledged.remove(key);
+        self.forget(key);
     }
 
     /// Events remembered as acknowledged and not yet settled.
@@ -493,6 +560,65 @@ mod tests {
         }
         assert_eq!(ledger.unsettled(), LEDGER_CAPACITY);
         assert!(ledger.attempts.len() <= LEDGER_CAPACITY);
+    }
+
+    /// The ledger against the plain map it replaced (retain on confirm),
+    /// over random operations: same answers, and the index stays bounded.
+    #[test]
+    fn the_ordered_ledger_answers_like_a_plain_map() {
+        let mut ledger = Ledger::default();
+        let mut model: HashMap<EventKey, u64> = HashMap::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20_000 {
+            let position = next(50) as i64;
+            let txn = next(6) * 10;
+            let key = EventKey { position, txn, message: next(5) == 0 };
+            match next(10) {
+                0..=4 => {
+                    let lsn = if next(8) == 0 { 0 } else { txn + next(3) };
+                    ledger.acknowledged(key, lsn);
+                    model.insert(key, lsn);
+                }
+                5 => {
+                    ledger.marked(&[position]);
+                    model.remove(&EventKey::row(position));
+                }
+                6 => {
+                    ledger.settled(&key);
+                    model.remove(&key);
+                }
+                _ => {
+                    let lsn = next(70);
+                    ledger.confirmed(lsn);
+                    model.retain(|_, commit| *commit >= lsn);
+                }
+            }
+            assert_eq!(ledger.unsettled(), model.len());
+            for (k, _) in model.iter() {
+                assert!(ledger.was_acknowledged(k));
+            }
+            assert_eq!(ledger.uncommitted, model.values().filter(|v| **v == 0).count());
+            assert_eq!(ledger.indexed, ledger.by_commit.values().map(Vec::len).sum::<usize>());
+        }
+    }
+
+    #[test]
+    fn the_ledger_index_is_rebuilt_before_it_outgrows_its_bound() {
+        let mut ledger = Ledger::default();
+        // The same few keys acknowledged again and again at new LSNs, never confirmed.
+        for lsn in 1..=(3 * LEDGER_CAPACITY as u64) {
+            ledger.acknowledged(EventKey { position: (lsn % 4) as i64, txn: 1, message: false }, lsn);
+        }
+        assert!(ledger.indexed <= 2 * LEDGER_CAPACITY);
+        assert_eq!(ledger.unsettled(), 4);
+        ledger.confirmed(u64::MAX);
+        assert_eq!(ledger.unsettled(), 0);
     }
 
     #[test]
