@@ -153,6 +153,66 @@ impl Plan {
     }
 }
 
+/// Exactly-once delivery (`sink.kafka.delivery = "exactly_once"`): the
+/// events that are in a committed Kafka transaction but whose rows are not
+/// yet marked (or whose transaction the slot has not yet confirmed). Every
+/// transaction also writes this set, as the relay's position, to the
+/// offsets topic, so after a crash or a takeover the last committed
+/// position names every event the broker holds and Postgres does not know
+/// about. The Kafka sink adds to it at commit; the [`Ledger`] it is shared
+/// with removes what was marked or confirmed, so it stays bounded by the
+/// unsettled window.
+#[derive(Debug, Clone, Default)]
+pub struct Committed(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<EventKey>>>);
+
+impl Committed {
+    fn with<T>(&self, f: impl FnOnce(&mut std::collections::HashSet<EventKey>) -> T) -> T {
+        // Only a panic inside these short critical sections could poison the lock.
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut set)
+    }
+
+    /// `keys` are now in a committed transaction.
+    pub fn add(&self, keys: impl IntoIterator<Item = EventKey>) {
+        self.with(|set| set.extend(keys));
+    }
+
+    /// Every event committed and not yet settled, in stream order.
+    pub fn snapshot(&self) -> Vec<EventKey> {
+        let mut keys: Vec<EventKey> = self.with(|set| set.iter().copied().collect());
+        keys.sort_unstable_by_key(|k| (k.txn, k.message, k.position));
+        keys
+    }
+
+    /// How many events are committed and not yet settled.
+    pub fn len(&self) -> usize {
+        self.with(|set| set.len())
+    }
+
+    /// True when nothing committed waits to be settled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn marked(&self, positions: &[i64]) {
+        self.with(|set| {
+            for position in positions {
+                set.remove(&EventKey::row(*position));
+            }
+        });
+    }
+
+    fn confirmed(&self, lsn: u64) {
+        // An event whose transaction committed before the confirmed LSN is
+        // never streamed again. Polled rows (txn 0) are only settled by marking.
+        self.with(|set| set.retain(|k| k.txn == 0 || k.txn >= lsn));
+    }
+
+    fn settled(&self, key: &EventKey) {
+        self.with(|set| set.remove(key));
+    }
+}
+
 /// Identifies one event across sessions: a row (by position) or a logical
 /// message (by LSN), within the transaction that carried it (its commit
 /// LSN in replication, 0 when polling), so a row id written again later is
@@ -188,6 +248,8 @@ pub struct Ledger {
     acknowledged: HashMap<EventKey, u64>,
     /// Failed attempts per event still unpublished.
     attempts: HashMap<EventKey, u32>,
+    /// Exactly once: the sink's committed-but-unsettled set, settled here too.
+    committed: Option<Committed>,
 }
 
 impl Ledger {
@@ -206,8 +268,29 @@ impl Ledger {
         !self.acknowledged.is_empty() && self.acknowledged.contains_key(key)
     }
 
+    /// Exactly once: settles `committed` (the sink's set) together with the ledger.
+    pub fn track(&mut self, committed: Committed) {
+        self.committed = Some(committed);
+    }
+
+    /// Exactly once: `keys` are in transactions the broker committed (read
+    /// back from the position after a restart or takeover): remember them as
+    /// acknowledged so they are marked and confirmed, not sent again, and
+    /// keep naming them in positions until then.
+    pub fn recovered(&mut self, keys: &[EventKey]) {
+        if let Some(committed) = &self.committed {
+            committed.add(keys.iter().copied());
+        }
+        for key in keys {
+            self.acknowledged(*key, key.txn);
+        }
+    }
+
     /// The rows at `positions` are marked: forget them (polling).
     pub fn marked(&mut self, positions: &[i64]) {
+        if let Some(committed) = &self.committed {
+            committed.marked(positions);
+        }
         if self.acknowledged.is_empty() {
             return;
         }
@@ -218,6 +301,9 @@ impl Ledger {
 
     /// The slot confirmed `lsn`: what committed before it is never streamed again.
     pub fn confirmed(&mut self, lsn: u64) {
+        if let Some(committed) = &self.committed {
+            committed.confirmed(lsn);
+        }
         if !self.acknowledged.is_empty() {
             self.acknowledged.retain(|_, commit| *commit >= lsn);
         }
@@ -241,6 +327,9 @@ impl Ledger {
 
     /// `key` is done (dead-lettered): forget its failures.
     pub fn settled(&mut self, key: &EventKey) {
+        if let Some(committed) = &self.committed {
+            committed.settled(key);
+        }
         self.attempts.remove(key);
         self.acknowledged.remove(key);
     }
