@@ -297,8 +297,13 @@ async fn transactional_errors_are_aborted_and_retried_without_loss_or_reordering
     let client = connect(&pg.url()).await;
     wait_all_published_or(&client, Duration::from_secs(180), || relay.log()).await;
 
-    // THEN transactions were aborted (as the relay's metrics say), and a
-    // read_committed consumer sees every event once, in order
+    // THEN transactions were aborted and retried (as the relay's metrics
+    // say), and a read_committed consumer sees every event, in per-aggregate
+    // order. The mock cluster does not implement transaction markers (its
+    // Fetch reports no aborted transactions and the high watermark as the
+    // last stable offset), so its consumers also see the aborted attempts:
+    // the duplicates counted here are those, which a real broker hides (the
+    // tansu scenarios above count 0).
     let (_, metrics) = common::relay::http_get(&relay.http_address(Duration::from_secs(5)), "/metrics");
     let aborted = metric_sum(&metrics, "outbox_relay_transactions_aborted_total");
     let committed = metric_sum(&metrics, "outbox_relay_transactions_committed_total");
@@ -306,11 +311,13 @@ async fn transactional_errors_are_aborted_and_retried_without_loss_or_reordering
     let consumed = consume_committed(&bootstrap, TOPIC, total, Duration::from_secs(60));
     let verdict = verify(&consumed, aggregates, per_aggregate * 2);
     summary(&format!("exactly once: mock EndTxn errors, {aborted} aborted ({})", mode.label()), total, &verdict);
-    assert!(aborted >= 1.0 || relay.log().contains("Fenced"), "no transaction was aborted: {metrics}\n{}", relay.log());
+    assert!(aborted >= 1.0, "no transaction was aborted: {metrics}\n{}", relay.log());
+    assert!(relay.log().contains("fenced by a newer instance"), "the injected PRODUCER_FENCED never reached the relay:\n{}", relay.log());
     assert!(committed >= 1.0, "{metrics}");
     assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
-    assert_eq!(verdict.duplicates, 0, "{verdict:?}\n{}", relay.log());
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
+    // Every duplicate is a copy of an aborted attempt: at most one batch (50) per abort.
+    assert!(verdict.duplicates as f64 <= aborted * 50.0, "{verdict:?}, {aborted} aborted\n{}", relay.log());
 }
 
 #[test]
