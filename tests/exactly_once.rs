@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::relay::{cli, connect, metric_sum, relay_env, verify, wait_all_published_or, RelayProcess, Verdict};
 use common::{Consumed, TestBroker};
-use outbox_relay::demo::postgres::ThrowawayPostgres;
+use outbox_relay::demo::postgres::{StopMode, ThrowawayPostgres};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
@@ -261,6 +261,90 @@ async fn a_takeover_fences_the_frozen_relay_and_nothing_arrives_twice(mode: Mode
     a.kill();
     assert_eq!(verdict.lost, 0, "{verdict:?}\nrelay-a:\n{}\nrelay-b:\n{}", a.log(), b.log());
     assert_eq!(verdict.duplicates, 0, "{verdict:?}\nrelay-a:\n{}\nrelay-b:\n{}", a.log(), b.log());
+    assert_eq!(verdict.order_violations, 0, "{verdict:?}");
+}
+
+in_both_modes!(postgres_restarts_and_terminated_backends_deliver_every_event_exactly_once: postgres_restarts_poll, postgres_restarts_replication);
+
+async fn postgres_restarts_and_terminated_backends_deliver_every_event_exactly_once(mode: Mode) {
+    // GIVEN exactly-once delivery from a Postgres that will go away three ways
+    let mut pg = ThrowawayPostgres::start().expect("start throwaway postgres");
+    let broker = TestBroker::start();
+    broker.create_topic(TOPIC, 8);
+    mode.migrate(&pg.url());
+    let relay = RelayProcess::start(&["run"], &mode.env(&pg.url(), &broker.bootstrap()));
+    let aggregates = 50;
+
+    // WHEN, mid-stream, Postgres stops fast, then immediately (a crash: the
+    // slot's position is only as durable as the last checkpoint), then the
+    // relay's backends are terminated
+    write_seqs(&pg.url(), aggregates, 1..=20, Duration::ZERO).await;
+    pg.stop(StopMode::Fast).expect("fast stop");
+    pg.start_again().expect("start again");
+    write_seqs(&pg.url(), aggregates, 21..=40, Duration::ZERO).await;
+    pg.stop(StopMode::Immediate).expect("immediate stop");
+    pg.start_again().expect("start again");
+    write_seqs(&pg.url(), aggregates, 41..=60, Duration::ZERO).await;
+    let client = connect(&pg.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut terminated = 0i64;
+    while terminated == 0 && Instant::now() < deadline {
+        terminated = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name LIKE 'outbox-relay%'",
+                &[],
+            )
+            .await
+            .expect("terminate the relay's backends")
+            .get(0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    write_seqs(&pg.url(), aggregates, 61..=80, Duration::ZERO).await;
+    wait_all_published_or(&client, Duration::from_secs(180), || relay.log()).await;
+
+    // THEN a read_committed consumer sees every event once, in order
+    let total = aggregates * 80;
+    let consumed = consume_committed(&broker.bootstrap(), TOPIC, total, Duration::from_secs(60));
+    let verdict = verify(&consumed, aggregates, 80);
+    summary(&format!("exactly once: postgres fast + immediate restart, backends terminated ({})", mode.label()), total, &verdict);
+    assert!(terminated > 0, "the relay's connection was terminated");
+    assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
+    assert_eq!(verdict.duplicates, 0, "{verdict:?}\n{}", relay.log());
+    assert_eq!(verdict.order_violations, 0, "{verdict:?}");
+}
+
+in_both_modes!(broker_frozen_10s_delivers_every_event_exactly_once: broker_frozen_poll, broker_frozen_replication);
+
+async fn broker_frozen_10s_delivers_every_event_exactly_once(mode: Mode) {
+    // GIVEN exactly-once delivery to the test broker while writers write
+    let pg = ThrowawayPostgres::start().expect("start throwaway postgres");
+    let broker = TestBroker::start();
+    broker.create_topic(TOPIC, 8);
+    mode.migrate(&pg.url());
+    let relay = RelayProcess::start(&["run"], &mode.env(&pg.url(), &broker.bootstrap()));
+    let (aggregates, per_aggregate) = (20, 60);
+    let writer = tokio::spawn({
+        let url = pg.url();
+        async move { write_seqs(&url, aggregates, 1..=per_aggregate, Duration::from_millis(40)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // WHEN the broker process is stopped (SIGSTOP) for 10 s, then continued
+    broker.freeze(true);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    broker.freeze(false);
+    writer.await.expect("writer");
+    let client = connect(&pg.url()).await;
+    wait_all_published_or(&client, Duration::from_secs(180), || relay.log()).await;
+
+    // THEN a read_committed consumer sees every event once, in order
+    let total = aggregates * per_aggregate;
+    let consumed = consume_committed(&broker.bootstrap(), TOPIC, total, Duration::from_secs(60));
+    let verdict = verify(&consumed, aggregates, per_aggregate);
+    summary(&format!("exactly once: broker stopped 10 s (SIGSTOP), continued ({})", mode.label()), total, &verdict);
+    assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
+    assert_eq!(verdict.duplicates, 0, "{verdict:?}\n{}", relay.log());
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
 }
 

@@ -69,12 +69,12 @@ impl<S: Sink> Relay<S> {
         let holder = self.holder(&me, slot);
         let previous: Vec<String> = if slot { Vec::new() } else { fresh.iter().map(|r| self.holder(r, false)).collect() };
         let scope = if slot { holder.clone() } else { format!("poll.{}.", self.config.source.table) };
-        let Some(keys) = self.sink.hold(&holder, &previous, &scope).await.map_err(RelayError::Broker)? else {
+        let Some(position) = self.sink.hold(&holder, &previous, &scope).await.map_err(RelayError::Broker)? else {
             done.held = true;
             done.lanes = claimable;
             return Ok(());
         };
-        let positions: Vec<i64> = keys.iter().filter(|k| !k.message).map(|k| k.position).collect();
+        let positions: Vec<i64> = position.events.iter().filter(|k| !k.message).map(|k| k.position).collect();
         let pending = if positions.is_empty() { Vec::new() } else { source.still_pending(&positions).await? };
         source.checkpoint(&pending).await?;
         // Settled now: later positions stop naming them.
@@ -95,9 +95,13 @@ impl<S: Sink> Relay<S> {
     /// leader's) and has the stream skip what the position names.
     pub(super) async fn reconcile_slot(&mut self) -> Result<(), RelayError> {
         let holder = self.holder(&self.identity.relay_id.clone(), true);
-        let Some(keys) = self.sink.hold(&holder, &[], &holder).await.map_err(RelayError::Broker)? else { return Ok(()) };
-        info!(events = keys.len(), "exactly-once: events the broker already holds are skipped by the stream (marked and confirmed only)");
-        self.ledger.recovered(&keys);
+        let Some(position) = self.sink.hold(&holder, &[], &holder).await.map_err(RelayError::Broker)? else { return Ok(()) };
+        info!(
+            events = position.events.len(),
+            settled_below = position.confirmed,
+            "exactly-once: events the broker already holds are skipped by the stream (marked and confirmed only)"
+        );
+        self.ledger.recovered(&position.events, position.confirmed);
         Ok(())
     }
 }

@@ -163,30 +163,42 @@ impl Plan {
 /// with removes what was marked or confirmed, so it stays bounded by the
 /// unsettled window.
 #[derive(Debug, Clone, Default)]
-pub struct Committed(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<EventKey>>>);
+pub struct Committed(std::sync::Arc<std::sync::Mutex<CommittedState>>);
+
+/// What [`Committed`] guards.
+#[derive(Debug, Default)]
+struct CommittedState {
+    /// Events in committed transactions, not yet settled.
+    keys: std::collections::HashSet<EventKey>,
+    /// Replication: the highest LSN this relay confirmed to the slot. A
+    /// Postgres crash can move the slot back behind it (its position is only
+    /// as durable as the last checkpoint); what lies behind it was settled.
+    confirmed: u64,
+}
 
 impl Committed {
-    fn with<T>(&self, f: impl FnOnce(&mut std::collections::HashSet<EventKey>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut CommittedState) -> T) -> T {
         // Only a panic inside these short critical sections could poison the lock.
-        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut set)
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut state)
     }
 
     /// `keys` are now in a committed transaction.
     pub fn add(&self, keys: impl IntoIterator<Item = EventKey>) {
-        self.with(|set| set.extend(keys));
+        self.with(|state| state.keys.extend(keys));
     }
 
-    /// Every event committed and not yet settled, in stream order.
-    pub fn snapshot(&self) -> Vec<EventKey> {
-        let mut keys: Vec<EventKey> = self.with(|set| set.iter().copied().collect());
+    /// Every event committed and not yet settled, in stream order, and the
+    /// highest LSN confirmed to the slot (0 when polling).
+    pub fn snapshot(&self) -> (Vec<EventKey>, u64) {
+        let (mut keys, confirmed) = self.with(|state| (state.keys.iter().copied().collect::<Vec<_>>(), state.confirmed));
         keys.sort_unstable_by_key(|k| (k.txn, k.message, k.position));
-        keys
+        (keys, confirmed)
     }
 
     /// How many events are committed and not yet settled.
     pub fn len(&self) -> usize {
-        self.with(|set| set.len())
+        self.with(|state| state.keys.len())
     }
 
     /// True when nothing committed waits to be settled.
@@ -195,9 +207,9 @@ impl Committed {
     }
 
     fn marked(&self, positions: &[i64]) {
-        self.with(|set| {
+        self.with(|state| {
             for position in positions {
-                set.remove(&EventKey::row(*position));
+                state.keys.remove(&EventKey::row(*position));
             }
         });
     }
@@ -205,11 +217,14 @@ impl Committed {
     fn confirmed(&self, lsn: u64) {
         // An event whose transaction committed before the confirmed LSN is
         // never streamed again. Polled rows (txn 0) are only settled by marking.
-        self.with(|set| set.retain(|k| k.txn == 0 || k.txn >= lsn));
+        self.with(|state| {
+            state.keys.retain(|k| k.txn == 0 || k.txn >= lsn);
+            state.confirmed = state.confirmed.max(lsn);
+        });
     }
 
     fn settled(&self, key: &EventKey) {
-        self.with(|set| set.remove(key));
+        self.with(|state| state.keys.remove(key));
     }
 }
 
@@ -250,6 +265,10 @@ pub struct Ledger {
     attempts: HashMap<EventKey, u32>,
     /// Exactly once: the sink's committed-but-unsettled set, settled here too.
     committed: Option<Committed>,
+    /// Exactly once, replication: transactions committing before this LSN
+    /// were settled by an earlier leader (its position says so) although the
+    /// slot may stand behind it after a Postgres crash: not sent again.
+    settled_below: u64,
 }
 
 impl Ledger {
@@ -265,7 +284,7 @@ impl Ledger {
     /// Whether `key` was acknowledged and not yet settled: do not send it
     /// again, only mark it.
     pub fn was_acknowledged(&self, key: &EventKey) -> bool {
-        !self.acknowledged.is_empty() && self.acknowledged.contains_key(key)
+        (key.txn != 0 && key.txn < self.settled_below) || (!self.acknowledged.is_empty() && self.acknowledged.contains_key(key))
     }
 
     /// Exactly once: settles `committed` (the sink's set) together with the ledger.
@@ -276,11 +295,15 @@ impl Ledger {
     /// Exactly once: `keys` are in transactions the broker committed (read
     /// back from the position after a restart or takeover): remember them as
     /// acknowledged so they are marked and confirmed, not sent again, and
-    /// keep naming them in positions until then.
-    pub fn recovered(&mut self, keys: &[EventKey]) {
+    /// keep naming them in positions until then. Transactions before
+    /// `confirmed` (the LSN the writer of the position had confirmed) were
+    /// settled: never sent again, even if the slot fell behind it.
+    pub fn recovered(&mut self, keys: &[EventKey], confirmed: u64) {
         if let Some(committed) = &self.committed {
             committed.add(keys.iter().copied());
+            committed.confirmed(confirmed);
         }
+        self.settled_below = self.settled_below.max(confirmed);
         for key in keys {
             self.acknowledged(*key, key.txn);
         }

@@ -25,7 +25,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::transactions::Transactions;
-use super::{OutgoingMessage, PendingDelivery, PublishError, Sink};
+use super::{OutgoingMessage, PendingDelivery, Position, PublishError, Sink};
 use crate::config::{Delivery, KafkaConfig};
 use crate::settle::{Committed, EventKey};
 
@@ -186,9 +186,11 @@ impl Sink for KafkaSink {
         self.exactly_once.as_ref().map(|t| t.committed(metrics))
     }
 
-    async fn hold(&self, holder: &str, previous: &[String], scope: &str) -> Result<Option<Vec<EventKey>>, String> {
+    async fn hold(&self, holder: &str, previous: &[String], scope: &str) -> Result<Option<Position>, String> {
         match &self.exactly_once {
-            Some(transactions) => transactions.hold(self, holder, previous, scope).await.map(Some),
+            Some(transactions) => {
+                transactions.hold(self, holder, previous, scope).await.map(|(events, confirmed)| Some(Position { events, confirmed }))
+            }
             None => Ok(None),
         }
     }

@@ -33,6 +33,16 @@ pub struct OutgoingMessage {
     pub tombstone: bool,
 }
 
+/// Exactly once: what the committed positions of a holder (or holders) say.
+#[derive(Debug, Default)]
+pub struct Position {
+    /// Events in committed transactions that may not be settled in Postgres yet.
+    pub events: Vec<EventKey>,
+    /// Replication: the highest LSN the writers had confirmed to the slot
+    /// (the slot can fall behind it after a Postgres crash); 0 when polling.
+    pub confirmed: u64,
+}
+
 /// Why one message was not acknowledged.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("{reason}")]
@@ -82,7 +92,7 @@ pub trait Sink: Send + Sync + 'static {
     /// holders `scope` names (one holder, or with a trailing `.` every
     /// holder it starts) delivered and Postgres may not know about yet.
     /// None: at least once.
-    fn hold(&self, holder: &str, previous: &[String], scope: &str) -> impl Future<Output = Result<Option<Vec<EventKey>>, String>> + Send {
+    fn hold(&self, holder: &str, previous: &[String], scope: &str) -> impl Future<Output = Result<Option<Position>, String>> + Send {
         let _ = (holder, previous, scope);
         async { Ok(None) }
     }
@@ -150,7 +160,7 @@ impl Sink for AnySink {
         }
     }
 
-    async fn hold(&self, holder: &str, previous: &[String], scope: &str) -> Result<Option<Vec<EventKey>>, String> {
+    async fn hold(&self, holder: &str, previous: &[String], scope: &str) -> Result<Option<Position>, String> {
         match self {
             AnySink::Kafka(sink) => sink.hold(holder, previous, scope).await,
             AnySink::PubSub(_) => Ok(None),

@@ -66,10 +66,13 @@ struct PositionRecord {
     v: u32,
     /// `[txn, message (0/1), first position, last position]` per run.
     runs: Vec<(u64, u8, i64, i64)>,
+    /// Replication: the highest LSN the writer had confirmed to the slot.
+    #[serde(default)]
+    confirmed: u64,
 }
 
 impl PositionRecord {
-    fn of(keys: &[EventKey]) -> PositionRecord {
+    fn of(keys: &[EventKey], confirmed: u64) -> PositionRecord {
         let mut runs: Vec<(u64, u8, i64, i64)> = Vec::new();
         for key in keys {
             let message = u8::from(key.message);
@@ -80,7 +83,7 @@ impl PositionRecord {
                 _ => runs.push((key.txn, message, key.position, key.position)),
             }
         }
-        PositionRecord { v: 1, runs }
+        PositionRecord { v: 1, runs, confirmed }
     }
 
     fn keys(&self) -> Result<Vec<EventKey>, String> {
@@ -194,7 +197,7 @@ impl Transactions {
     /// after fencing each holder in `previous`, then reads what committed
     /// transactions of `holder` (and, when `holder` ends with `.*`, of every
     /// holder it names) delivered that Postgres may not know yet.
-    pub async fn hold(&self, sink: &KafkaSink, holder: &str, previous: &[String], scope: &str) -> Result<Vec<EventKey>, String> {
+    pub async fn hold(&self, sink: &KafkaSink, holder: &str, previous: &[String], scope: &str) -> Result<(Vec<EventKey>, u64), String> {
         self.ensure_topic(sink).await;
         let id = self.id_of(holder);
         let mut held = self.held.lock().await;
@@ -263,7 +266,7 @@ impl Transactions {
     }
 
     /// The events named by the last committed position record of each key `wanted` accepts.
-    async fn read_positions(&self, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<Vec<EventKey>, String> {
+    async fn read_positions(&self, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<(Vec<EventKey>, u64), String> {
         let mut client = ClientConfig::new();
         // Connection and security settings carry over; producer-only ones do not.
         let shared = ["bootstrap.servers", "security.", "ssl.", "sasl.", "socket.", "broker.", "client.", "api.version", "reconnect."];
@@ -291,17 +294,20 @@ impl Transactions {
             )
         })?;
         let mut keys = Vec::new();
+        let mut confirmed = 0;
         for (id, value) in latest {
             let record: PositionRecord = serde_json::from_slice(&value).map_err(|e| format!("position record of {id} is not readable: {e}"))?;
             let mut named = record.keys().map_err(|e| format!("position record of {id}: {e}"))?;
             keys.append(&mut named);
+            confirmed = confirmed.max(record.confirmed);
         }
         tracing::info!(
             events = keys.len(),
             took_ms = started.elapsed().as_millis() as u64,
+            confirmed,
             "exactly-once: read the committed position (events the broker holds that may not be settled yet)"
         );
-        Ok(keys)
+        Ok((keys, confirmed))
     }
 
     /// Publishes `messages` and this holder's position in one transaction;
@@ -403,11 +409,11 @@ impl Transactions {
             return Attempt::Refused(now_refused);
         }
         // The position: everything committed and unsettled, plus this batch.
-        let mut named = self.committed.snapshot();
+        let (mut named, confirmed) = self.committed.snapshot();
         named.extend(keys.iter().zip(refused).filter(|(_, r)| r.is_none()).map(|(k, _)| *k));
         named.sort_unstable_by_key(|k| (k.txn, k.message, k.position));
         named.dedup();
-        let value = match serde_json::to_vec(&PositionRecord::of(&named)) {
+        let value = match serde_json::to_vec(&PositionRecord::of(&named, confirmed)) {
             Ok(value) => value,
             Err(error) => return Attempt::Abortable(format!("encoding the position: {error}")),
         };
@@ -536,7 +542,7 @@ mod tests {
             EventKey { position: 9, txn: 500, message: false },
             EventKey { position: 9000, txn: 500, message: true },
         ];
-        let record = PositionRecord::of(&keys);
+        let record = PositionRecord::of(&keys, 0);
         assert_eq!(record.runs, vec![(0, 0, 1, 3), (0, 0, 7, 7), (500, 0, 8, 9), (500, 1, 9000, 9000)]);
         let text = serde_json::to_vec(&record).unwrap();
         let back: PositionRecord = serde_json::from_slice(&text).unwrap();
@@ -545,7 +551,7 @@ mod tests {
 
     #[test]
     fn a_record_naming_absurdly_many_events_is_refused() {
-        let record = PositionRecord { v: 1, runs: vec![(0, 0, 0, i64::MAX)] };
+        let record = PositionRecord { v: 1, runs: vec![(0, 0, 0, i64::MAX)], confirmed: 0 };
         assert!(record.keys().is_err());
     }
 }
