@@ -334,6 +334,10 @@ impl ClientContext for QuietContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            // The exactly-once position reader asks for end-of-partition events; not an error.
+            return;
+        }
         let text = format!("{error}: {reason}");
         let key = if all_brokers_down(&text) { "all-brokers-down".to_owned() } else { kind_of("", reason) };
         let Some(held_back) = self.admit(key) else { return };
