@@ -569,7 +569,7 @@ impl Default for PubSubConfig {
 
 /// librdkafka producer settings.
 /// `Debug` hides the values of secret properties (`sasl.*`, `ssl.key.*`, passwords).
-#[derive(Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`, comma separated `host:port`.
@@ -578,6 +578,39 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     /// Properties whose values are read from files, e.g. `"sasl.password" = "/run/secrets/kafka"`.
     pub properties_from_files: BTreeMap<String, std::path::PathBuf>,
+    /// At least once (the default) or exactly once through Kafka transactions.
+    pub delivery: Delivery,
+    /// Exactly once: the compacted topic the relay commits its position to,
+    /// in the same transaction as the events (created if missing and allowed).
+    pub offsets_topic: String,
+    /// Exactly once: prefix of every transactional id (and position key);
+    /// unique per outbox database within the Kafka cluster.
+    pub transactional_id_prefix: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            properties: BTreeMap::new(),
+            properties_from_files: BTreeMap::new(),
+            delivery: Delivery::AtLeastOnce,
+            offsets_topic: "outbox-relay.offsets".into(),
+            transactional_id_prefix: "outbox-relay".into(),
+        }
+    }
+}
+
+/// What a consumer can count on (`sink.kafka.delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Every event at least once; a crash re-publishes the in-flight window.
+    #[default]
+    AtLeastOnce,
+    /// Every event once for `read_committed` consumers: each batch and the
+    /// relay's position commit in one Kafka transaction.
+    ExactlyOnce,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -591,6 +624,9 @@ impl std::fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("properties", &properties)
             .field("properties_from_files", &self.properties_from_files)
+            .field("delivery", &self.delivery)
+            .field("offsets_topic", &self.offsets_topic)
+            .field("transactional_id_prefix", &self.transactional_id_prefix)
             .finish()
     }
 }
@@ -744,6 +780,25 @@ impl Config {
                 "sink.kafka.brokers",
                 "is not set: list the bootstrap brokers, e.g. \"kafka-1:9092,kafka-2:9092\"",
             ));
+        }
+        if self.sink.kafka.delivery == Delivery::ExactlyOnce {
+            if self.sink.kind == SinkKind::PubSub {
+                return Err(ConfigError::invalid(
+                    "sink.kafka.delivery",
+                    "is \"exactly_once\", but sink.kind = \"pubsub\": Pub/Sub has no transactions that could commit the events and the \
+                     relay's position together; use kind = \"kafka\", or delivery = \"at_least_once\" with consumers that deduplicate on event_id",
+                ));
+            }
+            if self.sink.kafka.offsets_topic.trim().is_empty() {
+                return Err(ConfigError::invalid("sink.kafka.offsets_topic", "must name a topic when delivery = \"exactly_once\""));
+            }
+            let prefix = &self.sink.kafka.transactional_id_prefix;
+            if prefix.trim().is_empty() || prefix.chars().count() > 100 || prefix.chars().any(char::is_control) {
+                return Err(ConfigError::invalid(
+                    "sink.kafka.transactional_id_prefix",
+                    "must be 1-100 printable characters, unique per outbox database in the Kafka cluster",
+                ));
+            }
         }
         if self.published.mode == PublishedMode::Mark && self.source.columns.published_at.is_empty() {
             return Err(ConfigError::invalid(

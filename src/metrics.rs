@@ -53,6 +53,13 @@ pub struct Metrics {
     pub lanes_owned: IntGauge,
     /// Events sent but not yet acknowledged.
     pub events_in_flight: IntGauge,
+    /// Exactly once: Kafka transactions committed (one per batch).
+    pub transactions_committed: IntCounter,
+    /// Exactly once: Kafka transactions aborted (each is retried, or its
+    /// session restarts; a steady rate means the broker keeps refusing).
+    pub transactions_aborted: IntCounter,
+    /// Exactly once: how long committing a transaction took.
+    pub transaction_commit_latency: Histogram,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
     labels_seen: Arc<Mutex<HashSet<(String, String)>>>,
@@ -74,6 +81,12 @@ impl Metrics {
         let mut hidden: Vec<Box<dyn prometheus::core::Collector>> = Vec::new();
         if config.source.mode == SourceMode::Poll {
             hidden.push(Box::new(metrics.replication_slot_lag.clone()));
+        }
+        if config.sink.kafka.delivery != crate::config::Delivery::ExactlyOnce || config.sink.kind != crate::config::SinkKind::Kafka {
+            // No transactions: counters that could only ever read 0.
+            hidden.push(Box::new(metrics.transactions_committed.clone()));
+            hidden.push(Box::new(metrics.transactions_aborted.clone()));
+            hidden.push(Box::new(metrics.transaction_commit_latency.clone()));
         }
         if config.published.mode == PublishedMode::None {
             hidden.push(Box::new(metrics.backlog_events.clone()));
@@ -143,6 +156,21 @@ impl Metrics {
         let lanes_owned = IntGauge::new("outbox_relay_lanes_owned", "Outbox lanes this relay holds and claims from (polling)").expect("valid metric");
         let events_in_flight =
             IntGauge::new("outbox_relay_events_in_flight", "Events sent but not yet acknowledged").expect("valid metric");
+        let transactions_committed = IntCounter::new(
+            "outbox_relay_transactions_committed_total",
+            "Kafka transactions committed (delivery = exactly_once)",
+        )
+        .expect("valid metric");
+        let transactions_aborted = IntCounter::new(
+            "outbox_relay_transactions_aborted_total",
+            "Kafka transactions aborted and retried (delivery = exactly_once)",
+        )
+        .expect("valid metric");
+        let transaction_commit_latency = Histogram::with_opts(
+            HistogramOpts::new("outbox_relay_transaction_commit_seconds", "Time to commit one Kafka transaction (delivery = exactly_once)")
+                .buckets(seconds_buckets()),
+        )
+        .expect("valid metric");
         let build_info =
             IntGaugeVec::new(Opts::new("outbox_relay_build_info", "Relay build information and its replicas.relay_id"), &["version", "relay_id"])
             .expect("valid metric");
@@ -164,6 +192,9 @@ impl Metrics {
             Box::new(leader.clone()),
             Box::new(lanes_owned.clone()),
             Box::new(events_in_flight.clone()),
+            Box::new(transactions_committed.clone()),
+            Box::new(transactions_aborted.clone()),
+            Box::new(transaction_commit_latency.clone()),
             Box::new(build_info.clone()),
         ];
         for collector in collectors {
@@ -188,6 +219,9 @@ impl Metrics {
             leader,
             lanes_owned,
             events_in_flight,
+            transactions_committed,
+            transactions_aborted,
+            transaction_commit_latency,
             build_info,
             labels_seen: Arc::new(Mutex::new(HashSet::new())),
         }
@@ -268,6 +302,12 @@ mod tests {
         let none = names(&config);
         assert!(none.iter().any(|n| n.contains("replication_slot_lag")), "{none:?}");
         assert!(!none.iter().any(|n| n.contains("oldest_unpublished_age") || n.contains("backlog_events")), "{none:?}");
+        assert!(!none.iter().any(|n| n.contains("transaction")), "{none:?}");
+        config.sink.kafka.delivery = crate::config::Delivery::ExactlyOnce;
+        let exactly_once = names(&config);
+        for name in ["outbox_relay_transactions_committed_total", "outbox_relay_transactions_aborted_total", "outbox_relay_transaction_commit_seconds"] {
+            assert!(exactly_once.iter().any(|n| n == name), "{name} missing from {exactly_once:?}");
+        }
     }
 
     #[test]

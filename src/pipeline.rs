@@ -22,6 +22,7 @@ use crate::coordination::Fence;
 use crate::failure::{DeadLetter, FailedRow, FailureKind};
 use crate::envelope::EnvelopeMapper;
 use crate::metrics::Metrics;
+use crate::settle::EventKey;
 use crate::event::Rejected;
 use crate::sink::Sink;
 use crate::source::ClaimedBatch;
@@ -124,6 +125,7 @@ async fn publish<S: Sink>(
     let fenced = !fence.holds();
     let (events, rejected, mut already_delivered) =
         if fenced { Default::default() } else { (batch.events, batch.rejected, batch.already_delivered) };
+    let event_keys = batch.keys;
     let mut failed: Vec<FailedRow> = Vec::new();
     for row in rejected {
         let mut failure = FailedRow { row, kind: FailureKind::Envelope, letter: None };
@@ -132,6 +134,8 @@ async fn publish<S: Sink>(
     }
     let mut held = Vec::new();
     let mut messages = Vec::with_capacity(events.len());
+    // Which event each message carries, for an exactly-once sink's position.
+    let mut keys = Vec::with_capacity(events.len());
     // Per message: index into `events`, creation time (for latency) and an index into `labels`.
     let mut sent: Vec<(usize, i64, usize)> = Vec::with_capacity(events.len());
     let mut labels: Vec<(String, String)> = Vec::new();
@@ -152,6 +156,7 @@ async fn publish<S: Sink>(
                 sent.push((index, event.created_at.timestamp_micros(), label));
                 trace_publish(event, &message.topic);
                 messages.push(message);
+                keys.push(event_keys.get(index).copied().unwrap_or_else(|| EventKey::row(event.position)));
             }
             Err(error) => {
                 let reason = error.to_string();
@@ -166,7 +171,7 @@ async fn publish<S: Sink>(
         }
     }
     let enqueued_at = std::time::Instant::now();
-    let delivery = sink.enqueue(messages).await;
+    let delivery = sink.enqueue_keyed(messages, keys).await;
     let sequence = batch.sequence;
     let metrics = metrics.clone();
     let blocked = blocked.cloned();

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use crate::config::{Config, ConfigError, FailurePolicy, SinkKind};
+use crate::config::{Config, ConfigError, Delivery, FailurePolicy, SinkKind};
 
 /// Loads the configuration and checks all of it (see the module docs).
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -46,7 +46,14 @@ fn check_features(config: &Config) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
     match config.sink.kind {
         SinkKind::Kafka => {
-            crate::envelope::check_kafka_template(&config.sink.topic).map_err(|problem| ConfigError::invalid("sink.topic", problem))?
+            crate::envelope::check_kafka_template(&config.sink.topic).map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
+            let offsets = &config.sink.kafka.offsets_topic;
+            if config.sink.kafka.delivery == Delivery::ExactlyOnce && !crate::envelope::is_valid_topic(offsets) {
+                return Err(ConfigError::invalid(
+                    "sink.kafka.offsets_topic",
+                    format!("{offsets:?} is not a valid Kafka topic name ({}): name the compacted topic exactly-once delivery commits its position to", crate::envelope::KAFKA_TOPIC_RULE),
+                ));
+            }
         }
         SinkKind::PubSub => crate::sink::pubsub::validate_config(&config.sink.pubsub, &config.sink.topic)
             .map_err(|e| ConfigError::invalid(e.key, e.problem))?,
@@ -92,6 +99,21 @@ mod tests {
         c.postgres.url = "postgres://relay@db/app?sslmode=verify-full&sslrootcert=/nonexistent.pem".into();
         let msg = validate(&c).unwrap_err().to_string();
         assert!(msg.contains("`postgres.url`") && msg.contains("/nonexistent.pem"), "{msg}");
+    }
+
+    #[test]
+    fn exactly_once_needs_kafka_and_a_valid_offsets_topic() {
+        let mut c = valid();
+        c.sink.kafka.delivery = Delivery::ExactlyOnce;
+        validate(&c).unwrap();
+        c.sink.kafka.offsets_topic = "bad topic!".into();
+        let msg = validate(&c).unwrap_err().to_string();
+        assert!(msg.contains("sink.kafka.offsets_topic"), "{msg}");
+        c.sink.kafka.offsets_topic = "outbox-relay.offsets".into();
+        c.sink.kind = SinkKind::PubSub;
+        c.sink.pubsub.project = "my-project".into();
+        let msg = validate(&c).unwrap_err().to_string();
+        assert!(msg.contains("sink.kafka.delivery") && msg.contains("Pub/Sub has no transactions"), "{msg}");
     }
 
     #[test]

@@ -242,6 +242,10 @@ pub struct Assignment {
     pub releasing: BTreeSet<i32>,
     /// Lanes in the layout.
     pub lanes: i32,
+    /// Relays (`relay_id`) whose expired leases this relay took over, so
+    /// far: exactly-once delivery fences their Kafka producers and reads
+    /// their position before publishing for those lanes.
+    pub taken_from: BTreeSet<String>,
 }
 
 impl Assignment {
@@ -471,6 +475,7 @@ impl State {
                 let from: BTreeSet<&str> = acquired.lanes.iter().filter_map(|(_, previous)| previous.as_deref()).collect();
                 self.fence.extend_to(sent + self.timing.valid_for());
                 self.assignment.held.extend(taken.iter().copied());
+                self.assignment.taken_from.extend(from.iter().map(|r| (*r).to_owned()));
                 self.bump();
                 if self.resource.share {
                     info!(outbox = %self.resource.name, lanes = ?taken, previous_holders = ?from, holding = self.assignment.held.len(), share, "took lanes");
@@ -559,7 +564,7 @@ mod tests {
 
     #[test]
     fn releasing_lanes_are_not_claimable() {
-        let a = Assignment { version: 3, held: [1, 2, 3].into(), releasing: [3].into(), lanes: 4 };
+        let a = Assignment { version: 3, held: [1, 2, 3].into(), releasing: [3].into(), lanes: 4, ..Assignment::default() };
         assert_eq!(a.claimable(), vec![1, 2]);
     }
 

@@ -15,6 +15,7 @@
 //! while they hold the slot's lease. A session whose lease lapsed ends
 //! without publishing or confirming anything more, and the relay rejoins.
 
+mod exactly_once;
 mod poll;
 mod replication;
 
@@ -128,6 +129,10 @@ impl<S: Sink> Relay<S> {
             .map_err(|e| RelayError::Config(e.to_string()))?;
         let identity = Identity::new(config.replicas.resolved_relay_id());
         let table = OutboxTable::from_config(&config).map_err(RelayError::Config)?;
+        let mut ledger = Ledger::default();
+        if let Some(committed) = sink.exactly_once(&metrics) {
+            ledger.track(committed);
+        }
         Ok(Relay {
             config,
             table,
@@ -137,7 +142,7 @@ impl<S: Sink> Relay<S> {
             health,
             shutdown,
             identity,
-            ledger: Ledger::default(),
+            ledger,
             blocked: Blocked::default(),
             blocked_behind_lsn: 0,
         })

@@ -199,6 +199,7 @@ impl<S: Sink> Relay<S> {
         let fence = coordinator.fence();
         let mut lanes = Lanes::default();
         let mut reassign = true;
+        let mut reconciled = super::exactly_once::Reconciled::default();
 
         loop {
             self.health.beat();
@@ -211,6 +212,8 @@ impl<S: Sink> Relay<S> {
             }
             if reassign && in_flight.is_empty() && !stopping {
                 let current = assignment.borrow_and_update().clone();
+                // Exactly once: before claiming for lanes it holds now, fence and read back.
+                self.reconcile_lanes(source, &current, &mut reconciled, until_caught_up).await?;
                 lanes.adopt(&current, &self.identity.relay_id, until_caught_up);
                 coordinator.adopt(current.version, &lanes.claiming);
                 self.metrics.lanes_owned.set(if until_caught_up { 0 } else { lanes.claiming.len() as i64 });

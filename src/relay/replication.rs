@@ -105,7 +105,10 @@ impl Building {
         self.batch.last_position = position;
         match decoded {
             Decoded::Event { .. } if ledger.was_acknowledged(&key) => self.batch.already_delivered.push(position),
-            Decoded::Event { event, .. } => self.batch.events.push(*event),
+            Decoded::Event { event, .. } => {
+                self.batch.events.push(*event);
+                self.batch.keys.push(key);
+            }
             Decoded::Rejected { rejected, .. } => self.batch.rejected.push(rejected),
             Decoded::Ignored => {}
         }
@@ -362,6 +365,8 @@ impl<S: Sink> Relay<S> {
             .map_err(|e| RelayError::Config(e.to_string()))?
             .with_tls(WireTls { settings: prepared.tls, config: prepared.rustls });
         let fence = coordinator.fence();
+        // Exactly once: fence the previous leader's producer, skip what the broker holds.
+        self.reconcile_slot().await?;
         let stream = self.take_slot(control, &params, &fence).await?;
         // Checked after START_REPLICATION: before it, another session could still move the slot.
         let confirmed: String = control

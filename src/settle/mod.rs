@@ -153,6 +153,81 @@ impl Plan {
     }
 }
 
+/// Exactly-once delivery (`sink.kafka.delivery = "exactly_once"`): the
+/// events that are in a committed Kafka transaction but whose rows are not
+/// yet marked (or whose transaction the slot has not yet confirmed). Every
+/// transaction also writes this set, as the relay's position, to the
+/// offsets topic, so after a crash or a takeover the last committed
+/// position names every event the broker holds and Postgres does not know
+/// about. The Kafka sink adds to it at commit; the [`Ledger`] it is shared
+/// with removes what was marked or confirmed, so it stays bounded by the
+/// unsettled window.
+#[derive(Debug, Clone, Default)]
+pub struct Committed(std::sync::Arc<std::sync::Mutex<CommittedState>>);
+
+/// What [`Committed`] guards.
+#[derive(Debug, Default)]
+struct CommittedState {
+    /// Events in committed transactions, not yet settled.
+    keys: std::collections::HashSet<EventKey>,
+    /// Replication: the highest LSN this relay confirmed to the slot. A
+    /// Postgres crash can move the slot back behind it (its position is only
+    /// as durable as the last checkpoint); what lies behind it was settled.
+    confirmed: u64,
+}
+
+impl Committed {
+    fn with<T>(&self, f: impl FnOnce(&mut CommittedState) -> T) -> T {
+        // Only a panic inside these short critical sections could poison the lock.
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut state)
+    }
+
+    /// `keys` are now in a committed transaction.
+    pub fn add(&self, keys: impl IntoIterator<Item = EventKey>) {
+        self.with(|state| state.keys.extend(keys));
+    }
+
+    /// Every event committed and not yet settled, in stream order, and the
+    /// highest LSN confirmed to the slot (0 when polling).
+    pub fn snapshot(&self) -> (Vec<EventKey>, u64) {
+        let (mut keys, confirmed) = self.with(|state| (state.keys.iter().copied().collect::<Vec<_>>(), state.confirmed));
+        keys.sort_unstable_by_key(|k| (k.txn, k.message, k.position));
+        (keys, confirmed)
+    }
+
+    /// How many events are committed and not yet settled.
+    pub fn len(&self) -> usize {
+        self.with(|state| state.keys.len())
+    }
+
+    /// True when nothing committed waits to be settled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn marked(&self, positions: &[i64]) {
+        self.with(|state| {
+            for position in positions {
+                state.keys.remove(&EventKey::row(*position));
+            }
+        });
+    }
+
+    fn confirmed(&self, lsn: u64) {
+        // An event whose transaction committed before the confirmed LSN is
+        // never streamed again. Polled rows (txn 0) are only settled by marking.
+        self.with(|state| {
+            state.keys.retain(|k| k.txn == 0 || k.txn >= lsn);
+            state.confirmed = state.confirmed.max(lsn);
+        });
+    }
+
+    fn settled(&self, key: &EventKey) {
+        self.with(|state| state.keys.remove(key));
+    }
+}
+
 /// Identifies one event across sessions: a row (by position) or a logical
 /// message (by LSN), within the transaction that carried it (its commit
 /// LSN in replication, 0 when polling), so a row id written again later is
@@ -203,6 +278,12 @@ pub struct Ledger {
     uncommitted: usize,
     /// Failed attempts per event still unpublished.
     attempts: HashMap<EventKey, u32>,
+    /// Exactly once: the sink's committed-but-unsettled set, settled here too.
+    committed: Option<Committed>,
+    /// Exactly once, replication: transactions committing before this LSN
+    /// were settled by an earlier leader (its position says so) although the
+    /// slot may stand behind it after a Postgres crash: not sent again.
+    settled_below: u64,
 }
 
 impl Ledger {
@@ -252,11 +333,36 @@ impl Ledger {
     /// Whether `key` was acknowledged and not yet settled: do not send it
     /// again, only mark it.
     pub fn was_acknowledged(&self, key: &EventKey) -> bool {
-        !self.acknowledged.is_empty() && self.acknowledged.contains_key(key)
+        (key.txn != 0 && key.txn < self.settled_below) || (!self.acknowledged.is_empty() && self.acknowledged.contains_key(key))
+    }
+
+    /// Exactly once: settles `committed` (the sink's set) together with the ledger.
+    pub fn track(&mut self, committed: Committed) {
+        self.committed = Some(committed);
+    }
+
+    /// Exactly once: `keys` are in transactions the broker committed (read
+    /// back from the position after a restart or takeover): remember them as
+    /// acknowledged so they are marked and confirmed, not sent again, and
+    /// keep naming them in positions until then. Transactions before
+    /// `confirmed` (the LSN the writer of the position had confirmed) were
+    /// settled: never sent again, even if the slot fell behind it.
+    pub fn recovered(&mut self, keys: &[EventKey], confirmed: u64) {
+        if let Some(committed) = &self.committed {
+            committed.add(keys.iter().copied());
+            committed.confirmed(confirmed);
+        }
+        self.settled_below = self.settled_below.max(confirmed);
+        for key in keys {
+            self.acknowledged(*key, key.txn);
+        }
     }
 
     /// The rows at `positions` are marked: forget them (polling).
     pub fn marked(&mut self, positions: &[i64]) {
+        if let Some(committed) = &self.committed {
+            committed.marked(positions);
+        }
         if self.acknowledged.is_empty() {
             return;
         }
@@ -268,6 +374,9 @@ impl Ledger {
     /// The slot confirmed `lsn`: what committed before it is never streamed
     /// again. Costs the entries forgotten (see `by_commit`).
     pub fn confirmed(&mut self, lsn: u64) {
+        if let Some(committed) = &self.committed {
+            committed.confirmed(lsn);
+        }
         if lsn > 0 && self.uncommitted > 0 {
             self.acknowledged.retain(|_, commit| *commit != 0);
             self.uncommitted = 0;
@@ -308,6 +417,9 @@ impl Ledger {
 
     /// `key` is done (dead-lettered): forget its failures.
     pub fn settled(&mut self, key: &EventKey) {
+        if let Some(committed) = &self.committed {
+            committed.settled(key);
+        }
         self.attempts.remove(key);
         self.forget(key);
     }

@@ -24,8 +24,16 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
-use super::{OutgoingMessage, PendingDelivery, PublishError, Sink};
-use crate::config::KafkaConfig;
+use super::transactions::Transactions;
+use super::{OutgoingMessage, PendingDelivery, Position, PublishError, Sink};
+use crate::config::{Delivery, KafkaConfig};
+use crate::settle::{Committed, EventKey};
+
+/// Exactly once: `transaction.timeout.ms` (and the message timeout inside a
+/// transaction). A relay frozen with a transaction open holds back
+/// `read_committed` consumers of its partitions until the transaction is
+/// aborted: by a takeover's fencing, or by the broker after this long.
+const TRANSACTION_TIMEOUT_MS: &str = "30000";
 
 /// Kafka producer failures at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -52,22 +60,31 @@ pub struct KafkaSink {
     /// What `recover` builds a new producer from.
     client: ClientConfig,
     brokers: String,
+    /// `delivery = "exactly_once"`: batches go out as Kafka transactions
+    /// (see [`super::transactions`]); dead letters and replays still use `producer`.
+    exactly_once: Option<Transactions>,
 }
 
 impl KafkaSink {
     /// Builds the producer; `queue_capacity` must cover every in-flight message.
     pub fn new(config: &KafkaConfig, queue_capacity: usize) -> Result<KafkaSink, KafkaSinkError> {
+        let exactly_once = config.delivery == Delivery::ExactlyOnce;
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("message.timeout.ms", "0")
+            // In a transaction a message that cannot be delivered must fail in
+            // time for its transaction to abort and be retried as a whole.
+            .set("message.timeout.ms", if exactly_once { TRANSACTION_TIMEOUT_MS } else { "0" })
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", queue_capacity.max(100_000).to_string())
             .set("queue.buffering.max.kbytes", "1048576")
             .set("partitioner", "murmur2_random");
+        if exactly_once {
+            client.set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS);
+        }
         for (key, value) in &config.properties {
             client.set(key, value);
         }
@@ -77,8 +94,11 @@ impl KafkaSink {
             })?;
             client.set(key, value.trim_end_matches(['\n', '\r']));
         }
+        // The transactional settings are checked on this producer too, so a bad one fails at start-up.
         let producer: RelayProducer = client.create_with_context(QuietContext::default()).map_err(KafkaSinkError::Config)?;
-        Ok(KafkaSink { producer: RwLock::new(producer), client, brokers: config.brokers.clone() })
+        let exactly_once =
+            exactly_once.then(|| Transactions::new(client.clone(), &config.transactional_id_prefix, &config.offsets_topic));
+        Ok(KafkaSink { producer: RwLock::new(producer), client, brokers: config.brokers.clone(), exactly_once })
     }
 
     /// The underlying producer (metadata look-ups, statistics).
@@ -153,7 +173,32 @@ impl Sink for KafkaSink {
         let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
     }
 
+    async fn enqueue_keyed(&self, messages: Vec<OutgoingMessage>, keys: Vec<EventKey>) -> PendingDelivery {
+        let Some(transactions) = &self.exactly_once else { return self.enqueue(messages).await };
+        if messages.is_empty() {
+            return async { Vec::new() }.boxed();
+        }
+        let results = transactions.publish(messages, keys).await;
+        async move { results }.boxed()
+    }
+
+    fn exactly_once(&self, metrics: &crate::metrics::Metrics) -> Option<Committed> {
+        self.exactly_once.as_ref().map(|t| t.committed(metrics))
+    }
+
+    async fn hold(&self, holder: &str, previous: &[String], scope: &str) -> Result<Option<Position>, String> {
+        match &self.exactly_once {
+            Some(transactions) => {
+                transactions.hold(self, holder, previous, scope).await.map(|(events, confirmed)| Some(Position { events, confirmed }))
+            }
+            None => Ok(None),
+        }
+    }
+
     async fn recover(&self) {
+        if let Some(transactions) = &self.exactly_once {
+            transactions.recover().await;
+        }
         let Some(fatal) = self.fatal() else { return };
         match self.client.create_with_context::<_, RelayProducer>(QuietContext::default()) {
             Ok(fresh) => {
@@ -167,7 +212,7 @@ impl Sink for KafkaSink {
 
 impl KafkaSink {
     /// Enqueues one message, waiting while librdkafka's queue is full.
-    async fn enqueue_one(producer: &RelayProducer, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
+    pub(super) async fn enqueue_one(producer: &RelayProducer, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
         for (name, value) in &message.headers {
             headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
@@ -289,6 +334,10 @@ impl ClientContext for QuietContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            // The exactly-once position reader asks for end-of-partition events; not an error.
+            return;
+        }
         let text = format!("{error}: {reason}");
         let key = if all_brokers_down(&text) { "all-brokers-down".to_owned() } else { kind_of("", reason) };
         let Some(held_back) = self.admit(key) else { return };
@@ -297,10 +346,13 @@ impl ClientContext for QuietContext {
     }
 }
 
+/// The exactly-once position reader logs through the same quiet window.
+impl rdkafka::consumer::ConsumerContext for QuietContext {}
+
 /// Splits Kafka errors into ones a later retry may fix and ones it cannot:
 /// a missing topic, an ACL denial, a message the broker refuses fail that
 /// event (per `failures.policy`), not the whole session.
-fn classify(error: &KafkaError) -> PublishError {
+pub(super) fn classify(error: &KafkaError) -> PublishError {
     let permanent = matches!(
         error.rdkafka_error_code(),
         Some(
@@ -373,6 +425,7 @@ mod tests {
             brokers: "127.0.0.1:1".into(),
             properties: [("no.such.property".to_string(), "1".to_string())].into(),
             properties_from_files: Default::default(),
+            ..KafkaConfig::default()
         };
         let err = KafkaSink::new(&config, 1000).err().expect("must fail").to_string();
         assert!(err.contains("sink.kafka.properties"), "{err}");

@@ -4,10 +4,13 @@
 
 pub mod kafka;
 pub mod pubsub;
+pub mod transactions;
 
 use std::future::Future;
 
 use futures::future::BoxFuture;
+
+use crate::settle::{Committed, EventKey};
 
 /// One message ready for the broker.
 #[derive(Debug, Clone)]
@@ -28,6 +31,16 @@ pub struct OutgoingMessage {
     pub timestamp_ms: Option<i64>,
     /// Send a null value (a Kafka tombstone) instead of `value`.
     pub tombstone: bool,
+}
+
+/// Exactly once: what the committed positions of a holder (or holders) say.
+#[derive(Debug, Default)]
+pub struct Position {
+    /// Events in committed transactions that may not be settled in Postgres yet.
+    pub events: Vec<EventKey>,
+    /// Replication: the highest LSN the writers had confirmed to the slot
+    /// (the slot can fall behind it after a Postgres crash); 0 when polling.
+    pub confirmed: u64,
 }
 
 /// Why one message was not acknowledged.
@@ -55,6 +68,34 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Waits up to `timeout` for everything enqueued to be acknowledged.
     fn flush(&self, timeout: std::time::Duration) -> impl Future<Output = ()> + Send;
+
+    /// Like [`Sink::enqueue`]; `keys[i]` names the event of `messages[i]`.
+    /// With exactly-once delivery the batch and the relay's position (which
+    /// names those events) commit in one transaction before this returns.
+    fn enqueue_keyed(&self, messages: Vec<OutgoingMessage>, keys: Vec<EventKey>) -> impl Future<Output = PendingDelivery> + Send {
+        let _ = keys;
+        self.enqueue(messages)
+    }
+
+    /// Exactly-once delivery: the set of committed-but-unsettled events the
+    /// relay's ledger must settle; transaction metrics go to `metrics`.
+    /// None: this sink delivers at least once.
+    fn exactly_once(&self, metrics: &crate::metrics::Metrics) -> Option<Committed> {
+        let _ = metrics;
+        None
+    }
+
+    /// Exactly-once delivery, before a session publishes: become the
+    /// producer of `holder` (what this relay holds: its lanes or the slot),
+    /// fence the producers of `previous` (holders whose leases this relay
+    /// took over), and return the events that committed transactions of the
+    /// holders `scope` names (one holder, or with a trailing `.` every
+    /// holder it starts) delivered and Postgres may not know about yet.
+    /// None: at least once.
+    fn hold(&self, holder: &str, previous: &[String], scope: &str) -> impl Future<Output = Result<Option<Position>, String>> + Send {
+        let _ = (holder, previous, scope);
+        async { Ok(None) }
+    }
 
     /// Called before each relay session: a client that failed for good
     /// (a Kafka producer's fatal error) is replaced here, between sessions,
@@ -102,6 +143,27 @@ impl Sink for AnySink {
         match self {
             AnySink::Kafka(sink) => sink.flush(timeout).await,
             AnySink::PubSub(sink) => sink.flush(timeout).await,
+        }
+    }
+
+    async fn enqueue_keyed(&self, messages: Vec<OutgoingMessage>, keys: Vec<EventKey>) -> PendingDelivery {
+        match self {
+            AnySink::Kafka(sink) => sink.enqueue_keyed(messages, keys).await,
+            AnySink::PubSub(sink) => sink.enqueue(messages).await,
+        }
+    }
+
+    fn exactly_once(&self, metrics: &crate::metrics::Metrics) -> Option<Committed> {
+        match self {
+            AnySink::Kafka(sink) => sink.exactly_once(metrics),
+            AnySink::PubSub(_) => None,
+        }
+    }
+
+    async fn hold(&self, holder: &str, previous: &[String], scope: &str) -> Result<Option<Position>, String> {
+        match self {
+            AnySink::Kafka(sink) => sink.hold(holder, previous, scope).await,
+            AnySink::PubSub(_) => Ok(None),
         }
     }
 

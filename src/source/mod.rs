@@ -8,6 +8,7 @@ pub mod replication;
 pub mod table;
 
 use crate::event::{OutboxEvent, Rejected};
+use crate::settle::EventKey;
 
 /// Events read from the outbox in one go, in position order.
 #[derive(Debug, Default)]
@@ -24,6 +25,10 @@ pub struct ClaimedBatch {
     pub already_delivered: Vec<i64>,
     /// Highest position the batch covers (valid or rejected).
     pub last_position: i64,
+    /// Exactly once (replication): each of `events`' keys, in the same
+    /// order, so the transaction's position names them as the ledger does.
+    /// Empty when polling: every event is then [`EventKey::row`].
+    pub keys: Vec<EventKey>,
 }
 
 impl ClaimedBatch {
@@ -44,6 +49,10 @@ impl ClaimedBatch {
     /// the batch into [`ClaimedBatch::already_delivered`].
     pub fn set_aside(&mut self, acknowledged: impl Fn(&OutboxEvent) -> bool) {
         if self.events.iter().any(&acknowledged) {
+            if !self.keys.is_empty() {
+                let keys = std::mem::take(&mut self.keys);
+                self.keys = keys.into_iter().zip(&self.events).filter(|(_, e)| !acknowledged(*e)).map(|(k, _)| k).collect();
+            }
             let (done, send): (Vec<_>, Vec<_>) = std::mem::take(&mut self.events).into_iter().partition(|e| acknowledged(e));
             self.already_delivered.extend(done.iter().map(|e| e.position));
             self.already_delivered.sort_unstable();
