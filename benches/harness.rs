@@ -110,7 +110,8 @@ fn options() -> Options {
         .map(|(capture, published)| Scenario { capture: capture.into(), published: published.into() })
         .collect();
     let pubsub = !args.iter().any(|a| a == "--no-pubsub");
-    let relays = value("--relays").unwrap_or_default().split(',').filter_map(|n| n.parse().ok()).filter(|n| *n >= 1).collect();
+    let relays =
+        value("--relays").unwrap_or_default().split(',').filter_map(|n| n.parse().ok()).filter(|n| *n >= 1).collect();
     let shapes = value("--shapes")
         .unwrap_or_else(|| "1,10,bulk".into())
         .split(',')
@@ -195,7 +196,8 @@ async fn run(opts: Options) {
             preload(&client, opts.events, per_txn).await;
             let read_rate = bare_replication_read(&pg.url(), "bench_raw", opts.events).await;
             drop_slot(&client, "bench_raw").await;
-            samples.add(&format!("{shape}: raw pgoutput read, relay's wire client, no publishing (events/s)"), read_rate);
+            samples
+                .add(&format!("{shape}: raw pgoutput read, relay's wire client, no publishing (events/s)"), read_rate);
             // Backlog drain per scenario.
             for scenario in &opts.scenarios {
                 let name = format!("{shape} {}", scenario.name());
@@ -205,12 +207,20 @@ async fn run(opts: Options) {
                     quiet_1row.insert(scenario.name(), rate);
                 }
                 samples.add(&format!("{name} drain (events/s)"), rate);
-                samples.add(&format!("{name} drain relay CPU µs per event"), drain.cpu_seconds * 1e6 / opts.events as f64);
+                samples
+                    .add(&format!("{name} drain relay CPU µs per event"), drain.cpu_seconds * 1e6 / opts.events as f64);
                 samples.add(&format!("{name} drain events per batch"), drain.events_per_batch);
                 samples.add(&format!("{name} drain peak RSS (MiB)"), drain.peak_rss_mib);
                 let db_limit = if scenario.replication() { read_rate } else { select_rate };
-                samples.add(&format!("{name} drain / bare {} read (%)", if scenario.replication() { "pgoutput" } else { "SELECT" }), 100.0 * rate / db_limit);
-                samples.add(&format!("{name} drain / tighter raw limit (%)"), 100.0 * rate / db_limit.min(produce_rate));
+                samples.add(
+                    &format!(
+                        "{name} drain / bare {} read (%)",
+                        if scenario.replication() { "pgoutput" } else { "SELECT" }
+                    ),
+                    100.0 * rate / db_limit,
+                );
+                samples
+                    .add(&format!("{name} drain / tighter raw limit (%)"), 100.0 * rate / db_limit.min(produce_rate));
                 if scenario.replication() || per_txn != 0 {
                     continue;
                 }
@@ -221,10 +231,20 @@ async fn run(opts: Options) {
                     let shared = drain_shared(&pg.url(), &broker.bootstrap(), &client, scenario, relays).await;
                     let per_million = |cpu: f64| cpu * 1e6 / opts.events as f64;
                     let name = scenario.name();
-                    samples.add(&format!("{name} x{relays} relays drain (events/s)"), opts.events as f64 / shared.seconds);
-                    samples.add(&format!("{name} x{relays} relays: relays' CPU s per 1M events"), per_million(shared.relays_cpu));
-                    samples.add(&format!("{name} x{relays} relays: Postgres CPU s per 1M events"), per_million(shared.postgres_cpu));
-                    samples.add(&format!("{name} x{relays} relays: broker CPU s per 1M events"), per_million(shared.broker_cpu));
+                    samples
+                        .add(&format!("{name} x{relays} relays drain (events/s)"), opts.events as f64 / shared.seconds);
+                    samples.add(
+                        &format!("{name} x{relays} relays: relays' CPU s per 1M events"),
+                        per_million(shared.relays_cpu),
+                    );
+                    samples.add(
+                        &format!("{name} x{relays} relays: Postgres CPU s per 1M events"),
+                        per_million(shared.postgres_cpu),
+                    );
+                    samples.add(
+                        &format!("{name} x{relays} relays: broker CPU s per 1M events"),
+                        per_million(shared.broker_cpu),
+                    );
                     samples.add(&format!("{name} x{relays} relays: machine CPU busy (%)"), shared.busy_percent);
                     samples.add(&format!("{name} x{relays} relays: peak RSS per relay (MiB)"), shared.peak_rss_mib);
                 }
@@ -272,7 +292,10 @@ async fn run(opts: Options) {
                 samples.add(&format!("{name} live {rate}: p99.9 latency (ms)"), live.p999_ms);
                 samples.add(&format!("{name} live {rate}: backlog 1 s after writers stop"), live.backlog_after as f64);
                 samples.add(&format!("{name} live {rate}: peak RSS (MiB)"), live.peak_rss_mib);
-                samples.add(&format!("{name} live {rate}: relay CPU µs per event"), live.cpu_seconds * 1e6 / live.events.max(1) as f64);
+                samples.add(
+                    &format!("{name} live {rate}: relay CPU µs per event"),
+                    live.cpu_seconds * 1e6 / live.events.max(1) as f64,
+                );
                 samples.add(&format!("{name} live {rate}: events per batch"), live.events_per_batch);
             }
         }
@@ -288,7 +311,15 @@ fn render(opts: &Options, samples: &Samples) -> String {
     let _ = writeln!(out, "Machine: {}. Events per backlog run: {}, payload ~300 B JSON, {} aggregates, {} partitions. Repetitions: {} (median, min-max).\n", machine(), opts.events, AGGREGATES, PARTITIONS, opts.reps);
     let _ = writeln!(out, "| measurement | value |\n|---|---|");
     for label in &samples.order {
-        let digits = if label.contains("latency") || label.contains("CPU") || label.contains("per batch") || label.contains("load") { 1 } else { 0 };
+        let digits = if label.contains("latency")
+            || label.contains("CPU")
+            || label.contains("per batch")
+            || label.contains("load")
+        {
+            1
+        } else {
+            0
+        };
         let _ = writeln!(out, "| {label} | {} |", samples.cell(label, digits));
     }
     out
@@ -302,7 +333,9 @@ fn machine() -> String {
         .unwrap_or(0);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     format!("{cores} cores ({cpu}), {:.0} GiB RAM", mem_kib as f64 / 1048576.0)
 }
@@ -562,7 +595,14 @@ struct Drain {
 
 /// A fresh outbox (and slot) loaded with `events` in transactions of
 /// `per_txn` rows, an empty broker, then the relay's drain of it.
-async fn backlog_run(url: &str, broker: &mut TestBroker, client: &Client, scenario: &Scenario, events: usize, per_txn: usize) -> Drain {
+async fn backlog_run(
+    url: &str,
+    broker: &mut TestBroker,
+    client: &Client,
+    scenario: &Scenario,
+    events: usize,
+    per_txn: usize,
+) -> Drain {
     reset(client).await;
     if scenario.replication() {
         recreate_slot(client, "outbox_relay").await;
@@ -602,7 +642,10 @@ impl Drop for CpuHog {
 
 /// The 1-minute load average from /proc/loadavg.
 fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok())).unwrap_or(f64::NAN)
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 /// The broker's own produce->consume latency at `rate` messages/s for
@@ -648,7 +691,12 @@ async fn broker_floor(bootstrap: &str, rate: u64, secs: u64) -> (f64, f64) {
     let warm = (latencies.len() as f64 / secs as f64) as usize;
     let mut measured: Vec<f64> = latencies.drain(warm.min(latencies.len())..).collect();
     measured.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| measured.get(((measured.len() as f64 * p) as usize).min(measured.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        measured
+            .get(((measured.len() as f64 * p) as usize).min(measured.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     eprintln!("bench:   broker floor {rate}/s: p50 {:.1} ms, p99 {:.1} ms", pct(0.5), pct(0.99));
     (pct(0.5), pct(0.99))
 }
@@ -699,9 +747,8 @@ async fn bare_replication_read(url: &str, slot: &str, n: usize) -> f64 {
     let params = ConnectParams::from_config(&config, "bench").expect("params");
     let started = Instant::now();
     let connection = ReplicationConnection::connect(&params).await.expect("replication connection");
-    let command = format!(
-        "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', publication_names 'outbox_relay_pub')"
-    );
+    let command =
+        format!("START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', publication_names 'outbox_relay_pub')");
     let mut stream = connection.start_replication(&command).await.expect("start replication");
     let mut inserts = 0usize;
     while inserts < n {
@@ -903,7 +950,12 @@ async fn live(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario, 
     let warm = (latencies.len() as f64 * (1.0 / secs as f64)) as usize;
     let mut measured: Vec<f64> = latencies.drain(warm.min(latencies.len())..).collect();
     measured.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| measured.get(((measured.len() as f64 * p) as usize).min(measured.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        measured
+            .get(((measured.len() as f64 * p) as usize).min(measured.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let result = Live {
         write_rate,
         events: written as usize,
@@ -920,7 +972,10 @@ async fn live(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario, 
         "bench:   {} live {:?}: {:.0}/s written, p50 {:.1} ms, p99 {:.1} ms, backlog after {}",
         scenario.name(),
         rate,
-        result.write_rate, result.p50_ms, result.p99_ms, result.backlog_after
+        result.write_rate,
+        result.p50_ms,
+        result.p99_ms,
+        result.backlog_after
     );
     result
 }
@@ -1034,7 +1089,10 @@ async fn debezium_runs(url: &str, broker: &mut TestBroker, client: &Client, even
         client.batch_execute("VACUUM ANALYZE public.outbox").await.expect("vacuum");
         if scenario.replication() {
             drop_slot(client, "outbox_relay").await;
-            client.execute("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')", &[]).await.expect("slot");
+            client
+                .execute("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')", &[])
+                .await
+                .expect("slot");
         }
         let started = Instant::now();
         client.batch_execute(&format!("CALL public.bench_load_dbz({events}, {AGGREGATES})")).await.expect("load");
@@ -1044,7 +1102,12 @@ async fn debezium_runs(url: &str, broker: &mut TestBroker, client: &Client, even
         broker.create_topic(DEBEZIUM_TOPIC, PARTITIONS);
         let target = current_lsn(client).await;
         let started = Instant::now();
-        let relay = RelayRun::start_with(url, &broker.bootstrap(), &scenario, &[("OUTBOX_RELAY_CONFIG", path.display().to_string())]);
+        let relay = RelayRun::start_with(
+            url,
+            &broker.bootstrap(),
+            &scenario,
+            &[("OUTBOX_RELAY_CONFIG", path.display().to_string())],
+        );
         loop {
             let left: bool = if scenario.replication() {
                 remaining(client, &scenario, &target).await
@@ -1125,7 +1188,8 @@ async fn pubsub_drain(url: &str, client: &Client, events: usize, samples: &mut S
     samples.add("poll/mark -> Pub/Sub emulator drain (events/s)", events as f64 / seconds);
     samples.add("poll/mark -> Pub/Sub emulator drain peak RSS (MiB)", rss);
     samples.add("poll/mark -> Pub/Sub emulator drain CPU s per 1M events", cpu * 1e6 / events as f64);
-    samples.add("poll/mark -> Pub/Sub emulator drain / raw emulator publish (%)", 100.0 * events as f64 / seconds / raw);
+    samples
+        .add("poll/mark -> Pub/Sub emulator drain / raw emulator publish (%)", 100.0 * events as f64 / seconds / raw);
 }
 
 /// The emulator's own limit: pre-built publish requests of 100 messages
@@ -1165,11 +1229,18 @@ async fn pubsub_raw_publish(host: &str, events: usize) -> f64 {
         .map(|(url, body, count)| {
             let http = http.clone();
             async move {
-                let request = hyper::Request::post(url).header("content-type", "application/json").body(Full::new(body)).expect("request");
+                let request = hyper::Request::post(url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .expect("request");
                 let response = http.request(request).await.expect("emulator publish");
                 let ok = response.status().is_success();
                 let _ = response.into_body().collect().await;
-                if ok { count } else { 0 }
+                if ok {
+                    count
+                } else {
+                    0
+                }
             }
         })
         .buffer_unordered(64)

@@ -9,14 +9,14 @@ use rdkafka::producer::Producer;
 use serde::Serialize;
 
 use crate::config::{Config, EnvelopeFormat};
+use crate::coordination::ClaimScope;
 use crate::envelope::debezium::Debezium;
 use crate::envelope::TopicTemplate;
+use crate::outbox::OutboxTable;
 use crate::postgres;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::pubsub::PubSubSink;
 use crate::sink::AnySink;
-use crate::coordination::ClaimScope;
-use crate::outbox::OutboxTable;
 use crate::source::poll::PollSource;
 
 /// Outcome of one check.
@@ -95,7 +95,11 @@ pub async fn run(config: &Config, sink: Result<&AnySink, String>) -> Vec<CheckRe
             results.push(fail("pubsub", why, "check sink.pubsub.credentials_file / GOOGLE_APPLICATION_CREDENTIALS"))
         }
         (Ok(AnySink::Kafka(sink)), _) => match sink.check_reachable(Duration::from_secs(5)).await {
-            Err(e) => results.push(fail("kafka", e.to_string(), "check sink.kafka.brokers, TLS/SASL properties and network access")),
+            Err(e) => results.push(fail(
+                "kafka",
+                e.to_string(),
+                "check sink.kafka.brokers, TLS/SASL properties and network access",
+            )),
             Ok(()) => {
                 results.push(ok("kafka", format!("brokers {} answer", config.sink.kafka.brokers)));
                 results.push(if outbox_read { check_topics(sink, &pending_topics).await } else { topics_unknown() });
@@ -109,7 +113,11 @@ pub async fn run(config: &Config, sink: Result<&AnySink, String>) -> Vec<CheckRe
             )),
             Ok(()) => {
                 results.push(ok("pubsub", format!("{} answers for project {}", sink.endpoint(), sink.project())));
-                results.push(if outbox_read { check_pubsub_topics(sink, &pending_topics).await } else { topics_unknown() });
+                results.push(if outbox_read {
+                    check_pubsub_topics(sink, &pending_topics).await
+                } else {
+                    topics_unknown()
+                });
             }
         },
     }
@@ -118,7 +126,11 @@ pub async fn run(config: &Config, sink: Result<&AnySink, String>) -> Vec<CheckRe
 
 /// Topics could not be checked because the outbox could not be read.
 fn topics_unknown() -> CheckResult {
-    warn("topics", "not checked: the outbox could not be read", "fix the postgres / outbox table checks above, then run check again")
+    warn(
+        "topics",
+        "not checked: the outbox could not be read",
+        "fix the postgres / outbox table checks above, then run check again",
+    )
 }
 
 /// Pub/Sub: every topic pending events go to has a valid name and exists
@@ -165,7 +177,10 @@ async fn check_pubsub_topics(sink: &PubSubSink, topics: &BTreeSet<String>) -> Ch
     if missing.is_empty() {
         ok("topics", format!("{} Pub/Sub topic(s) pending events go to exist", topics.len()))
     } else {
-        ok("topics", format!("missing topic(s) {} will be created (sink.pubsub.create_topics = true)", missing.join(", ")))
+        ok(
+            "topics",
+            format!("missing topic(s) {} will be created (sink.pubsub.create_topics = true)", missing.join(", ")),
+        )
     }
 }
 
@@ -177,7 +192,8 @@ async fn check_leases(connection: &postgres::Connection) -> CheckResult {
         ("outbox.relay_leases", &["SELECT", "INSERT", "UPDATE"]),
         ("outbox.relay_members", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
     ];
-    let exists = "SELECT to_regclass('outbox.relay_leases') IS NOT NULL AND to_regclass('outbox.relay_members') IS NOT NULL";
+    let exists =
+        "SELECT to_regclass('outbox.relay_leases') IS NOT NULL AND to_regclass('outbox.relay_members') IS NOT NULL";
     match connection.client.query_one(exists, &[]).await.map(|row| row.try_get::<_, bool>(0)) {
         Ok(Ok(true)) => {}
         Ok(_) => {
@@ -218,7 +234,11 @@ async fn check_leases(connection: &postgres::Connection) -> CheckResult {
     }
 }
 
-async fn check_outbox(config: &Config, connection: &postgres::Connection, topics: &mut BTreeSet<String>) -> Vec<CheckResult> {
+async fn check_outbox(
+    config: &Config,
+    connection: &postgres::Connection,
+    topics: &mut BTreeSet<String>,
+) -> Vec<CheckResult> {
     let mut results = Vec::new();
     let Ok(outbox) = OutboxTable::from_config(config) else { return results };
     let table = outbox.name();
@@ -245,7 +265,12 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
             probe,
             &config.source,
             &outbox,
-            &ClaimScope { resource: config.source.table.clone(), lanes: config.replicas.lanes as i32, instance: uuid::Uuid::nil(), by_lane: true },
+            &ClaimScope {
+                resource: config.source.table.clone(),
+                lanes: config.replicas.lanes as i32,
+                instance: uuid::Uuid::nil(),
+                by_lane: true,
+            },
         )
         .await
         {
@@ -263,7 +288,11 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
     }
     if polling {
         if let Ok(Some(problem)) = crate::outbox::deleted_by_others_problem(client, &outbox, None).await {
-            results.push(warn("deleted rows", problem, "see the message: polling cannot see rows deleted by their own transaction"));
+            results.push(warn(
+                "deleted rows",
+                problem,
+                "see the message: polling cannot see rows deleted by their own transaction",
+            ));
         }
     }
     let quoted = table.to_string();
@@ -276,8 +305,12 @@ async fn check_outbox(config: &Config, connection: &postgres::Connection, topics
     match privileges {
         Ok(row) => {
             let names = ["SELECT", "UPDATE", "DELETE"];
-            let missing: Vec<&str> =
-                names.iter().enumerate().filter(|(i, _)| !row.try_get::<_, bool>(*i).unwrap_or(false)).map(|(_, n)| *n).collect();
+            let missing: Vec<&str> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !row.try_get::<_, bool>(*i).unwrap_or(false))
+                .map(|(_, n)| *n)
+                .collect();
             if missing.is_empty() {
                 results.push(ok("privileges", "SELECT, UPDATE, DELETE granted"));
             } else {
@@ -355,7 +388,9 @@ async fn check_position_index(config: &Config, client: &tokio_postgres::Client, 
         Ok(true) => ok("position index", format!("an index starts with {position}")),
         Ok(false) => warn(
             "position index",
-            format!("no index on {quoted} starts with the position column {position}: every claim and mark scans the table"),
+            format!(
+                "no index on {quoted} starts with the position column {position}: every claim and mark scans the table"
+            ),
             format!("CREATE INDEX CONCURRENTLY ON {quoted} ({position}); (a primary key on it also works)"),
         ),
         Err(e) => warn("position index", postgres::describe(&e), "check the role can read pg_index"),
@@ -366,12 +401,17 @@ async fn check_replication(config: &Config, connection: &postgres::Connection) -
     use crate::source::replication::{slot_state, validate, SlotState};
     let mut results = Vec::new();
     match validate(&connection.client, config).await {
-        Ok(Ok(())) => results.push(ok("replication", "wal_level = logical, REPLICATION granted, publication covers the table")),
+        Ok(Ok(())) => {
+            results.push(ok("replication", "wal_level = logical, REPLICATION granted, publication covers the table"))
+        }
         Ok(Err(missing)) => {
             // Prerequisite messages read "<what is wrong>: run <the fix>".
             let (detail, fix) = match missing.0.split_once(": run ") {
                 Some((detail, fix)) => (detail.to_owned(), format!("run {fix}")),
-                None => (missing.0.clone(), "see sql/roles/replication.sql and docs on replication prerequisites".to_owned()),
+                None => (
+                    missing.0.clone(),
+                    "see sql/roles/replication.sql and docs on replication prerequisites".to_owned(),
+                ),
             };
             results.push(fail("replication", detail, fix))
         }
@@ -403,8 +443,10 @@ async fn check_topics(sink: &KafkaSink, topics: &BTreeSet<String>) -> CheckResul
         return ok("topics", "no unpublished events to check topics for");
     }
     let producer = sink.producer();
-    let metadata =
-        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, Duration::from_secs(5)).map_err(|e| e.to_string())).await;
+    let metadata = tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(None, Duration::from_secs(5)).map_err(|e| e.to_string())
+    })
+    .await;
     let existing: BTreeSet<String> = match metadata {
         Ok(Ok(m)) => m.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name().to_owned()).collect(),
         Ok(Err(e)) => return fail("topics", e, "check the broker"),
@@ -416,7 +458,10 @@ async fn check_topics(sink: &KafkaSink, topics: &BTreeSet<String>) -> CheckResul
     } else {
         fail(
             "topics",
-            format!("pending events go to missing topic(s): {}", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+            format!(
+                "pending events go to missing topic(s): {}",
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
             "create them (kafka-topics --create ...), or rely on the broker's auto.create.topics.enable",
         )
     }

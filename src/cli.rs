@@ -14,12 +14,12 @@ use clap::{Parser, Subcommand};
 use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use crate::config::SinkKind;
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayError};
 use crate::shutdown::{self, Shutdown};
-use crate::config::SinkKind;
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::pubsub::{PubSubSink, PubSubSinkError};
 use crate::sink::{AnySink, Sink};
@@ -208,7 +208,9 @@ pub fn init_logging(level: &str, format: LogFormat) -> LogReload {
         LogFormat::Json => registry.with(output.json().flatten_event(true)).try_init(),
         LogFormat::Text => registry.with(output).try_init(),
     };
-    Box::new(move |level| handle.reload(EnvFilter::try_new(level).map_err(|e| e.to_string())?).map_err(|e| e.to_string()))
+    Box::new(move |level| {
+        handle.reload(EnvFilter::try_new(level).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
+    })
 }
 
 /// On SIGHUP, re-reads the configuration and applies its log level; other
@@ -220,7 +222,9 @@ fn reload_on_sighup(path: Option<PathBuf>, reload: LogReload) -> std::io::Result
         while hup.recv().await.is_some() {
             match crate::startup::load(path.as_deref()) {
                 Ok(config) => match reload(&config.log.level) {
-                    Ok(()) => info!(level = %config.log.level, "SIGHUP: log level reloaded (other settings need a restart)"),
+                    Ok(()) => {
+                        info!(level = %config.log.level, "SIGHUP: log level reloaded (other settings need a restart)")
+                    }
                     Err(e) => warn!(error = %e, "SIGHUP: log level not changed"),
                 },
                 Err(e) => warn!(error = %e, "SIGHUP: configuration not reloaded"),
@@ -237,7 +241,9 @@ fn build_sink(config: &Config) -> Result<AnySink, CliError> {
         SinkKind::Kafka => {
             let queue = config.source.batch_size * (config.source.max_in_flight_batches + 1);
             KafkaSink::new(&config.sink.kafka, queue).map(AnySink::Kafka).map_err(|e| match e {
-                KafkaSinkError::Config(_) | KafkaSinkError::SecretFile(_) => CliError::Config(ConfigError::Load(e.to_string())),
+                KafkaSinkError::Config(_) | KafkaSinkError::SecretFile(_) => {
+                    CliError::Config(ConfigError::Load(e.to_string()))
+                }
                 other => CliError::Runtime(other.into()),
             })
         }
@@ -326,16 +332,18 @@ async fn run(config: Config, path: Option<PathBuf>, reload: LogReload) -> Result
     let sink = Arc::new(build_sink(&config)?);
     let drain = config.shutdown.drain_timeout;
     let (trigger, shutdown) = shutdown::channel();
-    let relay = Relay::new(config.clone(), sink.clone(), metrics.clone(), health.clone(), shutdown.clone()).map_err(|e| match e {
-        RelayError::Config(m) => CliError::Config(ConfigError::Load(m)),
-        other => CliError::Runtime(other.into()),
-    })?;
+    let relay = Relay::new(config.clone(), sink.clone(), metrics.clone(), health.clone(), shutdown.clone()).map_err(
+        |e| match e {
+            RelayError::Config(m) => CliError::Config(ConfigError::Load(m)),
+            other => CliError::Runtime(other.into()),
+        },
+    )?;
     shutdown::on_signals(trigger, config.shutdown.drain_timeout).context("cannot install signal handlers")?;
     reload_on_sighup(path, reload).context("cannot install the SIGHUP handler")?;
     health.beat();
-    crate::http::serve(&config.http.listen, metrics.clone(), health.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("cannot serve http.listen {} (set http.listen to a free address)", config.http.listen))?;
+    crate::http::serve(&config.http.listen, metrics.clone(), health.clone(), shutdown.clone()).await.with_context(
+        || format!("cannot serve http.listen {} (set http.listen to a free address)", config.http.listen),
+    )?;
     if !wait_for_broker(&sink, &relay, &config, &health, shutdown.clone()).await {
         return Ok(());
     }
@@ -363,7 +371,11 @@ async fn check_static_pubsub_topic(sink: &PubSubSink, template: &str) {
     }
     match sink.check_topic(template, Duration::from_secs(5)).await {
         Err(e) if e.is_not_found() && !sink.creates_topics() => {
-            error!(topic = template, "{}; events stay unpublished and are retried until it exists", sink.explain(&e, template))
+            error!(
+                topic = template,
+                "{}; events stay unpublished and are retried until it exists",
+                sink.explain(&e, template)
+            )
         }
         _ => {}
     }
@@ -374,7 +386,13 @@ async fn check_static_pubsub_topic(sink: &PubSubSink, template: &str) {
 /// and Postgres is probed so `"postgres"` says whether it is reachable;
 /// `status` lists the relay as waiting (it holds no lanes yet, and does not
 /// count in anyone's fair share).
-async fn wait_for_broker(sink: &AnySink, relay: &Relay<AnySink>, config: &Config, health: &Health, mut shutdown: Shutdown) -> bool {
+async fn wait_for_broker(
+    sink: &AnySink,
+    relay: &Relay<AnySink>,
+    config: &Config,
+    health: &Health,
+    mut shutdown: Shutdown,
+) -> bool {
     let mut backoff = crate::relay::reconnect_backoff();
     let mut postgres: Option<crate::postgres::Connection> = None;
     let mut announced = false;

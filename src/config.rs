@@ -790,7 +790,10 @@ impl Config {
                 ));
             }
             if self.sink.kafka.offsets_topic.trim().is_empty() {
-                return Err(ConfigError::invalid("sink.kafka.offsets_topic", "must name a topic when delivery = \"exactly_once\""));
+                return Err(ConfigError::invalid(
+                    "sink.kafka.offsets_topic",
+                    "must name a topic when delivery = \"exactly_once\"",
+                ));
             }
             let prefix = &self.sink.kafka.transactional_id_prefix;
             if prefix.trim().is_empty() || prefix.chars().count() > 100 || prefix.chars().any(char::is_control) {
@@ -834,7 +837,10 @@ impl Config {
         if self.source.mode == SourceMode::Replication {
             let r = &self.source.replication;
             if !is_identifier(&r.slot) || r.slot.chars().any(|c| c.is_ascii_uppercase()) {
-                return Err(ConfigError::invalid("source.replication.slot", "must be lowercase letters, digits and underscores"));
+                return Err(ConfigError::invalid(
+                    "source.replication.slot",
+                    "must be lowercase letters, digits and underscores",
+                ));
             }
             if !is_identifier(&r.publication) {
                 return Err(ConfigError::invalid("source.replication.publication", "must be a plain identifier"));
@@ -848,17 +854,26 @@ impl Config {
         }
         if self.failures.policy == FailurePolicy::DeadLetter {
             if self.failures.dead_letter_topic.trim().is_empty() {
-                return Err(ConfigError::invalid("failures.dead_letter_topic", "must name a topic when failures.policy = \"dead_letter\""));
+                return Err(ConfigError::invalid(
+                    "failures.dead_letter_topic",
+                    "must name a topic when failures.policy = \"dead_letter\"",
+                ));
             }
             if self.failures.max_attempts == 0 {
                 return Err(ConfigError::invalid("failures.max_attempts", "must be at least 1"));
             }
         }
         if !(1..=1024).contains(&self.replicas.lanes) {
-            return Err(ConfigError::invalid("replicas.lanes", "must be between 1 and 1024 (and the same on every relay of this outbox)"));
+            return Err(ConfigError::invalid(
+                "replicas.lanes",
+                "must be between 1 and 1024 (and the same on every relay of this outbox)",
+            ));
         }
         if self.replicas.relay_id.chars().count() > 63 || self.replicas.relay_id.chars().any(char::is_control) {
-            return Err(ConfigError::invalid("replicas.relay_id", "must be at most 63 printable characters (the pod or host name)"));
+            return Err(ConfigError::invalid(
+                "replicas.relay_id",
+                "must be at most 63 printable characters (the pod or host name)",
+            ));
         }
         Ok(())
     }
@@ -873,14 +888,49 @@ impl Config {
         const DAY: Duration = Duration::from_secs(86_400);
         // (key, value, zero allowed and meaning, min, max, human range)
         let checks: [(&'static str, Duration, Option<&str>, Duration, Duration, &str); 9] = [
-            ("postgres.connect_timeout", self.postgres.connect_timeout, None, 100 * MS, 10 * MIN, "between 100ms and 10m"),
+            (
+                "postgres.connect_timeout",
+                self.postgres.connect_timeout,
+                None,
+                100 * MS,
+                10 * MIN,
+                "between 100ms and 10m",
+            ),
             ("source.poll_interval", self.source.poll_interval, None, 10 * MS, HOUR, "between 10ms and 1h"),
             ("source.retry_failed_after", self.source.retry_failed_after, None, 100 * MS, DAY, "between 100ms and 24h"),
-            ("source.replication.status_interval", self.source.replication.status_interval, None, 100 * MS, 30 * S, "between 100ms and 30s"),
-            ("source.replication.heartbeat_interval", self.source.replication.heartbeat_interval, Some("off"), S, HOUR, "0s (off) or between 1s and 1h"),
-            ("published.retention", self.published.retention, Some("keep forever"), S, 3650 * DAY, "0s (keep) or between 1s and 3650d"),
+            (
+                "source.replication.status_interval",
+                self.source.replication.status_interval,
+                None,
+                100 * MS,
+                30 * S,
+                "between 100ms and 30s",
+            ),
+            (
+                "source.replication.heartbeat_interval",
+                self.source.replication.heartbeat_interval,
+                Some("off"),
+                S,
+                HOUR,
+                "0s (off) or between 1s and 1h",
+            ),
+            (
+                "published.retention",
+                self.published.retention,
+                Some("keep forever"),
+                S,
+                3650 * DAY,
+                "0s (keep) or between 1s and 3650d",
+            ),
             ("published.cleanup_interval", self.published.cleanup_interval, None, S, DAY, "between 1s and 24h"),
-            ("shutdown.drain_timeout", self.shutdown.drain_timeout, Some("no drain"), Duration::ZERO, HOUR, "between 0s and 1h"),
+            (
+                "shutdown.drain_timeout",
+                self.shutdown.drain_timeout,
+                Some("no drain"),
+                Duration::ZERO,
+                HOUR,
+                "between 0s and 1h",
+            ),
             ("replicas.takeover_within", self.replicas.takeover_within, None, S, 10 * MIN, "between 1s and 10m"),
         ];
         for (key, value, zero, min, max, range) in checks {
@@ -956,7 +1006,8 @@ const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"]
 /// `log.level` must be a level or `target=level` directives: tracing would
 /// otherwise read a typo such as `verbose` as a target name and log nothing useful.
 fn validate_log_level(level: &str) -> Result<(), ConfigError> {
-    let fix = "use one of trace, debug, info, warn, error, off, or target=level directives, e.g. \"info,outbox_relay=debug\"";
+    let fix =
+        "use one of trace, debug, info, warn, error, off, or target=level directives, e.g. \"info,outbox_relay=debug\"";
     for directive in level.split(',').map(str::trim) {
         let named = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
         if !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) {
@@ -1016,9 +1067,14 @@ fn describe_kind(key: &str, kind: &figment::error::Kind) -> String {
         Kind::InvalidType(actual, expected) if expected.contains("duration") => {
             format!("found {actual}, expected a duration: {DURATION_HINT}")
         }
-        Kind::UnknownField(field, expected) => format!("unknown key `{field}`; valid keys here: {}", expected.join(", ")),
+        Kind::UnknownField(field, expected) => {
+            format!("unknown key `{field}`; valid keys here: {}", expected.join(", "))
+        }
         Kind::UnknownVariant(found, expected) => {
-            format!("unknown value \"{found}\"; use one of: {}", expected.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", "))
+            format!(
+                "unknown value \"{found}\"; use one of: {}",
+                expected.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ")
+            )
         }
         other => other.to_string(),
     }
@@ -1148,18 +1204,22 @@ mod tests {
         Config::load(Some(&path))
     }
 
-    const BASE: &str = "[postgres]\nurl = \"postgres://relay:TopSecretPw1@db/app\"\n[sink.kafka]\nbrokers = \"k:9092\"\n";
+    const BASE: &str =
+        "[postgres]\nurl = \"postgres://relay:TopSecretPw1@db/app\"\n[sink.kafka]\nbrokers = \"k:9092\"\n";
 
     #[test]
     fn a_toml_syntax_error_names_the_line_but_never_echoes_it() {
-        let msg = load_toml("[postgres]\nurl = \"postgres://relay:TopSecretPw1@db/app\nx = 1\n").unwrap_err().to_string();
+        let msg =
+            load_toml("[postgres]\nurl = \"postgres://relay:TopSecretPw1@db/app\nx = 1\n").unwrap_err().to_string();
         assert!(!msg.contains("TopSecretPw1"), "{msg}");
         assert!(msg.contains("line 2"), "{msg}");
     }
 
     #[test]
     fn a_wrong_type_on_a_secret_key_hides_the_value() {
-        let msg = load_toml(&format!("{BASE}[sink.kafka.properties]\n\"sasl.password\" = 987654321\n")).unwrap_err().to_string();
+        let msg = load_toml(&format!("{BASE}[sink.kafka.properties]\n\"sasl.password\" = 987654321\n"))
+            .unwrap_err()
+            .to_string();
         assert!(!msg.contains("987654321"), "{msg}");
         assert!(msg.contains("sasl.password") && msg.contains("hidden"), "{msg}");
         let msg = load_toml("[postgres]\nurl = 987654321\n").unwrap_err().to_string();

@@ -124,7 +124,10 @@ pub fn parse_traceparent(text: &str) -> Option<String> {
 fn is_traceparent(text: &str) -> bool {
     let parts: Vec<&str> = text.split('-').collect();
     parts.len() >= 4
-        && [2usize, 32, 16, 2].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+        && [2usize, 32, 16, 2]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A row that can never become a valid event as it stands; it is recorded on
@@ -204,31 +207,32 @@ impl RawRow {
             Some(_) => Err(reject(format!("{what} is empty"))),
             None => Err(reject(format!("{what} is NULL"))),
         };
-        let aggregate_type = required(self.aggregate_type, "aggregate_type")
-            .map_err(|r| r.of_aggregate(self.aggregate_id.clone()))?;
+        let aggregate_type =
+            required(self.aggregate_type, "aggregate_type").map_err(|r| r.of_aggregate(self.aggregate_id.clone()))?;
         let aggregate_id = required(self.aggregate_id, "aggregate_id")?;
         // From here on every rejection names the aggregate: a blocking policy
         // must hold its later events back behind this one, whatever is wrong.
         let reject = |reason: String| Rejected::new(position, reason).of_aggregate(Some(aggregate_id.clone()));
-        let event_type = required(self.event_type, "event_type").map_err(|r| r.of_aggregate(Some(aggregate_id.clone())))?;
+        let event_type =
+            required(self.event_type, "event_type").map_err(|r| r.of_aggregate(Some(aggregate_id.clone())))?;
         // JSON stays JSON; anything else (NULL too) is carried as is, and only
         // the JSON envelopes refuse it (with the reason and the fix, when encoding).
         let payload = match (self.payload, self.payload_binary) {
             (None, _) => Payload::Null,
             (Some(payload_text), binary) => match binary {
-            Some(bytes) => Payload::Binary { bytes, text: payload_text },
-            // Parsed once (checking first, then `from_string`, parsed it twice).
-            None => match serde_json::from_str::<Box<RawValue>>(&payload_text) {
-                Ok(raw) => Payload::Json(raw),
-                Err(_) => Payload::Text(payload_text),
-            },
+                Some(bytes) => Payload::Binary { bytes, text: payload_text },
+                // Parsed once (checking first, then `from_string`, parsed it twice).
+                None => match serde_json::from_str::<Box<RawValue>>(&payload_text) {
+                    Ok(raw) => Payload::Json(raw),
+                    Err(_) => Payload::Text(payload_text),
+                },
             },
         };
         let headers = match self.headers {
             None => None,
             Some(text) => {
-                let raw = RawValue::from_string(text)
-                    .map_err(|e| reject(format!("headers are not valid JSON: {e}")))?;
+                let raw =
+                    RawValue::from_string(text).map_err(|e| reject(format!("headers are not valid JSON: {e}")))?;
                 if !raw.get().trim_start().starts_with('{') {
                     return Err(reject("headers must be a JSON object".into()));
                 }
@@ -236,8 +240,9 @@ impl RawRow {
             }
         };
         let event_id = match self.event_id {
-            Some(text) => Uuid::parse_str(&text)
-                .map_err(|e| reject(format!("event_id {text:?} is not a UUID: {e}")))?,
+            Some(text) => {
+                Uuid::parse_str(&text).map_err(|e| reject(format!("event_id {text:?} is not a UUID: {e}")))?
+            }
             None => Uuid::new_v5(&DERIVED_ID_NAMESPACE, format!("{table}:{position}").as_bytes()),
         };
         let event_version = self.event_version.unwrap_or(1);

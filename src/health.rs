@@ -138,7 +138,9 @@ impl Health {
             return;
         }
         match &why {
-            Some(reason) => tracing::warn!(reason = %reason, "publishing is blocked: readiness fails until the event is published"),
+            Some(reason) => {
+                tracing::warn!(reason = %reason, "publishing is blocked: readiness fails until the event is published")
+            }
             None => tracing::info!("no longer blocked: publishing moves again"),
         }
         *current = why;

@@ -54,7 +54,12 @@ struct Open {
 
 /// Binds `listen` (port 0 picks a free port) and serves until shutdown;
 /// returns the bound address.
-pub async fn serve(listen: &str, metrics: Metrics, health: Health, mut shutdown: Shutdown) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    listen: &str,
+    metrics: Metrics,
+    health: Health,
+    mut shutdown: Shutdown,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
     let app = Router::new()

@@ -7,9 +7,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Most distinct (topic, event_type) label pairs kept; later ones share
 /// `other`, so a buggy template cannot explode the series count.
@@ -82,7 +80,9 @@ impl Metrics {
         if config.source.mode == SourceMode::Poll {
             hidden.push(Box::new(metrics.replication_slot_lag.clone()));
         }
-        if config.sink.kafka.delivery != crate::config::Delivery::ExactlyOnce || config.sink.kind != crate::config::SinkKind::Kafka {
+        if config.sink.kafka.delivery != crate::config::Delivery::ExactlyOnce
+            || config.sink.kind != crate::config::SinkKind::Kafka
+        {
             // No transactions: counters that could only ever read 0.
             hidden.push(Box::new(metrics.transactions_committed.clone()));
             hidden.push(Box::new(metrics.transactions_aborted.clone()));
@@ -111,15 +111,17 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
-        let retries = IntCounter::new("outbox_relay_retries_total", "Events retried after a failed publish").expect("valid metric");
-        let dead_lettered =
-            IntCounter::new("outbox_relay_dead_lettered_total", "Events sent to the dead-letter topic").expect("valid metric");
+        let retries = IntCounter::new("outbox_relay_retries_total", "Events retried after a failed publish")
+            .expect("valid metric");
+        let dead_lettered = IntCounter::new("outbox_relay_dead_lettered_total", "Events sent to the dead-letter topic")
+            .expect("valid metric");
         let blocked_aggregates = IntGauge::new(
             "outbox_relay_blocked_aggregates",
             "Aggregates whose events wait behind one that cannot be published (failures.policy = block)",
         )
         .expect("valid metric");
-        let batches = IntCounter::new("outbox_relay_batches_total", "Batches claimed from the outbox").expect("valid metric");
+        let batches =
+            IntCounter::new("outbox_relay_batches_total", "Batches claimed from the outbox").expect("valid metric");
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("outbox_relay_batch_size", "Events per claimed batch")
                 .buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]),
@@ -131,8 +133,11 @@ impl Metrics {
         )
         .expect("valid metric");
         let broker_ack_latency = Histogram::with_opts(
-            HistogramOpts::new("outbox_relay_broker_ack_latency_seconds", "Batch handed to the broker to its last acknowledgement")
-                .buckets(seconds_buckets()),
+            HistogramOpts::new(
+                "outbox_relay_broker_ack_latency_seconds",
+                "Batch handed to the broker to its last acknowledgement",
+            )
+            .buckets(seconds_buckets()),
         )
         .expect("valid metric");
         let backlog_events =
@@ -152,10 +157,16 @@ impl Metrics {
             "Unix time of the last broker acknowledgement",
         )
         .expect("valid metric");
-        let leader = IntGauge::new("outbox_relay_leader", "1 while this relay publishes: it holds lanes (polling) or the replication slot's lease").expect("valid metric");
-        let lanes_owned = IntGauge::new("outbox_relay_lanes_owned", "Outbox lanes this relay holds and claims from (polling)").expect("valid metric");
-        let events_in_flight =
-            IntGauge::new("outbox_relay_events_in_flight", "Events sent but not yet acknowledged").expect("valid metric");
+        let leader = IntGauge::new(
+            "outbox_relay_leader",
+            "1 while this relay publishes: it holds lanes (polling) or the replication slot's lease",
+        )
+        .expect("valid metric");
+        let lanes_owned =
+            IntGauge::new("outbox_relay_lanes_owned", "Outbox lanes this relay holds and claims from (polling)")
+                .expect("valid metric");
+        let events_in_flight = IntGauge::new("outbox_relay_events_in_flight", "Events sent but not yet acknowledged")
+            .expect("valid metric");
         let transactions_committed = IntCounter::new(
             "outbox_relay_transactions_committed_total",
             "Kafka transactions committed (delivery = exactly_once)",
@@ -167,13 +178,18 @@ impl Metrics {
         )
         .expect("valid metric");
         let transaction_commit_latency = Histogram::with_opts(
-            HistogramOpts::new("outbox_relay_transaction_commit_seconds", "Time to commit one Kafka transaction (delivery = exactly_once)")
-                .buckets(seconds_buckets()),
+            HistogramOpts::new(
+                "outbox_relay_transaction_commit_seconds",
+                "Time to commit one Kafka transaction (delivery = exactly_once)",
+            )
+            .buckets(seconds_buckets()),
         )
         .expect("valid metric");
-        let build_info =
-            IntGaugeVec::new(Opts::new("outbox_relay_build_info", "Relay build information and its replicas.relay_id"), &["version", "relay_id"])
-            .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("outbox_relay_build_info", "Relay build information and its replicas.relay_id"),
+            &["version", "relay_id"],
+        )
+        .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &crate::postgres::relay_id()]).set(1);
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(events_published.clone()),
@@ -284,8 +300,12 @@ mod tests {
         metrics.published("t", "e", 0);
         let mut exported = metrics.names();
         exported.sort();
-        let mut listed: Vec<String> =
-            include_str!("../deploy/metrics.txt").lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+        let mut listed: Vec<String> = include_str!("../deploy/metrics.txt")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect();
         listed.sort();
         assert_eq!(exported, listed, "deploy/metrics.txt must list exactly what the relay exports");
     }
@@ -305,7 +325,11 @@ mod tests {
         assert!(!none.iter().any(|n| n.contains("transaction")), "{none:?}");
         config.sink.kafka.delivery = crate::config::Delivery::ExactlyOnce;
         let exactly_once = names(&config);
-        for name in ["outbox_relay_transactions_committed_total", "outbox_relay_transactions_aborted_total", "outbox_relay_transaction_commit_seconds"] {
+        for name in [
+            "outbox_relay_transactions_committed_total",
+            "outbox_relay_transactions_aborted_total",
+            "outbox_relay_transaction_commit_seconds",
+        ] {
             assert!(exactly_once.iter().any(|n| n == name), "{name} missing from {exactly_once:?}");
         }
     }
@@ -317,6 +341,8 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("outbox_relay_build_info{relay_id=\""), "{text}");
         assert!(text.contains(concat!("version=\"", env!("CARGO_PKG_VERSION"), "\"")), "{text}");
-        assert!(text.contains("outbox_relay_events_published_total{event_type=\"OrderPlaced\",topic=\"outbox.Order\"} 3"));
+        assert!(
+            text.contains("outbox_relay_events_published_total{event_type=\"OrderPlaced\",topic=\"outbox.Order\"} 3")
+        );
     }
 }

@@ -28,9 +28,8 @@ pub struct Migration {
 
 /// Applies what is missing; returns the versions applied by this call.
 pub async fn run(client: &mut Client) -> Result<Vec<i32>, PostgresError> {
-    let fail = |what: &str, e: tokio_postgres::Error| {
-        PostgresError::Query(format!("migrate: {what}: {}", describe(&e)))
-    };
+    let fail =
+        |what: &str, e: tokio_postgres::Error| PostgresError::Query(format!("migrate: {what}: {}", describe(&e)));
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS outbox; \
@@ -41,7 +40,11 @@ pub async fn run(client: &mut Client) -> Result<Vec<i32>, PostgresError> {
         .await
         .or_else(|e| {
             // Two concurrent first runs may race on CREATE; the loser retries below.
-            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) { Ok(()) } else { Err(e) }
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(e)
+            }
         })
         .map_err(|e| fail("creating the outbox schema", e))?;
     let mut applied = Vec::new();
@@ -88,16 +91,16 @@ pub async fn reconcile_notify_trigger(client: &Client, config: &Config) -> Resul
     } else {
         "DROP TRIGGER IF EXISTS events_notify_relay ON outbox.events"
     };
-    client
-        .batch_execute(sql)
-        .await
-        .map_err(|e| PostgresError::Query(format!("migrate: setting up the NOTIFY trigger on outbox.events: {}", describe(&e))))?;
+    client.batch_execute(sql).await.map_err(|e| {
+        PostgresError::Query(format!("migrate: setting up the NOTIFY trigger on outbox.events: {}", describe(&e)))
+    })?;
     Ok(if wanted {
         "NOTIFY trigger on outbox.events: installed (wakes the relay at commit; set source.notify = false if applications \
          use PREPARE TRANSACTION on transactions that write outbox rows)"
             .into()
     } else if config.source.mode == SourceMode::Replication {
-        "NOTIFY trigger on outbox.events: not installed (replication mode does not need it; PREPARE TRANSACTION works)".into()
+        "NOTIFY trigger on outbox.events: not installed (replication mode does not need it; PREPARE TRANSACTION works)"
+            .into()
     } else {
         "NOTIFY trigger on outbox.events: not installed (source.notify = false; latency is bounded by source.poll_interval; \
          PREPARE TRANSACTION works)"

@@ -10,10 +10,10 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::outbox::OutboxTable;
 use crate::postgres;
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
-use crate::outbox::OutboxTable;
 
 /// How often the broker is probed.
 const BROKER_EVERY: Duration = Duration::from_secs(5);

@@ -113,9 +113,8 @@ impl OutboxTable {
         let claim_blocked = claim_sql(&eligible, &fence("$6"), "$7");
         let claim_lanes = claim_sql(&parked_only, &format!("{}{}", lane_test("$4"), fence("$4")), "$5");
         let claim_lanes_blocked = claim_sql(&eligible, &format!("{}{}", lane_test("$6"), fence("$6")), "$7");
-        let still_pending = format!(
-            "SELECT {position}::int8 FROM {table} WHERE {unpublished} AND {position} = ANY($1::int8[])"
-        );
+        let still_pending =
+            format!("SELECT {position}::int8 FROM {table} WHERE {unpublished} AND {position} = ANY($1::int8[])");
         let checkpoint = match published {
             PublishedMode::Mark => format!(
                 "UPDATE {table} SET {} = now() WHERE {position} = ANY($1::int8[])",
@@ -144,7 +143,9 @@ impl OutboxTable {
                 "UPDATE {table} SET {} = now() WHERE {position} = ANY($1::int8[])",
                 quote_ident(&columns.published_at)
             ),
-            (PublishedMode::Delete, Some(d)) => format!("UPDATE {table} SET {d} = now() WHERE {position} = ANY($1::int8[])"),
+            (PublishedMode::Delete, Some(d)) => {
+                format!("UPDATE {table} SET {d} = now() WHERE {position} = ANY($1::int8[])")
+            }
             (PublishedMode::Delete, None) => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
             (PublishedMode::None, _) => "SELECT count(*) FROM unnest($1::int8[])".to_owned(),
         };
@@ -220,7 +221,10 @@ pub fn utc_timestamp(column: &str) -> String {
 struct PayloadColumn(Option<(String, Option<Vec<u8>>)>);
 
 impl<'a> tokio_postgres::types::FromSql<'a> for PayloadColumn {
-    fn from_sql(ty: &tokio_postgres::types::Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         use tokio_postgres::types::{Kind, Type};
         let base = match ty.kind() {
             Kind::Domain(base) => base.clone(),
@@ -267,14 +271,16 @@ impl OutboxTable {
     pub fn from_config(config: &Config) -> Result<OutboxTable, String> {
         let table = TableName::parse(&config.source.table).map_err(|problem| format!("source.table {problem}"))?;
         let exclude_dead_lettered = config.failures.policy == FailurePolicy::DeadLetter;
-        let mut built = OutboxTable::build(&table, &config.source.columns, config.published.mode, exclude_dead_lettered, None);
+        let mut built =
+            OutboxTable::build(&table, &config.source.columns, config.published.mode, exclude_dead_lettered, None);
         built.label = config.source.table.clone();
         Ok(built)
     }
 
     /// The same table with its claims fenced by `scope`'s lease.
     pub fn fenced_by(&self, scope: &ClaimScope) -> OutboxTable {
-        let mut built = OutboxTable::build(&self.name, &self.columns, self.published, self.exclude_dead_lettered, Some(scope));
+        let mut built =
+            OutboxTable::build(&self.name, &self.columns, self.published, self.exclude_dead_lettered, Some(scope));
         built.label = self.label.clone();
         built
     }
@@ -386,7 +392,8 @@ impl OutboxTable {
     /// column's value, fourth.
     pub fn pending_topics_sql(&self, route_by: Option<&str>) -> String {
         let c = &self.columns;
-        let text = |name: &str| if name.is_empty() { "NULL::text".to_owned() } else { format!("{}::text", quote_ident(name)) };
+        let text =
+            |name: &str| if name.is_empty() { "NULL::text".to_owned() } else { format!("{}::text", quote_ident(name)) };
         format!(
             "SELECT DISTINCT {}, {}, {}, {} FROM (SELECT * FROM {} WHERE {} LIMIT 10000) s",
             text(&c.aggregate_type),
@@ -465,7 +472,11 @@ impl OutboxTable {
             add(format!("{} < ?::timestamptz", need(&c.created_at, "--until")?), Box::new(v), &mut clauses);
         }
         if let Some(v) = &selection.aggregate_id {
-            add(format!("{}::text = ?::text", need(&c.aggregate_id, "--aggregate-id")?), Box::new(v.clone()), &mut clauses);
+            add(
+                format!("{}::text = ?::text", need(&c.aggregate_id, "--aggregate-id")?),
+                Box::new(v.clone()),
+                &mut clauses,
+            );
         }
         if let Some(v) = &selection.event_type {
             add(format!("{}::text = ?::text", need(&c.event_type, "--event-type")?), Box::new(v.clone()), &mut clauses);
@@ -473,7 +484,10 @@ impl OutboxTable {
         let filter = if clauses.is_empty() { "true".into() } else { clauses.join(" AND ") };
         let redrive = selection.dead_lettered.then(|| match self.published {
             PublishedMode::Delete => format!("DELETE FROM {table} WHERE {position} = ANY($1::int8[])"),
-            _ => format!("UPDATE {table} SET {} = NULL WHERE {position} = ANY($1::int8[])", quote_ident(&c.dead_lettered_at)),
+            _ => format!(
+                "UPDATE {table} SET {} = NULL WHERE {position} = ANY($1::int8[])",
+                quote_ident(&c.dead_lettered_at)
+            ),
         });
         Ok(ReplayQuery {
             // $1 is unused in the count; numbering stays identical to the page query.
@@ -516,7 +530,10 @@ impl OutboxTable {
 /// integer column. Returns the finding (what is wrong, the key, the SQL that
 /// fixes it) or None. For `check` and the poll session's start-up; replication
 /// needs no position column (see [`crate::source::replication::position_is_integer`]).
-pub async fn position_column_problem(client: &tokio_postgres::Client, table: &OutboxTable) -> Result<Option<String>, PostgresError> {
+pub async fn position_column_problem(
+    client: &tokio_postgres::Client,
+    table: &OutboxTable,
+) -> Result<Option<String>, PostgresError> {
     let column = &table.columns.position;
     let row = client
         .query_opt(
@@ -666,7 +683,6 @@ pub fn decode(row: &Row, first: usize) -> Result<Option<RawRow>, PostgresError> 
     }))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,7 +701,11 @@ mod tests {
         let dead = Selection { dead_lettered: true, ..selection.clone() };
         let table = OutboxTable::from_config(&config).unwrap();
         let query = table.replay_query(&dead).unwrap();
-        assert!(query.page.contains("WHERE \"id\" > $1::int8 AND \"dead_lettered_at\" IS NOT NULL AND"), "{}", query.page);
+        assert!(
+            query.page.contains("WHERE \"id\" > $1::int8 AND \"dead_lettered_at\" IS NOT NULL AND"),
+            "{}",
+            query.page
+        );
         assert!(query.redrive.is_some());
         let query = table.replay_query(&selection).unwrap();
         assert!(
@@ -725,7 +745,9 @@ mod tests {
         assert!(q.claim.contains("NULL::int4"));
         assert!(q.claim.contains("WHERE true AND \"id\" > $1::int8"));
         assert!(!q.claim.contains("$4"), "the common claim never reads the heap for the aggregate");
-        assert!(q.claim_blocked.contains("coalesce(\"aggregateid\"::text = ANY($4::text[]), false) OR \"id\" = ANY($5::int8[])"));
+        assert!(q
+            .claim_blocked
+            .contains("coalesce(\"aggregateid\"::text = ANY($4::text[]), false) OR \"id\" = ANY($5::int8[])"));
         assert_eq!(q.checkpoint, "DELETE FROM \"public\".\"outbox\" WHERE \"id\" = ANY($1::int8[])");
         assert!(q.record_failures.is_none());
     }
@@ -736,7 +758,9 @@ mod tests {
         let scope = ClaimScope { resource: "outbox.events".into(), lanes: 8, instance: Uuid::nil(), by_lane: true };
         let q = OutboxTable::build(&table, &ColumnMapping::default(), PublishedMode::Mark, false, Some(&scope));
         for sql in [&q.claim, &q.claim_lanes] {
-            assert!(sql.contains("resource = 'outbox.events' AND lanes = 8 AND instance = '00000000-0000-0000-0000-000000000000'"));
+            assert!(sql.contains(
+                "resource = 'outbox.events' AND lanes = 8 AND instance = '00000000-0000-0000-0000-000000000000'"
+            ));
             assert!(sql.contains("cardinality($4::int4[])"));
         }
         assert!(!q.claim.contains("hashtextextended"), "holding every lane skips the per-row test");

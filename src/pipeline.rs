@@ -17,13 +17,13 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::holdback::Blocked;
 use crate::coordination::Fence;
-use crate::failure::{DeadLetter, FailedRow, FailureKind};
 use crate::envelope::EnvelopeMapper;
+use crate::event::Rejected;
+use crate::failure::{DeadLetter, FailedRow, FailureKind};
+use crate::holdback::Blocked;
 use crate::metrics::Metrics;
 use crate::settle::EventKey;
-use crate::event::Rejected;
 use crate::sink::Sink;
 use crate::source::ClaimedBatch;
 

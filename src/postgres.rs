@@ -94,8 +94,8 @@ pub fn prepare(config: &PostgresConfig) -> Result<Prepared, PostgresError> {
     pg.keepalives_retries(config.keepalive_retries);
     // Unix sockets never use TLS (as in libpq); TCP hosts get the mode's nearest tokio-postgres mode:
     // the certificate checks themselves are in the rustls configuration.
-    let only_unix = pg.get_hosts().iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
-        && !pg.get_hosts().is_empty();
+    let only_unix =
+        pg.get_hosts().iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_))) && !pg.get_hosts().is_empty();
     pg.ssl_mode(match tls.mode {
         _ if only_unix => SslMode::Disable,
         TlsMode::Disable => SslMode::Disable,
@@ -119,7 +119,10 @@ pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<
     let ports = pg.get_ports().to_vec();
     let count = hosts.len().max(hostaddrs.len());
     if count == 0 {
-        return Err(PostgresError::Connect { target, detail: "postgres.url names no host: add one, e.g. postgres://relay@db:5432/app".into() });
+        return Err(PostgresError::Connect {
+            target,
+            detail: "postgres.url names no host: add one, e.g. postgres://relay@db:5432/app".into(),
+        });
     }
     let mut last_error = String::new();
     for i in 0..count {
@@ -165,55 +168,63 @@ fn connect_host<'a>(
 ) -> futures::future::BoxFuture<'a, Result<Connection, String>> {
     use futures::FutureExt;
     async move {
-    let connect_timeout = pg.get_connect_timeout().copied();
-    let stream: Box<dyn Duplex> = match address {
-        Host::Tcp(name) => Box::new(liveness::open_tcp(name, port, connect_timeout, net).await.map_err(|e| e.to_string())?),
-        Host::Unix(dir) => {
-            let path = dir.join(format!(".s.PGSQL.{port}"));
-            let open = tokio::net::UnixStream::connect(&path);
-            let stream = match connect_timeout.filter(|t| !t.is_zero()) {
-                None => open.await,
-                Some(limit) => tokio::time::timeout(limit, open)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out after {limit:?}")))),
-            };
-            Box::new(stream.map_err(|e| format!("{}: {e}", path.display()))?)
-        }
-    };
-    let socket: Socket = liveness::Watched::new(stream, net.io_timeout);
-    let connect_error = |e: tokio_postgres::Error| connect_detail(&e, tls);
-    let notifications = Arc::new(Notify::new());
-    // The connect_raw futures are boxed: unboxed, they trip the compiler's
-    // higher-ranked `Send` inference for every task that connects.
-    let (client, driver) = match (host, rustls) {
-        (Some(Host::Tcp(name)), Some(rustls)) => {
-            let connector = MakeTlsConnect::<Socket>::make_tls_connect(&mut MakeRustlsConnect::new((**rustls).clone()), name).map_err(|e| e.to_string())?;
-            let (client, connection) = pg.connect_raw(socket, connector).boxed().await.map_err(connect_error)?;
-            (client, drive(connection, notifications.clone()))
-        }
-        _ => {
-            // Unix sockets never use TLS (as in libpq).
-            let mut plain = pg.clone();
-            if matches!(address, Host::Unix(_)) || rustls.is_none() {
-                plain.ssl_mode(SslMode::Disable);
+        let connect_timeout = pg.get_connect_timeout().copied();
+        let stream: Box<dyn Duplex> = match address {
+            Host::Tcp(name) => {
+                Box::new(liveness::open_tcp(name, port, connect_timeout, net).await.map_err(|e| e.to_string())?)
             }
-            let (client, connection) = plain.connect_raw(socket, NoTls).boxed().await.map_err(connect_error)?;
-            (client, drive(connection, notifications.clone()))
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let open = tokio::net::UnixStream::connect(&path);
+                let stream = match connect_timeout.filter(|t| !t.is_zero()) {
+                    None => open.await,
+                    Some(limit) => tokio::time::timeout(limit, open).await.unwrap_or_else(|_| {
+                        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out after {limit:?}")))
+                    }),
+                };
+                Box::new(stream.map_err(|e| format!("{}: {e}", path.display()))?)
+            }
+        };
+        let socket: Socket = liveness::Watched::new(stream, net.io_timeout);
+        let connect_error = |e: tokio_postgres::Error| connect_detail(&e, tls);
+        let notifications = Arc::new(Notify::new());
+        // The connect_raw futures are boxed: unboxed, they trip the compiler's
+        // higher-ranked `Send` inference for every task that connects.
+        let (client, driver) = match (host, rustls) {
+            (Some(Host::Tcp(name)), Some(rustls)) => {
+                let connector =
+                    MakeTlsConnect::<Socket>::make_tls_connect(&mut MakeRustlsConnect::new((**rustls).clone()), name)
+                        .map_err(|e| e.to_string())?;
+                let (client, connection) = pg.connect_raw(socket, connector).boxed().await.map_err(connect_error)?;
+                (client, drive(connection, notifications.clone()))
+            }
+            _ => {
+                // Unix sockets never use TLS (as in libpq).
+                let mut plain = pg.clone();
+                if matches!(address, Host::Unix(_)) || rustls.is_none() {
+                    plain.ssl_mode(SslMode::Disable);
+                }
+                let (client, connection) = plain.connect_raw(socket, NoTls).boxed().await.map_err(connect_error)?;
+                (client, drive(connection, notifications.clone()))
+            }
+        };
+        let connection = Connection { client, notifications, driver };
+        let wanted = pg.get_target_session_attrs();
+        if wanted != TargetSessionAttrs::Any {
+            let rows =
+                connection.client.simple_query("SHOW transaction_read_only").boxed().await.map_err(|e| describe(&e))?;
+            let read_only = rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("on")));
+            if read_only && wanted == TargetSessionAttrs::ReadWrite {
+                return Err(
+                    "the server is read-only (a standby) and postgres.url asks for target_session_attrs=read-write"
+                        .into(),
+                );
+            }
+            if !read_only && wanted == TargetSessionAttrs::ReadOnly {
+                return Err("the server accepts writes and postgres.url asks for target_session_attrs=read-only".into());
+            }
         }
-    };
-    let connection = Connection { client, notifications, driver };
-    let wanted = pg.get_target_session_attrs();
-    if wanted != TargetSessionAttrs::Any {
-        let rows = connection.client.simple_query("SHOW transaction_read_only").boxed().await.map_err(|e| describe(&e))?;
-        let read_only = rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("on")));
-        if read_only && wanted == TargetSessionAttrs::ReadWrite {
-            return Err("the server is read-only (a standby) and postgres.url asks for target_session_attrs=read-write".into());
-        }
-        if !read_only && wanted == TargetSessionAttrs::ReadOnly {
-            return Err("the server accepts writes and postgres.url asks for target_session_attrs=read-only".into());
-        }
-    }
-    Ok(connection)
+        Ok(connection)
     }
     .boxed()
 }
@@ -378,7 +389,8 @@ mod tests {
     #[test]
     fn a_permission_error_names_the_object_and_the_privilege() {
         assert!(privilege_fix("permission denied for database app").contains("CREATE on database app"));
-        assert!(privilege_fix("permission denied for table relay_leases").contains("INSERT, UPDATE and DELETE on outbox.relay_leases"));
+        assert!(privilege_fix("permission denied for table relay_leases")
+            .contains("INSERT, UPDATE and DELETE on outbox.relay_leases"));
         assert!(privilege_fix("permission denied for table events").contains("on table events"));
         assert!(privilege_fix("permission denied for schema outbox").contains("USAGE on schema outbox"));
     }

@@ -10,9 +10,9 @@ use tokio_postgres::types::ToSql;
 
 use crate::config::Config;
 use crate::envelope::{EnvelopeMapper, TopicTemplate};
+use crate::outbox::{decode, OutboxTable};
 use crate::postgres::{self, PostgresError};
 use crate::sink::Sink;
-use crate::outbox::{decode, OutboxTable};
 
 pub use crate::outbox::Selection;
 
@@ -41,13 +41,18 @@ pub struct Summary {
 
 /// Counts the matching events (the dry run) and their id range.
 pub async fn count(config: &Config, selection: &Selection) -> Result<(i64, Option<i64>, Option<i64>), ReplayError> {
-    let query = OutboxTable::from_config(config).and_then(|t| t.replay_query(selection)).map_err(ReplayError::Selection)?;
+    let query =
+        OutboxTable::from_config(config).and_then(|t| t.replay_query(selection)).map_err(ReplayError::Selection)?;
     let connection = postgres::connect(&config.postgres, "outbox-relay replay").await?;
     let sql = &query.count;
     let zero: i64 = 0;
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&zero];
     params.extend(query.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)));
-    let row = connection.client.query_one(sql, &params).await.map_err(|e| PostgresError::query("counting replay rows", &e))?;
+    let row = connection
+        .client
+        .query_one(sql, &params)
+        .await
+        .map_err(|e| PostgresError::query("counting replay rows", &e))?;
     let q = |e: tokio_postgres::Error| PostgresError::query("counting replay rows", &e);
     Ok((row.try_get(0).map_err(q)?, row.try_get(1).map_err(q)?, row.try_get(2).map_err(q)?))
 }
@@ -61,15 +66,19 @@ pub async fn run<S: Sink>(
     mut progress: impl FnMut(usize, i64),
 ) -> Result<Summary, ReplayError> {
     let (matched, _, _) = count(config, selection).await?;
-    let query = OutboxTable::from_config(config).and_then(|t| t.replay_query(selection)).map_err(ReplayError::Selection)?;
+    let query =
+        OutboxTable::from_config(config).and_then(|t| t.replay_query(selection)).map_err(ReplayError::Selection)?;
     let template = TopicTemplate::parse(&config.sink.topic).map_err(ReplayError::Selection)?;
     let mapper = EnvelopeMapper::with_columns(template, &config.envelope, &config.source.table, &config.source.columns)
         .map_err(|e| ReplayError::Selection(e.to_string()))?;
     let connection = postgres::connect(&config.postgres, "outbox-relay replay").await?;
-    let statement = connection.client.prepare(&query.page).await.map_err(|e| PostgresError::query("preparing replay", &e))?;
+    let statement =
+        connection.client.prepare(&query.page).await.map_err(|e| PostgresError::query("preparing replay", &e))?;
     // Re-driven dead letters are done once acknowledged: clear the stamp, or delete the row in delete mode.
     let redriven = match &query.redrive {
-        Some(sql) => Some(connection.client.prepare(sql).await.map_err(|e| PostgresError::query("preparing replay", &e))?),
+        Some(sql) => {
+            Some(connection.client.prepare(sql).await.map_err(|e| PostgresError::query("preparing replay", &e))?)
+        }
         None => None,
     };
     let mut cursor = i64::MIN;
@@ -79,7 +88,11 @@ pub async fn run<S: Sink>(
     loop {
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&cursor];
         params.extend(query.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)));
-        let rows = connection.client.query(&statement, &params).await.map_err(|e| PostgresError::query("reading replay rows", &e))?;
+        let rows = connection
+            .client
+            .query(&statement, &params)
+            .await
+            .map_err(|e| PostgresError::query("reading replay rows", &e))?;
         if rows.is_empty() {
             break;
         }
@@ -87,7 +100,11 @@ pub async fn run<S: Sink>(
         for row in &rows {
             let Some(raw) = decode(row, 0)? else { continue };
             cursor = raw.position;
-            match raw.into_event(&config.source.table).map_err(|r| r.reason).and_then(|e| mapper.to_message(&e).map_err(|e| e.to_string())) {
+            match raw
+                .into_event(&config.source.table)
+                .map_err(|r| r.reason)
+                .and_then(|e| mapper.to_message(&e).map_err(|e| e.to_string()))
+            {
                 Ok(message) => messages.push(message),
                 Err(reason) => failures.push(format!("position {cursor}: {reason}")),
             }

@@ -40,7 +40,11 @@ pub async fn run(config: Config, table: OutboxTable, mut shutdown: Shutdown) {
                     continue;
                 }
             };
-            match connection.client.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&lock_key]).await {
+            match connection
+                .client
+                .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&lock_key])
+                .await
+            {
                 Ok(row) if row.try_get::<_, bool>(0).unwrap_or(false) => {
                     debug!("this relay cleans up published rows past retention");
                     held = Some(connection);

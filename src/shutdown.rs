@@ -71,7 +71,10 @@ pub fn on_signals(trigger: ShutdownTrigger, drain_timeout: Duration) -> std::io:
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::warn!(signal = again, "second stop signal: exiting now; events not yet marked published are published again later");
+        tracing::warn!(
+            signal = again,
+            "second stop signal: exiting now; events not yet marked published are published again later"
+        );
         std::process::exit(EXIT_HARD_STOP);
     });
     Ok(())

@@ -40,13 +40,16 @@ fn check_features(config: &Config) -> Result<(), ConfigError> {
     crate::outbox::OutboxTable::from_config(config).map_err(|problem| {
         ConfigError::invalid("source.table", problem.trim_start_matches("source.table ").to_owned())
     })?;
-    crate::envelope::TopicTemplate::parse(&config.sink.topic).map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
-    crate::envelope::validate_config(&config.envelope, &config.source.table).map_err(|e| ConfigError::invalid(e.key, e.problem))?;
+    crate::envelope::TopicTemplate::parse(&config.sink.topic)
+        .map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
+    crate::envelope::validate_config(&config.envelope, &config.source.table)
+        .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
     crate::envelope::debezium::validate_config(&config.envelope, &config.source.columns)
         .map_err(|e| ConfigError::invalid(e.key, e.problem))?;
     match config.sink.kind {
         SinkKind::Kafka => {
-            crate::envelope::check_kafka_template(&config.sink.topic).map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
+            crate::envelope::check_kafka_template(&config.sink.topic)
+                .map_err(|problem| ConfigError::invalid("sink.topic", problem))?;
             let offsets = &config.sink.kafka.offsets_topic;
             if config.sink.kafka.delivery == Delivery::ExactlyOnce && !crate::envelope::is_valid_topic(offsets) {
                 return Err(ConfigError::invalid(

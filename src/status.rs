@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use crate::config::{Config, PublishedMode, SourceMode};
 use crate::coordination::{holdings, Holding, Resource};
-use crate::postgres::{self, PostgresError};
 use crate::outbox::OutboxTable;
+use crate::postgres::{self, PostgresError};
 use crate::source::table;
 
 /// The status report.
@@ -115,7 +115,8 @@ pub async fn gather(config: &Config) -> Result<Status, PostgresError> {
     };
     // Relays that run but wait for their broker at start-up.
     let waiting = holdings(client, &resource.waiting_room().name).await?;
-    let holdings: Vec<Holding> = holdings(client, &resource.name).await?.into_iter().filter(|h| h.lane_count == resource.lanes).collect();
+    let holdings: Vec<Holding> =
+        holdings(client, &resource.name).await?.into_iter().filter(|h| h.lane_count == resource.lanes).collect();
     let held: std::collections::BTreeSet<i32> = holdings.iter().flat_map(|r| r.lanes.iter().copied()).collect();
     let unheld_lanes: Vec<i32> = (0..resource.lanes).filter(|lane| !held.contains(lane)).collect();
     let relays = waiting
@@ -157,7 +158,10 @@ pub async fn gather(config: &Config) -> Result<Status, PostgresError> {
 
 /// Human-readable rendering.
 pub fn print(status: &Status) {
-    println!("outbox                {} ({} mode, published.mode = {})", status.table, status.source_mode, status.published_mode);
+    println!(
+        "outbox                {} ({} mode, published.mode = {})",
+        status.table, status.source_mode, status.published_mode
+    );
     match status.backlog {
         Some(backlog) => println!("backlog               {backlog} unpublished"),
         None => println!("backlog               n/a (rows are not marked in none mode; see slot lag)"),
@@ -195,7 +199,11 @@ pub fn print(status: &Status) {
     }
     if let (Some(unheld), Some(lanes)) = (&status.unheld_lanes, status.lanes) {
         if !unheld.is_empty() {
-            println!("unheld lanes          {} of {lanes}: {} (taken over within replicas.takeover_within)", unheld.len(), lane_ranges(unheld));
+            println!(
+                "unheld lanes          {} of {lanes}: {} (taken over within replicas.takeover_within)",
+                unheld.len(),
+                lane_ranges(unheld)
+            );
         }
     }
 }

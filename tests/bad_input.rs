@@ -62,7 +62,11 @@ fn configuration_errors_exit_2_before_anything_is_bound() {
         ("[sink.kafka.properties]\n\"no.such.setting\" = \"1\"\n", &[], "no.such.setting"),
         ("[source]\nretry_failed_after = \"0s\"\n", &[], "source.retry_failed_after"),
         ("[log]\nlevel = \"verbose\"\n", &[], "log.level"),
-        ("[failures]\npolicy = \"dead_letter\"\ndead_letter_topic = \"bad topic!\"\n", &[], "failures.dead_letter_topic"),
+        (
+            "[failures]\npolicy = \"dead_letter\"\ndead_letter_topic = \"bad topic!\"\n",
+            &[],
+            "failures.dead_letter_topic",
+        ),
         ("", &[("OUTBOX_RELAY_SOURCE__POLL_INTERVAL", "5")], "\"5s\""),
     ];
     for (extra, env, needle) in cases {
@@ -75,7 +79,11 @@ fn configuration_errors_exit_2_before_anything_is_bound() {
         assert_eq!(code, 2, "{extra}: {stderr}");
         assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
         assert!(!stderr.contains("http.listen"), "{stderr}");
-        assert_eq!(stderr.lines().filter(|l| l.starts_with("error:") || l.contains("ERROR")).count(), 1, "printed once: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("error:") || l.contains("ERROR")).count(),
+            1,
+            "printed once: {stderr}"
+        );
     }
 }
 
@@ -101,7 +109,10 @@ fn configuration_errors_never_print_secrets() {
 fn a_command_error_is_printed_once() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("postgres://relay@127.0.0.1:{closed}/app");
-    let (code, stderr) = run_with(&["status"], &[("OUTBOX_RELAY_POSTGRES__URL", &url), ("OUTBOX_RELAY_SINK__KAFKA__BROKERS", "127.0.0.1:9")]);
+    let (code, stderr) = run_with(
+        &["status"],
+        &[("OUTBOX_RELAY_POSTGRES__URL", &url), ("OUTBOX_RELAY_SINK__KAFKA__BROKERS", "127.0.0.1:9")],
+    );
     assert_eq!(code, 1, "{stderr}");
     assert_eq!(stderr.matches("cannot connect to Postgres").count(), 1, "{stderr}");
 }
@@ -247,19 +258,16 @@ async fn debezium_style_table_works_through_column_mapping_and_reports_bad_rows(
     let consumed = consume(&broker.bootstrap(), &["outbox.event.Order"], 2, Duration::from_secs(30));
     let types: Vec<String> = consumed
         .iter()
-        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["event_type"].as_str().unwrap().to_owned())
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["event_type"].as_str().unwrap().to_owned()
+        })
         .collect();
     assert_eq!(types, ["OrderCreated", "OrderShipped"]);
     assert!(relay.wait_for_log("payload is not valid JSON", Duration::from_secs(10)), "{}", relay.log());
     assert!(relay.wait_for_log("aggregate_id is NULL", Duration::from_secs(10)), "{}", relay.log());
     let log = relay.log();
     assert!(log.contains("position=2") && log.contains("position=3"), "{log}");
-    let left: Vec<i64> = client
-        .query("SELECT id FROM public.outbox ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let left: Vec<i64> =
+        client.query("SELECT id FROM public.outbox ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, [2, 3], "bad rows are kept, good rows deleted");
 }

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::cloudevents::{assert_round_trip, expected_attributes, hex, parse_with_sdk, row_for, write_sample_events, Row};
+use common::cloudevents::{
+    assert_round_trip, expected_attributes, hex, parse_with_sdk, row_for, write_sample_events, Row,
+};
 use common::relay::{connect, relay_env, unpublished, RelayProcess, Stack};
 use common::{consume, Consumed};
 use serde_json::{json, Value};

@@ -214,7 +214,12 @@ async fn write(client: &tokio_postgres::Client, n: usize, kind: Kind, delete: bo
         // What Debezium's StringConverter emits: jsonb as Postgres's text
         // output (spacing and key order normalized), text as is, bytes as is.
         let value: Vec<u8> = match kind {
-            Kind::Jsonb => client.query_one("SELECT $1::text::jsonb::text", &[&json]).await.unwrap().get::<_, String>(0).into_bytes(),
+            Kind::Jsonb => client
+                .query_one("SELECT $1::text::jsonb::text", &[&json])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+                .into_bytes(),
             Kind::Varchar => json.into_bytes(),
             Kind::Bytea => bytes,
         };
@@ -246,7 +251,9 @@ fn consume(bootstrap: &str, expected: usize, timeout: Duration) -> Vec<Record> {
     let mut assignment = TopicPartitionList::new();
     for aggregate_type in AGGREGATE_TYPES {
         for partition in 0..2 {
-            assignment.add_partition_offset(&format!("outbox.event.{aggregate_type}"), partition, Offset::Beginning).unwrap();
+            assignment
+                .add_partition_offset(&format!("outbox.event.{aggregate_type}"), partition, Offset::Beginning)
+                .unwrap();
         }
     }
     consumer.assign(&assignment).unwrap();
@@ -294,7 +301,8 @@ fn assert_debezium_records(records: &[Record], written: &[Written], log: impl Fn
     }
     for key in records.iter().map(|r| r.key.clone()).collect::<std::collections::BTreeSet<_>>() {
         let got: Vec<_> = records.iter().filter(|r| r.key == key).map(|r| r.headers[0].1.clone()).collect();
-        let want: Vec<_> = written.iter().filter(|w| w.expected.key == key).map(|w| w.expected.headers[0].1.clone()).collect();
+        let want: Vec<_> =
+            written.iter().filter(|w| w.expected.key == key).map(|w| w.expected.headers[0].1.clone()).collect();
         assert_eq!(got, want, "aggregate {:?} out of order", String::from_utf8_lossy(&key));
     }
     // One message as a consumer sees it, for the report.
@@ -329,7 +337,13 @@ async fn debezium_table_by_polling_with_a_seq_column() {
     // GIVEN Debezium's table as is: polling says what is missing and how to add it
     let table = OutboxTable::from_config(&test_config(&s, "id", PublishedMode::Delete)).unwrap();
     let problem = position_column_problem(&client, &table).await.unwrap().expect("uuid id cannot order a poll");
-    for needle in ["source.columns.position", "uuid", "ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY", "CREATE INDEX", "replication"] {
+    for needle in [
+        "source.columns.position",
+        "uuid",
+        "ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY",
+        "CREATE INDEX",
+        "replication",
+    ] {
         assert!(problem.contains(needle), "{needle}: {problem}");
     }
     client
@@ -343,7 +357,10 @@ async fn debezium_table_by_polling_with_a_seq_column() {
     // THEN check lists the topics the Event Router routes them to (which exist), not sink.topic's
     let (_, out, err) = common::relay::cli(&["check"], &s.env);
     let topics = out.lines().find(|l| l.contains("topics")).unwrap_or_default().to_owned();
-    assert!(topics.contains("[ ok ]") && topics.contains(&format!("{} topic(s)", AGGREGATE_TYPES.len())), "{out}\n{err}");
+    assert!(
+        topics.contains("[ ok ]") && topics.contains(&format!("{} topic(s)", AGGREGATE_TYPES.len())),
+        "{out}\n{err}"
+    );
     // AND the relay polls them
     let relay = RelayProcess::start(&["run"], &s.env);
     // THEN a Debezium consumer reads what the Event Router would have sent
@@ -391,7 +408,13 @@ async fn quarkus_insert_then_delete_by_replication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarkus_insert_then_delete_by_polling_is_detected() {
-    let s = setup(&format!("{QUARKUS_TABLE} ALTER TABLE public.outbox ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY;"), "poll", "delete", "seq").await;
+    let s = setup(
+        &format!("{QUARKUS_TABLE} ALTER TABLE public.outbox ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY;"),
+        "poll",
+        "delete",
+        "seq",
+    )
+    .await;
     let client = connect(&s.pg.url()).await;
     let _ = write(&client, N, Kind::Varchar, true).await;
     client.query_one("SELECT pg_stat_force_next_flush()", &[]).await.unwrap();

@@ -187,7 +187,10 @@ async fn prepare_transaction_works_unless_the_notify_trigger_is_wanted() {
     let mut pg = ThrowawayPostgres::start().expect("start a throwaway postgres");
     {
         let client = connect(&pg.url()).await;
-        client.batch_execute("ALTER SYSTEM SET max_prepared_transactions = 5").await.expect("enable prepared transactions");
+        client
+            .batch_execute("ALTER SYSTEM SET max_prepared_transactions = 5")
+            .await
+            .expect("enable prepared transactions");
     }
     pg.stop(common::StopMode::Fast).expect("stop postgres");
     pg.start_again().expect("restart postgres");
@@ -208,7 +211,10 @@ async fn prepare_transaction_works_unless_the_notify_trigger_is_wanted() {
                 .expect("insert");
             let prepared = client.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")).await;
             if prepared.is_ok() {
-                client.batch_execute(&format!("ROLLBACK PREPARED '{gid}'")).await.expect("roll back the prepared transaction");
+                client
+                    .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+                    .await
+                    .expect("roll back the prepared transaction");
             }
             prepared.map_err(|e| e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()))
         }
@@ -297,7 +303,10 @@ async fn replication_uses_every_host_and_the_search_path() {
     let broker = TestBroker::start();
     broker.create_topic(TOPIC, 4);
     let client = connect(&pg.url()).await;
-    client.batch_execute("ALTER ROLE postgres SET search_path = outbox, public").await.expect("set the role's search_path");
+    client
+        .batch_execute("ALTER ROLE postgres SET search_path = outbox, public")
+        .await
+        .expect("set the role's search_path");
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
     // Nothing listens on `dead` once the listener above is dropped.
     let url = format!("postgres://postgres@127.0.0.1:{dead},127.0.0.1:{}/postgres", pg.port());
@@ -312,7 +321,10 @@ async fn replication_uses_every_host_and_the_search_path() {
     let took = time_to_publish_all(&client, &relay, Duration::from_secs(60)).await;
     let consumed = consume(&broker.bootstrap(), &[TOPIC], AGGREGATES * 3, Duration::from_secs(30));
     let verdict = verify(&consumed, AGGREGATES, 3);
-    println!("replication, first host down, source.table = \"events\" via search_path | published in {:.2}s | {verdict:?}", took.as_secs_f64());
+    println!(
+        "replication, first host down, source.table = \"events\" via search_path | published in {:.2}s | {verdict:?}",
+        took.as_secs_f64()
+    );
     assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
 }
 
@@ -328,8 +340,11 @@ async fn poll_mode_recovers_from_a_frozen_broker_path() {
     broker.create_topic(TOPIC, 4);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("relay.toml");
-    std::fs::write(&config, "[sink.kafka.properties]\n\"socket.timeout.ms\" = \"3000\"\n\"request.timeout.ms\" = \"3000\"\n")
-        .expect("write config");
+    std::fs::write(
+        &config,
+        "[sink.kafka.properties]\n\"socket.timeout.ms\" = \"3000\"\n\"request.timeout.ms\" = \"3000\"\n",
+    )
+    .expect("write config");
     let env = relay_env(&pg.url(), &proxy.address().to_string());
     migrate_with(&pg.url(), &env);
     let client = connect(&pg.url()).await;
@@ -344,7 +359,13 @@ async fn poll_mode_recovers_from_a_frozen_broker_path() {
 
 /// Freezes `proxy`, writes, measures until published again, then checks
 /// delivery of seq 1..=8.
-async fn s_freeze_and_measure(proxy: &Proxy, client: &tokio_postgres::Client, relay: &RelayProcess, broker: &TestBroker, label: &str) {
+async fn s_freeze_and_measure(
+    proxy: &Proxy,
+    client: &tokio_postgres::Client,
+    relay: &RelayProcess,
+    broker: &TestBroker,
+    label: &str,
+) {
     proxy.freeze();
     let frozen_at = Instant::now();
     write_seq(client, 4).await;
@@ -357,7 +378,13 @@ async fn s_freeze_and_measure(proxy: &Proxy, client: &tokio_postgres::Client, re
     let consumed = consume(&broker.bootstrap(), &[TOPIC], AGGREGATES * 8, Duration::from_secs(30));
     let verdict = verify(&consumed, AGGREGATES, 8);
     println!("scenario | timeout | recovery | lost | duplicates | order violations");
-    println!("{label} | 3s | {:.2}s | {} | {} | {}", recovery.as_secs_f64(), verdict.lost, verdict.duplicates, verdict.order_violations);
+    println!(
+        "{label} | 3s | {:.2}s | {} | {} | {}",
+        recovery.as_secs_f64(),
+        verdict.lost,
+        verdict.duplicates,
+        verdict.order_violations
+    );
     assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
     assert!(recovery < Duration::from_secs(20), "recovery took {recovery:?}\n{}", relay.log());
@@ -370,7 +397,8 @@ async fn cluster_authorization_failures_fail_the_event_not_the_session() {
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let pg = ThrowawayPostgres::start().expect("start a throwaway postgres");
-    let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> = MockCluster::new(1).expect("mock cluster");
+    let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> =
+        MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 4, 1).expect("create topic");
     cluster.create_topic("outbox.dead-letter", 1, 1).expect("create the dead-letter topic");
     let bootstrap = cluster.bootstrap_servers();
@@ -392,7 +420,10 @@ async fn cluster_authorization_failures_fail_the_event_not_the_session() {
         .expect("count dead-lettered")
         .get(0);
     let letters = consume(&bootstrap, &["outbox.dead-letter"], dead as usize, Duration::from_secs(20));
-    println!("mock: 1 x CLUSTER_AUTHORIZATION_FAILED, dead_letter | all settled in {:.2}s | dead-lettered {dead}", took.as_secs_f64());
+    println!(
+        "mock: 1 x CLUSTER_AUTHORIZATION_FAILED, dead_letter | all settled in {:.2}s | dead-lettered {dead}",
+        took.as_secs_f64()
+    );
     assert!(dead > 0, "the refused events were dead-lettered\n{}", relay.log());
     for letter in &letters {
         let value: serde_json::Value = serde_json::from_slice(&letter.value).expect("dead letter is JSON");

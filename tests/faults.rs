@@ -217,7 +217,13 @@ async fn tansu_frozen_for_10s_loses_nothing_and_keeps_order(mode: Mode) {
     let total = aggregates * per_aggregate;
     let consumed = consume(&broker.bootstrap(), &[TOPIC], total, Duration::from_secs(60));
     let verdict = verify(&consumed, aggregates, per_aggregate);
-    summary(&format!("tansu stopped 10 s (SIGSTOP), continued ({})", mode.label()), total, verdict.lost, verdict.duplicates, 0);
+    summary(
+        &format!("tansu stopped 10 s (SIGSTOP), continued ({})", mode.label()),
+        total,
+        verdict.lost,
+        verdict.duplicates,
+        0,
+    );
     assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
 }
@@ -254,7 +260,13 @@ async fn mock_cluster_all_brokers_down_for_10s_delivers_everything_in_order(mode
     let total = aggregates * per_aggregate;
     let consumed = consume(&bootstrap, &[TOPIC], total, Duration::from_secs(60));
     let verdict = verify(&consumed, aggregates, per_aggregate);
-    summary(&format!("mock cluster: all brokers down 10 s ({})", mode.label()), total, verdict.lost, verdict.duplicates, 0);
+    summary(
+        &format!("mock cluster: all brokers down 10 s ({})", mode.label()),
+        total,
+        verdict.lost,
+        verdict.duplicates,
+        0,
+    );
     assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
 }
@@ -287,7 +299,13 @@ async fn retriable_produce_errors_still_deliver_everything_in_order(mode: Mode) 
     let total = aggregates * per_aggregate;
     let consumed = consume(&bootstrap, &[TOPIC], total, Duration::from_secs(60));
     let verdict = verify(&consumed, aggregates, per_aggregate);
-    summary(&format!("mock: 12 retriable Produce errors ({})", mode.label()), total, verdict.lost, verdict.duplicates, 0);
+    summary(
+        &format!("mock: 12 retriable Produce errors ({})", mode.label()),
+        total,
+        verdict.lost,
+        verdict.duplicates,
+        0,
+    );
     assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
 }
@@ -326,7 +344,13 @@ async fn permanent_produce_errors_dead_letter_the_affected_events_and_the_rest_f
     let delivered = event_ids(&consumed);
     let lettered = event_ids(&letters);
     let lost = total - delivered.union(&lettered).count();
-    summary(&format!("mock: 2 x MSG_SIZE_TOO_LARGE, dead_letter ({})", mode.label()), total, lost, consumed.len() - delivered.len(), lettered.len());
+    summary(
+        &format!("mock: 2 x MSG_SIZE_TOO_LARGE, dead_letter ({})", mode.label()),
+        total,
+        lost,
+        consumed.len() - delivered.len(),
+        lettered.len(),
+    );
     assert!(dead > 0, "some events were refused\n{}", relay.log());
     assert_eq!(lettered.len(), dead as usize);
     for letter in &letters {
@@ -379,7 +403,13 @@ async fn postgres_restarts_and_terminated_connections_lose_nothing(mode: Mode) {
     let total = aggregates * 80;
     let consumed = consume(&broker.bootstrap(), &[TOPIC], total, Duration::from_secs(60));
     let verdict = verify(&consumed, aggregates, 80);
-    summary(&format!("postgres fast + immediate restart, backends terminated ({})", mode.label()), total, verdict.lost, verdict.duplicates, 0);
+    summary(
+        &format!("postgres fast + immediate restart, backends terminated ({})", mode.label()),
+        total,
+        verdict.lost,
+        verdict.duplicates,
+        0,
+    );
     assert!(terminated > 0, "the relay's connection was terminated");
     assert_eq!(verdict.lost, 0, "{verdict:?}\n{}", relay.log());
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
@@ -463,7 +493,13 @@ policy = "dead_letter"
 
     // THEN the poison rows are dead-lettered with reasons, and everything behind them was delivered in order
     let verdict = verify(&consumed, aggregates, per_aggregate);
-    summary("poison rows (too large, NULL key, bad JSON), dead_letter", total + 3, verdict.lost, verdict.duplicates, letters.len());
+    summary(
+        "poison rows (too large, NULL key, bad JSON), dead_letter",
+        total + 3,
+        verdict.lost,
+        verdict.duplicates,
+        letters.len(),
+    );
     let reasons: Vec<(String, serde_json::Value)> = letters
         .iter()
         .map(|m| {
@@ -499,12 +535,19 @@ policy = "dead_letter"
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(left, ["poison-big", "NULL", "poison-json"], "dead-lettered rows are kept and stamped, the rest deleted");
+    assert_eq!(
+        left,
+        ["poison-big", "NULL", "poison-json"],
+        "dead-lettered rows are kept and stamped, the rest deleted"
+    );
     relay.kill();
 
     // AND WHEN two of them are fixed and `replay --dead-lettered` runs
     client.execute("UPDATE public.outbox SET aggregateid = 'fixed' WHERE aggregateid IS NULL", &[]).await.unwrap();
-    client.execute("UPDATE public.outbox SET payload = '{\"seq\":1}' WHERE aggregateid = 'poison-json'", &[]).await.unwrap();
+    client
+        .execute("UPDATE public.outbox SET payload = '{\"seq\":1}' WHERE aggregateid = 'poison-json'", &[])
+        .await
+        .unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["--config", &config, "replay", "--dead-lettered"])
         .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
@@ -562,7 +605,13 @@ async fn slow_broker_with_200k_backlog_stays_under_64_mib(mode: Mode) {
 
     // THEN it made progress and its peak RSS stayed under 64 MiB
     println!("slow broker ({}): published {published} of 200000 in 20 s, peak RSS {peak:.1} MiB", mode.label());
-    summary(&format!("mock broker 500 ms RTT, 200k backlog, peak RSS {peak:.1} MiB ({})", mode.label()), 200_000, 0, 0, 0);
+    summary(
+        &format!("mock broker 500 ms RTT, 200k backlog, peak RSS {peak:.1} MiB ({})", mode.label()),
+        200_000,
+        0,
+        0,
+        0,
+    );
     assert!(published > 0, "{}", relay.log());
     assert!(peak > 0.0 && peak < 64.0, "peak RSS {peak:.1} MiB");
 }
@@ -604,7 +653,13 @@ async fn replication_poison_events_are_dead_lettered_and_everything_behind_them_
 
     // THEN the four poison events are dead-lettered with their reasons and everything else arrived in order
     let verdict = verify(&consumed, aggregates, per_aggregate);
-    summary("poison events (too large, bad topic, bad JSON, empty key), dead_letter (replication)", total + 4, verdict.lost, verdict.duplicates, letters.len());
+    summary(
+        "poison events (too large, bad topic, bad JSON, empty key), dead_letter (replication)",
+        total + 4,
+        verdict.lost,
+        verdict.duplicates,
+        letters.len(),
+    );
     let errors: Vec<String> = letters
         .iter()
         .map(|m| serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["error"].as_str().unwrap().to_owned())
@@ -680,11 +735,8 @@ async fn block_policy_holds_the_failing_aggregate_back_and_releases_it_in_order_
     let address = relay.http_address(Duration::from_secs(5));
     let metrics = common::relay::http_get(&address, "/metrics").1;
     assert_eq!(metric_sum(&metrics, "outbox_relay_blocked_aggregates"), 1.0, "{metrics}");
-    let held: i64 = client
-        .query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let held: i64 =
+        client.query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NULL", &[]).await.unwrap().get(0);
     assert_eq!(held, (per_aggregate - 5) as i64, "order-3's events from 6 on wait unpublished");
 
     // AND WHEN the operator fixes the row
@@ -724,11 +776,8 @@ async fn block_policy_in_replication_stops_the_stream_at_the_poison_event_and_de
     let before = consume(&broker.bootstrap(), &[TOPIC], aggregates * 5, Duration::from_secs(60));
     assert!(relay.wait_for_log("the stream stops here", Duration::from_secs(30)), "{}", relay.log());
     std::thread::sleep(Duration::from_secs(2));
-    let unpublished: i64 = client
-        .query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let unpublished: i64 =
+        client.query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NULL", &[]).await.unwrap().get(0);
     assert_eq!(unpublished, (aggregates * (per_aggregate - 5)) as i64, "nothing behind the poison event is marked");
     let address = relay.http_address(Duration::from_secs(5));
     assert_eq!(metric_sum(&common::relay::http_get(&address, "/metrics").1, "outbox_relay_blocked_aggregates"), 1.0);
@@ -745,7 +794,13 @@ async fn block_policy_in_replication_stops_the_stream_at_the_poison_event_and_de
     let total = aggregates * per_aggregate;
     let consumed = consume(&broker.bootstrap(), &[TOPIC], total, Duration::from_secs(60));
     let verdict = verify(&consumed, aggregates, per_aggregate);
-    summary("emitted message not JSON, block then dead_letter (replication)", total + 1, verdict.lost, verdict.duplicates, letters.len());
+    summary(
+        "emitted message not JSON, block then dead_letter (replication)",
+        total + 1,
+        verdict.lost,
+        verdict.duplicates,
+        letters.len(),
+    );
     assert!(before.len() >= aggregates * 5);
     assert_eq!(letters.len(), 1, "{}", relay.log());
     assert_eq!(verdict.lost, 0, "{verdict:?}");

@@ -56,7 +56,8 @@ async fn throwaway_postgres_starts_stops_crashes_and_restarts() {
     assert_eq!(query(&pg.url(), "SHOW wal_level").await, "logical");
 
     // Replication connections are allowed (pg_hba) and slots can be made.
-    let slot = query(&pg.url(), "SELECT slot_name::text FROM pg_create_logical_replication_slot('s', 'pgoutput')").await;
+    let slot =
+        query(&pg.url(), "SELECT slot_name::text FROM pg_create_logical_replication_slot('s', 'pgoutput')").await;
     assert_eq!(slot, "s");
     let psql = std::process::Command::new("psql")
         .arg(format!("{}?replication=database", pg.url()))
@@ -88,7 +89,8 @@ async fn tansu_takes_1000_idempotent_messages_and_consume_reads_them_in_key_orde
         let key = format!("key-{}", i % 10);
         let value = format!("{}:{}", key, i / 10);
         let record = FutureRecord::to("selftest").key(&key).payload(&value).headers(
-            rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header { key: "n", value: Some(&i.to_string()) }),
+            rdkafka::message::OwnedHeaders::new()
+                .insert(rdkafka::message::Header { key: "n", value: Some(&i.to_string()) }),
         );
         deliveries.push(producer.send_result(record).expect("enqueue"));
     }
@@ -122,15 +124,17 @@ async fn tansu_takes_1000_idempotent_messages_and_consume_reads_them_in_key_orde
     broker.start_again();
     broker.create_topic("selftest", 4);
     let bootstrap = broker.bootstrap();
-    let after =
-        tokio::task::spawn_blocking(move || consume(&bootstrap, &["selftest"], 0, Duration::from_secs(10))).await.unwrap();
+    let after = tokio::task::spawn_blocking(move || consume(&bootstrap, &["selftest"], 0, Duration::from_secs(10)))
+        .await
+        .unwrap();
     assert!(after.is_empty());
 }
 
 /// A message of aggregate `order-{aggregate}` with `payload.seq = seq`, at `offset` of one partition.
 fn message(aggregate: usize, seq: i64, offset: i64) -> Consumed {
     let key = format!("order-{aggregate}");
-    let value = serde_json::json!({"event_id": format!("{aggregate}-{seq}"), "aggregate_id": key, "payload": {"seq": seq}});
+    let value =
+        serde_json::json!({"event_id": format!("{aggregate}-{seq}"), "aggregate_id": key, "payload": {"seq": seq}});
     Consumed {
         topic: "outbox.Order".into(),
         partition: 0,

@@ -41,7 +41,9 @@ async fn metrics_count_each_event_once_and_backlog_drains_to_zero() {
     assert_eq!(metric_sum(&text, "outbox_relay_leader"), 1.0);
     assert_eq!(metric_sum(&text, "outbox_relay_events_in_flight"), 0.0);
     assert!(metric_sum(&text, "outbox_relay_last_publish_timestamp_seconds") > 1.7e9);
-    assert!(text.contains("outbox_relay_events_published_total{event_type=\"OrderUpdated\",topic=\"outbox.Order\"} 2000"));
+    assert!(
+        text.contains("outbox_relay_events_published_total{event_type=\"OrderUpdated\",topic=\"outbox.Order\"} 2000")
+    );
     assert!(wait_until(Duration::from_secs(25), || {
         let t = scrape();
         t.contains("outbox_relay_backlog_events 0") && t.contains("outbox_relay_oldest_unpublished_age_seconds 0")
@@ -110,7 +112,9 @@ async fn check_names_each_broken_prerequisite_and_passes_when_all_is_well() {
 
     // A role without privileges.
     client
-        .batch_execute("CREATE ROLE weak LOGIN; GRANT USAGE ON SCHEMA outbox TO weak; GRANT SELECT ON outbox.events TO weak;")
+        .batch_execute(
+            "CREATE ROLE weak LOGIN; GRANT USAGE ON SCHEMA outbox TO weak; GRANT SELECT ON outbox.events TO weak;",
+        )
         .await
         .unwrap();
     let mut weak = env.clone();

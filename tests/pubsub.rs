@@ -13,11 +13,13 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cloudevents::{assert_round_trip, expected_attributes, hex, parse_with_sdk, row_for, write_sample_events, Row};
+use common::cloudevents::{
+    assert_round_trip, expected_attributes, hex, parse_with_sdk, row_for, write_sample_events, Row,
+};
 use common::pubsub::{PubSubClient, PubSubEmulator, Received};
 use common::relay::{
-    connect, http_get, published, unpublished, verify, wait_all_published, wait_published_at_least, write_events, RelayProcess,
-    Verdict,
+    connect, http_get, published, unpublished, verify, wait_all_published, wait_published_at_least, write_events,
+    RelayProcess, Verdict,
 };
 use common::{Consumed, ThrowawayPostgres};
 use serde_json::{json, Value};
@@ -129,12 +131,14 @@ fn tail(log: &str) -> String {
 fn order_checker_catches_a_reordered_aggregate() {
     // GIVEN a perfect delivery of 3 aggregates x 4 events, as pulled messages
     let message = |aggregate: usize, seq: usize| Received {
-        data: serde_json::to_vec(&json!({"aggregate_id": format!("order-{aggregate}"), "payload": {"seq": seq}})).unwrap(),
+        data: serde_json::to_vec(&json!({"aggregate_id": format!("order-{aggregate}"), "payload": {"seq": seq}}))
+            .unwrap(),
         attributes: BTreeMap::new(),
         ordering_key: format!("order-{aggregate}"),
         message_id: format!("{aggregate}-{seq}"),
     };
-    let mut sequence: Vec<Received> = (1..=4).flat_map(|seq| (0..3).map(move |a| (a, seq))).map(|(a, s)| message(a, s)).collect();
+    let mut sequence: Vec<Received> =
+        (1..=4).flat_map(|seq| (0..3).map(move |a| (a, seq))).map(|(a, s)| message(a, s)).collect();
     let clean = verify(&as_consumed(&sequence), 3, 4);
     assert_eq!((clean.lost, clean.order_violations, clean.duplicates), (0, 0, 0));
 
@@ -207,7 +211,8 @@ async fn survives_sigkill(mode: Mode) {
     let db = connect(&s.pg.url()).await;
     let mut relay = RelayProcess::start(&["run"], &s.env);
     let url = s.pg.url();
-    let writer = tokio::spawn(async move { write_events(&url, AGGREGATES, PER_AGGREGATE, 4, Duration::from_millis(2)).await });
+    let writer =
+        tokio::spawn(async move { write_events(&url, AGGREGATES, PER_AGGREGATE, 4, Duration::from_millis(2)).await });
 
     // WHEN it is killed with SIGKILL part-way and started again
     wait_published_at_least(&db, 2000, Duration::from_secs(120), || tail(&relay.log())).await;
@@ -245,7 +250,8 @@ async fn survives_a_frozen_emulator(mode: Mode) {
     let relay = RelayProcess::start(&["run"], &s.env);
     let http = relay.http_address(Duration::from_secs(30));
     let url = s.pg.url();
-    let writer = tokio::spawn(async move { write_events(&url, AGGREGATES, PER_AGGREGATE, 4, Duration::from_millis(3)).await });
+    let writer =
+        tokio::spawn(async move { write_events(&url, AGGREGATES, PER_AGGREGATE, 4, Duration::from_millis(3)).await });
     wait_published_at_least(&db, 1500, Duration::from_secs(120), || tail(&relay.log())).await;
 
     // WHEN the emulator is frozen for 15 s
@@ -309,7 +315,10 @@ fn missing_project_and_invalid_static_topic_exit_2_naming_the_key() {
             "start with a letter",
         ),
         (
-            vec![("OUTBOX_RELAY_SINK__PUBSUB__PROJECT", PROJECT), ("OUTBOX_RELAY_SINK__PUBSUB__MAX_MESSAGES_PER_REQUEST", "5000")],
+            vec![
+                ("OUTBOX_RELAY_SINK__PUBSUB__PROJECT", PROJECT),
+                ("OUTBOX_RELAY_SINK__PUBSUB__MAX_MESSAGES_PER_REQUEST", "5000"),
+            ],
             "sink.pubsub.max_messages_per_request",
             "1000",
         ),
@@ -351,7 +360,8 @@ async fn invalid_and_missing_topics_keep_rows_unpublished_until_create_topics() 
     let error_of = |row: Option<tokio_postgres::Row>| row.and_then(|r| r.get::<_, Option<String>>(0));
     loop {
         let bad = db.query_opt("SELECT last_error FROM outbox.events WHERE aggregate_id = 'o-2'", &[]).await.unwrap();
-        let missing = db.query_opt("SELECT last_error FROM outbox.events WHERE aggregate_id = 'm-1'", &[]).await.unwrap();
+        let missing =
+            db.query_opt("SELECT last_error FROM outbox.events WHERE aggregate_id = 'm-1'", &[]).await.unwrap();
         if error_of(bad).is_some() && error_of(missing).is_some() && unpublished(&db).await == 2 {
             break;
         }
@@ -367,10 +377,13 @@ async fn invalid_and_missing_topics_keep_rows_unpublished_until_create_topics() 
     let reason = |aggregate: &'static str| {
         let db = &db;
         async move {
-            db.query_one("SELECT last_error FROM outbox.events WHERE aggregate_id = $1 AND published_at IS NULL", &[&aggregate])
-                .await
-                .unwrap()
-                .get::<_, String>(0)
+            db.query_one(
+                "SELECT last_error FROM outbox.events WHERE aggregate_id = $1 AND published_at IS NULL",
+                &[&aggregate],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
         }
     };
     let invalid = reason("o-2").await;
@@ -449,7 +462,8 @@ async fn service_account_credentials_and_an_explicit_endpoint_publish() {
         "client_email": "outbox-relay@outbox-relay-tests.iam.gserviceaccount.com",
     });
     std::fs::write(&key, json.to_string()).unwrap();
-    let mut env: Vec<(&'static str, String)> = s.env.iter().filter(|(k, _)| *k != "PUBSUB_EMULATOR_HOST").cloned().collect();
+    let mut env: Vec<(&'static str, String)> =
+        s.env.iter().filter(|(k, _)| *k != "PUBSUB_EMULATOR_HOST").cloned().collect();
     env.push(("OUTBOX_RELAY_SINK__PUBSUB__ENDPOINT", format!("http://{}", s.emulator.host())));
     env.push(("OUTBOX_RELAY_SINK__PUBSUB__CREDENTIALS_FILE", key.display().to_string()));
     let db = connect(&s.pg.url()).await;
@@ -462,7 +476,11 @@ async fn service_account_credentials_and_an_explicit_endpoint_publish() {
     wait_all_published(&db, Duration::from_secs(60)).await;
 
     // THEN it used the service account and the event arrived
-    assert!(relay.log().contains("service account outbox-relay@outbox-relay-tests.iam.gserviceaccount.com"), "{}", relay.log());
+    assert!(
+        relay.log().contains("service account outbox-relay@outbox-relay-tests.iam.gserviceaccount.com"),
+        "{}",
+        relay.log()
+    );
     let received = s.client.pull_all(SUBSCRIPTION, 1, Duration::from_secs(30)).await;
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].ordering_key, "sa-1");
@@ -486,7 +504,10 @@ async fn check_passes_and_sigterm_drains_and_exits_0() {
     let out = run_command(&["check"], &s.env);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("[ ok ] pubsub") && stdout.contains("1 Pub/Sub topic(s) pending events go to exist"), "{stdout}");
+    assert!(
+        stdout.contains("[ ok ] pubsub") && stdout.contains("1 Pub/Sub topic(s) pending events go to exist"),
+        "{stdout}"
+    );
 
     // WHEN the relay is asked to stop with SIGTERM while publishing
     let mut relay = RelayProcess::start(&["run"], &s.env);
@@ -561,8 +582,14 @@ async fn cloudevents_binary_mode_uses_ce_dash_attributes_and_round_trips_through
         let row = row_for(&rows, event["attributes"]["id"].as_str().unwrap());
         let dataschema = format!("https://schemas.example.com/{}/v{}.json", row.event_type, row.event_version);
         let extensions = [("tenant", "tenant")];
-        let expected =
-            expected_attributes(row, true, "https://orders.example.com/outbox", &row.event_type, Some(dataschema), &extensions);
+        let expected = expected_attributes(
+            row,
+            true,
+            "https://orders.example.com/outbox",
+            &row.event_type,
+            Some(dataschema),
+            &extensions,
+        );
         assert_round_trip(&event, &expected, row);
     }
 }
@@ -592,7 +619,8 @@ async fn cloudevents_structured_mode_round_trips_through_the_sdk() {
     for event in parse_pubsub_messages("structured", &received) {
         let row = row_for(&rows, event["attributes"]["id"].as_str().unwrap());
         let ty = format!("{}.v{}", row.event_type, row.event_version);
-        let expected = expected_attributes(row, false, "/outbox-relay/outbox.events", &ty, None, &[("tenant", "tenant")]);
+        let expected =
+            expected_attributes(row, false, "/outbox-relay/outbox.events", &ty, None, &[("tenant", "tenant")]);
         assert_round_trip(&event, &expected, row);
     }
 }

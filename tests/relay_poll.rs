@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::relay::{connect, relay_env, verify, wait_all_published, write_events, RelayProcess, Stack};
 use common::consume;
+use common::relay::{connect, relay_env, verify, wait_all_published, write_events, RelayProcess, Stack};
 
 const TOPIC: &str = "outbox.Order";
 
@@ -39,10 +39,8 @@ async fn delivers_10k_events_over_100_aggregates_once_in_order_with_envelope() {
         )
         .await
         .unwrap();
-    let by_id: std::collections::HashMap<String, (String, Option<String>, String)> = rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2), r.get(3))))
-        .collect();
+    let by_id: std::collections::HashMap<String, (String, Option<String>, String)> =
+        rows.iter().map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2), r.get(3)))).collect();
     let mut with_trace = 0;
     for message in &consumed {
         let value: serde_json::Value = serde_json::from_slice(&message.value).unwrap();

@@ -104,13 +104,18 @@ async fn emitted_logical_messages_are_events_and_mark_mode_stamps_rows() {
     let consumed = consume_all(&s, 2, Duration::from_secs(30));
     let types: Vec<String> = consumed
         .iter()
-        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["event_type"].as_str().unwrap().to_owned())
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["event_type"].as_str().unwrap().to_owned()
+        })
         .collect();
     assert_eq!(types, ["OrderPaid", "OrderShipped"], "{}", relay.log());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let marked: i64 =
-            client.query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NOT NULL", &[]).await.unwrap().get(0);
+        let marked: i64 = client
+            .query_one("SELECT count(*) FROM outbox.events WHERE published_at IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
         if marked == 1 {
             break;
         }
@@ -147,21 +152,19 @@ async fn relay_killed_and_postgres_restarted_mid_stream_lose_nothing() {
         let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
         seen.insert(v["event_id"].as_str().unwrap().to_owned());
     }
-    let ids: Vec<String> = client
-        .query("SELECT event_id::text FROM outbox.events", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<String> =
+        client.query("SELECT event_id::text FROM outbox.events", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     let missing = ids.iter().filter(|id| !seen.contains(*id)).count();
     assert_eq!(missing, 0, "{missing} of {written} events missing\n{}", relay.log());
     // Per-aggregate order over the first-writer set (6,000 events, all committed).
     let verdict = verify(
-        &consumed.into_iter().filter(|m| {
-            let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
-            v["payload"]["seq"].as_i64().unwrap() <= 60
-        }).collect::<Vec<_>>(),
+        &consumed
+            .into_iter()
+            .filter(|m| {
+                let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+                v["payload"]["seq"].as_i64().unwrap() <= 60
+            })
+            .collect::<Vec<_>>(),
         100,
         60,
     );
@@ -237,13 +240,22 @@ async fn each_misconfiguration_gets_its_message() {
     // Publication that does not cover the table.
     client.batch_execute("DROP PUBLICATION outbox_relay_pub").await.unwrap();
     let relay = RelayProcess::start(&["run"], &env);
-    assert!(relay.wait_for_log("publication outbox_relay_pub does not cover outbox.events", Duration::from_secs(20)), "{}", relay.log());
+    assert!(
+        relay.wait_for_log("publication outbox_relay_pub does not cover outbox.events", Duration::from_secs(20)),
+        "{}",
+        relay.log()
+    );
     assert!(relay.log().contains("CREATE PUBLICATION"), "{}", relay.log());
     drop(relay);
     client.batch_execute("CREATE PUBLICATION outbox_relay_pub FOR TABLE outbox.events").await.unwrap();
 
     // A role without REPLICATION.
-    client.batch_execute("CREATE ROLE plain LOGIN; GRANT ALL ON SCHEMA outbox TO plain; GRANT ALL ON outbox.events TO plain;").await.unwrap();
+    client
+        .batch_execute(
+            "CREATE ROLE plain LOGIN; GRANT ALL ON SCHEMA outbox TO plain; GRANT ALL ON outbox.events TO plain;",
+        )
+        .await
+        .unwrap();
     let mut plain = env.clone();
     plain[0].1 = s.pg.url_for("plain", "postgres");
     let relay = RelayProcess::start(&["run"], &plain);
@@ -255,14 +267,22 @@ async fn each_misconfiguration_gets_its_message() {
     let first = RelayProcess::start(&["run"], &env);
     assert!(first.wait_for_log("streaming from the replication slot", Duration::from_secs(30)), "{}", first.log());
     let second = RelayProcess::start(&["run"], &env);
-    assert!(second.wait_for_log("another relay holds the replication slot's lease; standing by", Duration::from_secs(30)), "{}", second.log());
+    assert!(
+        second.wait_for_log("another relay holds the replication slot's lease; standing by", Duration::from_secs(30)),
+        "{}",
+        second.log()
+    );
     drop(first);
     drop(second);
 
     // none mode with the slot gone: stop, with the fix.
     client.execute("SELECT pg_drop_replication_slot('outbox_relay')", &[]).await.unwrap();
     let relay = RelayProcess::start(&["run"], &env);
-    assert!(relay.wait_for_log("replication slot outbox_relay does not exist", Duration::from_secs(20)), "{}", relay.log());
+    assert!(
+        relay.wait_for_log("replication slot outbox_relay does not exist", Duration::from_secs(20)),
+        "{}",
+        relay.log()
+    );
     assert!(relay.log().contains("published.mode = \"mark\""), "{}", relay.log());
     drop(relay);
 

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::relay::{
-    cli, connect, migrate_with, relay_env, verify, wait_all_published_or, wait_published_at_least, write_events, RelayProcess,
+    cli, connect, migrate_with, relay_env, verify, wait_all_published_or, wait_published_at_least, write_events,
+    RelayProcess,
 };
 use common::{consume, Consumed, TestBroker, ThrowawayPostgres};
 
@@ -96,7 +97,10 @@ impl Cluster {
             if total == LANES && even && sorted == want {
                 return holdings;
             }
-            assert!(Instant::now() < deadline, "lanes not evenly spread over {relays:?} after {timeout:?}: {holdings:?}");
+            assert!(
+                Instant::now() < deadline,
+                "lanes not evenly spread over {relays:?} after {timeout:?}: {holdings:?}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -204,7 +208,8 @@ async fn three_polling_relays_share_lanes_and_survive_kill_join_and_freeze() {
 async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
     // GIVEN three relays on one slot: one streams, two stand by
     let c = Cluster::start(true);
-    let mut relays: Vec<(String, RelayProcess)> = ["relay-a", "relay-b", "relay-c"].iter().map(|id| (id.to_string(), c.relay(id))).collect();
+    let mut relays: Vec<(String, RelayProcess)> =
+        ["relay-a", "relay-b", "relay-c"].iter().map(|id| (id.to_string(), c.relay(id))).collect();
     let leader = wait_leader(&c, &relays, None, Duration::from_secs(30));
     let writers = steady_writes(c.pg.url());
     let client = connect(&c.pg.url()).await;
@@ -241,7 +246,10 @@ async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
     // Give the deposed leader time to misbehave if it would (there is no state to wait for).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let deposed = relays[leader].1.log();
-    assert!(deposed.contains("lapsed") || deposed.contains("lost the lease"), "the deposed leader says why it stopped:\n{deposed}");
+    assert!(
+        deposed.contains("lapsed") || deposed.contains("lost the lease"),
+        "the deposed leader says why it stopped:\n{deposed}"
+    );
     let status = c.status();
     let streaming: Vec<&str> = status["relays"]
         .as_array()
@@ -270,7 +278,8 @@ fn wait_leader(c: &Cluster, relays: &[(String, RelayProcess)], not: Option<&str>
     let deadline = Instant::now() + timeout;
     loop {
         let holdings = c.holdings();
-        let leaders: Vec<&String> = holdings.iter().filter(|(id, n)| *n > 0 && Some(id.as_str()) != not).map(|(id, _)| id).collect();
+        let leaders: Vec<&String> =
+            holdings.iter().filter(|(id, n)| *n > 0 && Some(id.as_str()) != not).map(|(id, _)| id).collect();
         if let [leader] = leaders.as_slice() {
             if let Some(index) = relays.iter().position(|(id, _)| id == *leader) {
                 if relays[index].1.log().lines().filter(|l| l.contains("streaming from the replication slot")).count()

@@ -128,7 +128,11 @@ async fn replication_never_confirms_the_slot_past_rows_it_has_not_marked() {
 
     // THEN the slot stays behind the unmarked rows
     let confirmed = slot_confirmed(&client).await;
-    assert!(confirmed < after_rows, "the slot confirmed {confirmed} past the unmarked rows (written by {after_rows})\n{}", relay.log());
+    assert!(
+        confirmed < after_rows,
+        "the slot confirmed {confirmed} past the unmarked rows (written by {after_rows})\n{}",
+        relay.log()
+    );
     assert_eq!(count(&client, "SELECT count(*) FROM outbox.events WHERE published_at IS NULL").await, 10);
 
     // AND once the rows can be marked, they are, and the slot moves on

@@ -48,11 +48,25 @@ fn make_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-sha256", "-days", "2",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"),
-            "-subj", &format!("/CN=outbox-relay test {name}"),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "rsa:2048",
+            "-sha256",
+            "-days",
+            "2",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-subj",
+            &format!("/CN=outbox-relay test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
 }
@@ -68,8 +82,23 @@ fn issue(dir: &Path, name: &str, subject: &str, key_args: &[&str], extensions: &
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", serial, "-days", "2",
-            "-sha256", "-out", &format!("{name}.crt"), "-extfile", &ext,
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            serial,
+            "-days",
+            "2",
+            "-sha256",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &ext,
         ],
     );
 }
@@ -291,7 +320,10 @@ async fn disable_against_a_tls_only_server_surfaces_postgres_refusal() {
         "{out}"
     );
     let error = wire_connect(&pg_config(&plain)).await.err().expect("refused");
-    assert!(error.contains("no pg_hba.conf entry") && error.contains("no encryption") && error.contains("28000"), "{error}");
+    assert!(
+        error.contains("no pg_hba.conf entry") && error.contains("no encryption") && error.contains("28000"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,7 +340,10 @@ async fn require_against_a_server_without_tls_is_refused_and_prefer_falls_back()
     let prefer = url(&pg, "127.0.0.1", "");
     let connection = outbox_relay::postgres::connect(&pg_config(&prefer), "tls test").await.expect("prefer, plaintext");
     assert!(!ssl_of_own_session(&connection.client).await.0);
-    assert_eq!(outbox_relay::postgres::tls_status(&connection.client, &pg_config(&prefer)).await, "no TLS, sslmode=prefer");
+    assert_eq!(
+        outbox_relay::postgres::tls_status(&connection.client, &pg_config(&prefer)).await,
+        "no TLS, sslmode=prefer"
+    );
     let mut wire = wire_connect(&pg_config(&prefer)).await.expect("prefer, plaintext replication");
     assert_eq!(wire.simple_query("IDENTIFY_SYSTEM").await.expect("identify").len(), 1);
 }
@@ -363,13 +398,17 @@ async fn scram_over_tls_binds_the_channel_on_both_clients() {
         .expect("admin connect");
     admin
         .client
-        .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE relay LOGIN REPLICATION PASSWORD 'pw-s3cret'")
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256'; CREATE ROLE relay LOGIN REPLICATION PASSWORD 'pw-s3cret'",
+        )
         .await
         .unwrap();
     let ca = pki.ca.display();
-    let good = format!("postgres://relay:pw-s3cret@localhost:{}/postgres?sslmode=verify-full&sslrootcert={ca}", pg.port());
+    let good =
+        format!("postgres://relay:pw-s3cret@localhost:{}/postgres?sslmode=verify-full&sslrootcert={ca}", pg.port());
     // The server offers SCRAM-SHA-256-PLUS over TLS; both clients take it, so a wrong binding would fail here.
-    let connection = outbox_relay::postgres::connect(&pg_config(&good), "tls test").await.expect("tokio-postgres SCRAM");
+    let connection =
+        outbox_relay::postgres::connect(&pg_config(&good), "tls test").await.expect("tokio-postgres SCRAM");
     assert!(ssl_of_own_session(&connection.client).await.0);
     let mut wire = wire_connect(&pg_config(&good)).await.expect("replication SCRAM-SHA-256-PLUS");
     assert_eq!(wire.simple_query("IDENTIFY_SYSTEM").await.expect("identify").len(), 1);

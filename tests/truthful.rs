@@ -75,7 +75,9 @@ async fn readiness_says_postgres_is_fine_while_start_up_waits_for_kafka() {
     let truthful = wait_until(Duration::from_secs(20), || {
         let (code, b) = http_get(&address, "/readyz");
         body = b;
-        code == 503 && body.contains("\"postgres\":true") && body.contains("\"waiting_for\":\"Kafka is not reachable yet")
+        code == 503
+            && body.contains("\"postgres\":true")
+            && body.contains("\"waiting_for\":\"Kafka is not reachable yet")
     });
     assert!(truthful, "{body}\n{}", relay.log());
 }
@@ -90,7 +92,9 @@ async fn none_mode_measures_the_backlog_from_the_slot_not_from_rows() {
     migrate_with(&env);
     let client = connect(&pg.url()).await;
     client
-        .batch_execute("SELECT outbox.enqueue('Order', 'o-' || i, 'Placed', '{\"seq\":1}') FROM generate_series(1, 20) i")
+        .batch_execute(
+            "SELECT outbox.enqueue('Order', 'o-' || i, 'Placed', '{\"seq\":1}') FROM generate_series(1, 20) i",
+        )
         .await
         .unwrap();
     let relay = RelayProcess::start(&["run"], &env);

@@ -48,23 +48,33 @@ async fn cluster() -> ThrowawayPostgres {
 }
 
 /// A `replication=database` connection as `user` (with `password`) to `database`.
-async fn wire(pg: &ThrowawayPostgres, user: &str, password: Option<&str>, database: &str) -> Result<ReplicationConnection, WireError> {
+async fn wire(
+    pg: &ThrowawayPostgres,
+    user: &str,
+    password: Option<&str>,
+    database: &str,
+) -> Result<ReplicationConnection, WireError> {
     let mut config = tokio_postgres::Config::new();
     config.host("127.0.0.1").port(pg.port()).user(user).dbname(database);
     if let Some(password) = password {
         config.password(password);
     }
     let params = ConnectParams::from_config(&config, "outbox-relay wire test")?.with_tls(WireTls::disabled());
-    tokio::time::timeout(Duration::from_secs(20), ReplicationConnection::connect(&params)).await.expect("connect in time")
+    tokio::time::timeout(Duration::from_secs(20), ReplicationConnection::connect(&params))
+        .await
+        .expect("connect in time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_authentication_method_connects_and_identify_system_answers() {
     // GIVEN roles that authenticate by trust, SCRAM-SHA-256, MD5 and cleartext
     let pg = cluster().await;
-    for (user, password) in
-        [("postgres", None), ("scram_user", Some(PASSWORD)), ("md5_user", Some(PASSWORD)), ("clear_user", Some(PASSWORD))]
-    {
+    for (user, password) in [
+        ("postgres", None),
+        ("scram_user", Some(PASSWORD)),
+        ("md5_user", Some(PASSWORD)),
+        ("clear_user", Some(PASSWORD)),
+    ] {
         // WHEN each opens a replication connection
         let mut connection = wire(&pg, user, password, "postgres").await.unwrap_or_else(|e| panic!("{user}: {e}"));
 
@@ -94,7 +104,8 @@ async fn server_refusals_carry_their_sqlstate() {
     assert_eq!(unnamed.code(), Some("28000"), "{unnamed}");
     // A command the server rejects leaves the error with its code, too
     let mut connection = wire(&pg, "postgres", None, "postgres").await.expect("connect");
-    let bad = connection.simple_query("START_REPLICATION SLOT no_such_slot LOGICAL 0/0").await.err().expect("no such slot");
+    let bad =
+        connection.simple_query("START_REPLICATION SLOT no_such_slot LOGICAL 0/0").await.err().expect("no such slot");
     assert_eq!(bad.code(), Some("42704"), "{bad}");
 }
 
@@ -111,7 +122,10 @@ async fn a_copy_both_session_carries_a_transaction_a_status_update_and_ends_clea
     // GIVEN a table in a publication and a pgoutput slot made over the wire client
     let pg = cluster().await;
     let client = connect(&pg.url()).await;
-    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION p FOR TABLE t;").await.unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION p FOR TABLE t;")
+        .await
+        .unwrap();
     let mut connection = wire(&pg, "scram_user", Some(PASSWORD), "postgres").await.expect("connect");
     let slot = connection.simple_query("CREATE_REPLICATION_SLOT s LOGICAL pgoutput").await.expect("create slot");
     assert_eq!(slot[0][0].as_deref(), Some("s"), "{slot:?}");

@@ -76,7 +76,6 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-
 impl ClaimScope {
     /// SQL that is true only while every lane in `lanes` (an int4[]
     /// parameter such as `$4`) is still leased to this relay, by the
@@ -183,7 +182,11 @@ pub async fn announce_waiting(
 }
 
 /// Stops showing `me` as waiting: it joins the real resource now.
-pub async fn stop_waiting(client: &tokio_postgres::Client, resource: &Resource, me: &Identity) -> Result<(), PostgresError> {
+pub async fn stop_waiting(
+    client: &tokio_postgres::Client,
+    resource: &Resource,
+    me: &Identity,
+) -> Result<(), PostgresError> {
     store::leave(client, &resource.waiting_room(), me).await
 }
 
@@ -364,7 +367,9 @@ impl Coordinator {
         match (&mut self.task).await {
             Ok(Err(error)) => error,
             Ok(Ok(())) => CoordinationError::LeaseLost(format!("{} (the coordinator stopped)", self.resource.name)),
-            Err(join) => CoordinationError::LeaseLost(format!("{} (the coordinator task failed: {join})", self.resource.name)),
+            Err(join) => {
+                CoordinationError::LeaseLost(format!("{} (the coordinator task failed: {join})", self.resource.name))
+            }
         }
     }
 
@@ -418,7 +423,11 @@ impl State {
     }
 
     /// Heartbeat, renew, rebalance, release what is quiet.
-    async fn round(&mut self, client: &mut tokio_postgres::Client, adopted: &(u64, BTreeSet<i32>)) -> Result<(), CoordinationError> {
+    async fn round(
+        &mut self,
+        client: &mut tokio_postgres::Client,
+        adopted: &(u64, BTreeSet<i32>),
+    ) -> Result<(), CoordinationError> {
         let sent = Instant::now();
         store::heartbeat(client, &self.resource, &self.me, self.timing.lease).await?;
         let renewed = store::renew(client, &self.resource, &self.me, self.timing.lease).await?;
@@ -472,7 +481,8 @@ impl State {
             } else if !acquired.lanes.is_empty() {
                 self.warned_layout = false;
                 let taken: Vec<i32> = acquired.lanes.iter().map(|(lane, _)| *lane).collect();
-                let from: BTreeSet<&str> = acquired.lanes.iter().filter_map(|(_, previous)| previous.as_deref()).collect();
+                let from: BTreeSet<&str> =
+                    acquired.lanes.iter().filter_map(|(_, previous)| previous.as_deref()).collect();
                 self.fence.extend_to(sent + self.timing.valid_for());
                 self.assignment.held.extend(taken.iter().copied());
                 self.assignment.taken_from.extend(from.iter().map(|r| (*r).to_owned()));
@@ -503,7 +513,11 @@ impl State {
 
     /// Releases the lanes the claim loop stopped claiming at a quiet point
     /// after being told to.
-    async fn release_quiet(&mut self, client: &tokio_postgres::Client, adopted: &(u64, BTreeSet<i32>)) -> Result<(), CoordinationError> {
+    async fn release_quiet(
+        &mut self,
+        client: &tokio_postgres::Client,
+        adopted: &(u64, BTreeSet<i32>),
+    ) -> Result<(), CoordinationError> {
         let (version, claiming) = adopted;
         let quiet: Vec<i32> = self
             .releasing_since
@@ -564,7 +578,8 @@ mod tests {
 
     #[test]
     fn releasing_lanes_are_not_claimable() {
-        let a = Assignment { version: 3, held: [1, 2, 3].into(), releasing: [3].into(), lanes: 4, ..Assignment::default() };
+        let a =
+            Assignment { version: 3, held: [1, 2, 3].into(), releasing: [3].into(), lanes: 4, ..Assignment::default() };
         assert_eq!(a.claimable(), vec![1, 2]);
     }
 
@@ -576,6 +591,8 @@ mod tests {
     #[test]
     fn lane_sql_hashes_like_hash_partitioning_and_never_yields_a_negative_lane() {
         let sql = lane_sql("\"aggregate_id\"::text", 32);
-        assert!(sql.starts_with("((hashtextextended(coalesce(\"aggregate_id\"::text, ''), 0) & 9223372036854775807) % 32)"));
+        assert!(
+            sql.starts_with("((hashtextextended(coalesce(\"aggregate_id\"::text, ''), 0) & 9223372036854775807) % 32)")
+        );
     }
 }

@@ -61,7 +61,12 @@ pub async fn ensure_lanes(client: &Client, resource: &Resource) -> Result<(), Po
 }
 
 /// Says this relay is alive for another `lease`.
-pub async fn heartbeat(client: &Client, resource: &Resource, me: &Identity, lease: Duration) -> Result<(), PostgresError> {
+pub async fn heartbeat(
+    client: &Client,
+    resource: &Resource,
+    me: &Identity,
+    lease: Duration,
+) -> Result<(), PostgresError> {
     client
         .execute(
             "INSERT INTO outbox.relay_members (resource, instance, relay_id, lanes, expires_at) \
@@ -78,7 +83,12 @@ pub async fn heartbeat(client: &Client, resource: &Resource, me: &Identity, leas
 /// Extends every lease this relay still holds; returns those lanes (a
 /// lease that expired in the meantime is not renewed: it may be someone
 /// else's by now).
-pub async fn renew(client: &Client, resource: &Resource, me: &Identity, lease: Duration) -> Result<BTreeSet<i32>, PostgresError> {
+pub async fn renew(
+    client: &Client,
+    resource: &Resource,
+    me: &Identity,
+    lease: Duration,
+) -> Result<BTreeSet<i32>, PostgresError> {
     let rows = client
         .query(
             "UPDATE outbox.relay_leases SET expires_at = now() + $4 * interval '1 second' \
@@ -199,7 +209,10 @@ pub async fn leave(client: &Client, resource: &Resource, me: &Identity) -> Resul
         .await
         .map_err(|e| error("releasing lanes", &e))?;
     client
-        .execute("DELETE FROM outbox.relay_members WHERE resource = $1 AND instance = $2", &[&resource.name, &me.instance])
+        .execute(
+            "DELETE FROM outbox.relay_members WHERE resource = $1 AND instance = $2",
+            &[&resource.name, &me.instance],
+        )
         .await
         .map_err(|e| error("leaving", &e))?;
     Ok(())

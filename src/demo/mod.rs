@@ -113,7 +113,11 @@ pub async fn run(events: usize, config: Config, mode: Option<SourceMode>) -> any
                 .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 FROM pg_replication_slots LIMIT 1", &[])
                 .await?
                 .get(0);
-            if lag.unwrap_or(1) <= 0 { 0 } else { events as i64 }
+            if lag.unwrap_or(1) <= 0 {
+                0
+            } else {
+                events as i64
+            }
         } else {
             client.query_one(sql, &[]).await?.get(0)
         };
@@ -134,9 +138,12 @@ pub async fn run(events: usize, config: Config, mode: Option<SourceMode>) -> any
 
     println!("6. consuming everything back from Kafka ...\n");
     let expected_topics = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || consume(&brokers, &expected_topics, events)).await.context("consumer task")??;
+    let consumed = tokio::task::spawn_blocking(move || consume(&brokers, &expected_topics, events))
+        .await
+        .context("consumer task")??;
     let report = verify(&consumed);
-    let timing = Timing { first: first.map_or(elapsed, |(at, _)| at), first_count: first.map_or(0, |(_, n)| n), total: elapsed };
+    let timing =
+        Timing { first: first.map_or(elapsed, |(at, _)| at), first_count: first.map_or(0, |(_, n)| n), total: elapsed };
     print_summary(&consumed, &report, events, &timing, capture);
     // The producer goes before the cluster, or it logs the brokers vanishing.
     drop(sink);
@@ -152,9 +159,7 @@ async fn enqueue_sample(client: &mut tokio_postgres::Client, events: usize) -> a
     let steps = ["OrderPlaced", "OrderPaid", "OrderPacked", "OrderShipped", "OrderDelivered"];
     let orders = (events / 6).max(1);
     let mut seq: HashMap<String, i64> = HashMap::new();
-    let statement = client
-        .prepare("SELECT outbox.enqueue($1, $2, $3, $4::jsonb, 1, $5::jsonb, $6)")
-        .await?;
+    let statement = client.prepare("SELECT outbox.enqueue($1, $2, $3, $4::jsonb, 1, $5::jsonb, $6)").await?;
     for i in 0..events {
         // Interleave aggregates so the relay really has to keep order per key.
         let (aggregate_type, aggregate_id, event_type) = if i % 6 == 5 {
@@ -174,11 +179,8 @@ async fn enqueue_sample(client: &mut tokio_postgres::Client, events: usize) -> a
         });
         let headers = serde_json::json!({ "source": "demo-shop" });
         let tx = client.transaction().await?;
-        tx.query_one(
-            &statement,
-            &[&aggregate_type, &aggregate_id, &event_type, &payload, &headers, &"demo-user"],
-        )
-        .await?;
+        tx.query_one(&statement, &[&aggregate_type, &aggregate_id, &event_type, &payload, &headers, &"demo-user"])
+            .await?;
         tx.commit().await?;
     }
     Ok(())
@@ -217,7 +219,9 @@ fn consume(brokers: &str, topics: &[String], expected: usize) -> anyhow::Result<
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                            .map(|x| {
+                                (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -303,8 +307,10 @@ fn print_summary(consumed: &[Received], report: &Report, enqueued: usize, timing
     for message in consumed {
         *per_topic.entry(&message.topic).or_default() += 1;
     }
-    let order = if report.out_of_order == 0 { "verified".to_owned() } else { format!("{} violations", report.out_of_order) };
-    let mut lines: Vec<(String, String)> = vec![("capture".into(), capture.to_owned()), ("enqueued".into(), enqueued.to_string())];
+    let order =
+        if report.out_of_order == 0 { "verified".to_owned() } else { format!("{} violations", report.out_of_order) };
+    let mut lines: Vec<(String, String)> =
+        vec![("capture".into(), capture.to_owned()), ("enqueued".into(), enqueued.to_string())];
     for (topic, count) in &per_topic {
         lines.push((format!("received on {topic}"), count.to_string()));
     }
@@ -313,11 +319,21 @@ fn print_summary(consumed: &[Received], report: &Report, enqueued: usize, timing
     lines.push(("lost".into(), report.lost.max(enqueued.saturating_sub(report.unique)).to_string()));
     lines.push(("aggregates".into(), report.aggregates.to_string()));
     lines.push(("per-aggregate order".into(), order));
-    lines.push(("start-up".into(), format!("{:.0} ms from relay start to the first event published", timing.first.as_secs_f64() * 1000.0)));
+    lines.push((
+        "start-up".into(),
+        format!("{:.0} ms from relay start to the first event published", timing.first.as_secs_f64() * 1000.0),
+    ));
     let rest = (enqueued as i64 - timing.first_count).max(0) as f64;
     let steady = timing.total.saturating_sub(timing.first).as_secs_f64();
-    let rate = if steady > 0.0 && rest > 0.0 { format!("{:.0} events/s after start-up", rest / steady) } else { "all in the first batch".to_owned() };
-    lines.push(("steady rate".into(), format!("{rate} ({} events in {:.0} ms)", enqueued, timing.total.as_secs_f64() * 1000.0)));
+    let rate = if steady > 0.0 && rest > 0.0 {
+        format!("{:.0} events/s after start-up", rest / steady)
+    } else {
+        "all in the first batch".to_owned()
+    };
+    lines.push((
+        "steady rate".into(),
+        format!("{rate} ({} events in {:.0} ms)", enqueued, timing.total.as_secs_f64() * 1000.0),
+    ));
     let width = lines.iter().map(|(label, _)| label.len()).max().unwrap_or(0) + 2;
     println!("Summary");
     for (label, value) in &lines {

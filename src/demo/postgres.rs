@@ -106,11 +106,10 @@ impl ThrowawayPostgres {
     /// Like [`start`](Self::start), with TLS and/or a custom `pg_hba.conf`.
     pub fn start_with(options: ClusterOptions) -> Result<Self, ThrowawayPostgresError> {
         let bin = find_bin_dir().ok_or(ThrowawayPostgresError::BinariesMissing)?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let unique = format!("outbox-relay-pg-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let unique =
+            format!("outbox-relay-pg-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(unique);
         fs::create_dir(&dir)?;
         // From here on Drop removes the directory, whatever fails.
@@ -356,9 +355,7 @@ fn unprivileged_user() -> Result<(u32, u32), ThrowawayPostgresError> {
         let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
         let mut buffer = vec![0 as libc::c_char; 16 * 1024];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = unsafe {
-            libc::getpwnam_r(name.as_ptr(), &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut result)
-        };
+        let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut result) };
         if rc == 0 && !result.is_null() {
             return Ok((entry.pw_uid, entry.pw_gid));
         }

@@ -135,7 +135,9 @@ impl CloudEvents {
         }
         let mode = match config.format {
             EnvelopeFormat::CloudEventsBinary => ContentMode::Binary,
-            EnvelopeFormat::Native | EnvelopeFormat::CloudEventsStructured | EnvelopeFormat::Debezium => ContentMode::Structured,
+            EnvelopeFormat::Native | EnvelopeFormat::CloudEventsStructured | EnvelopeFormat::Debezium => {
+                ContentMode::Structured
+            }
         };
         Ok(CloudEvents { mode, source, type_version: config.type_version, dataschema, header_extensions })
     }
@@ -167,7 +169,8 @@ impl CloudEvents {
                     }
                     .map_err(encode)?;
                 }
-                let data = event.payload.as_json().ok_or(EnvelopeError::NotJson { kind: "text", format: "cloudevents" })?;
+                let data =
+                    event.payload.as_json().ok_or(EnvelopeError::NotJson { kind: "text", format: "cloudevents" })?;
                 map.serialize_entry("data", data).map_err(encode)?;
                 map.end().map_err(encode)?;
                 Ok((value, vec![(Cow::Borrowed("content-type"), STRUCTURED_CONTENT_TYPE.as_bytes().to_vec())]))
@@ -207,11 +210,7 @@ impl CloudEvents {
             out.push(string("dataschema", "ce_dataschema", Cow::Owned(template.render(event))));
         }
         out.push(string("subject", "ce_subject", Cow::Borrowed(&event.aggregate_id)));
-        out.push(string(
-            "time",
-            "ce_time",
-            Cow::Owned(event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true)),
-        ));
+        out.push(string("time", "ce_time", Cow::Owned(event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true))));
         // The binding maps datacontenttype to the plain `content-type` header.
         out.push(string("datacontenttype", "content-type", Cow::Borrowed(DATA_CONTENT_TYPE)));
         out.push(string("aggregatetype", "ce_aggregatetype", Cow::Borrowed(&event.aggregate_type)));
@@ -244,11 +243,13 @@ impl CloudEvents {
                 None | Some(serde_json::Value::Null) => continue,
                 Some(serde_json::Value::String(text)) => AttributeValue::String(Cow::Owned(text.clone())),
                 Some(serde_json::Value::Bool(flag)) => AttributeValue::Boolean(*flag),
-                Some(serde_json::Value::Number(number)) => match number.as_i64().filter(|n| i32::try_from(*n).is_ok()) {
-                    Some(n) => AttributeValue::Integer(n),
-                    // CloudEvents integers are 32-bit; other numbers travel as text.
-                    None => AttributeValue::String(Cow::Owned(number.to_string())),
-                },
+                Some(serde_json::Value::Number(number)) => {
+                    match number.as_i64().filter(|n| i32::try_from(*n).is_ok()) {
+                        Some(n) => AttributeValue::Integer(n),
+                        // CloudEvents integers are 32-bit; other numbers travel as text.
+                        None => AttributeValue::String(Cow::Owned(number.to_string())),
+                    }
+                }
                 Some(other) => AttributeValue::String(Cow::Owned(other.to_string())),
             };
             out.push(Attribute { name, header: Cow::Owned(header.clone()), value });
@@ -505,9 +506,10 @@ mod tests {
         // tracestate alone (no traceparent) is meaningless and not sent.
         let mut e = event();
         e.traceparent = None;
-        let value: Value =
-            serde_json::from_slice(&mapper(&config(EnvelopeFormat::CloudEventsStructured)).to_message(&e).unwrap().value)
-                .unwrap();
+        let value: Value = serde_json::from_slice(
+            &mapper(&config(EnvelopeFormat::CloudEventsStructured)).to_message(&e).unwrap().value,
+        )
+        .unwrap();
         assert!(value.get("tracestate").is_none());
     }
 
@@ -627,7 +629,9 @@ mod tests {
     #[test]
     fn source_must_be_a_uri_reference() {
         let mut c = config(EnvelopeFormat::CloudEventsBinary);
-        for good in ["/orders", "orders", "urn:example:orders", "https://a.example.com:8443/x?y=1#z", "//[::1]/x", "a%20b"] {
+        for good in
+            ["/orders", "orders", "urn:example:orders", "https://a.example.com:8443/x?y=1#z", "//[::1]/x", "a%20b"]
+        {
             c.source = good.into();
             assert!(CloudEvents::from_config(&c, "t").is_ok(), "{good}");
         }

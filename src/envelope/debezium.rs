@@ -79,7 +79,9 @@ fn configured(field: Field, columns: &ColumnMapping) -> &str {
 fn resolve(name: &str, columns: &ColumnMapping) -> Option<Field> {
     FIELDS
         .iter()
-        .find(|(field, ours, debezium)| name == *ours || name == *debezium || (!name.is_empty() && configured(*field, columns) == name))
+        .find(|(field, ours, debezium)| {
+            name == *ours || name == *debezium || (!name.is_empty() && configured(*field, columns) == name)
+        })
         .map(|(field, ..)| *field)
 }
 
@@ -121,7 +123,10 @@ impl Debezium {
             None => (replacement.clone(), None),
         };
         let sample = format!("{}Aggregate{}", topic.0, topic.1.as_deref().unwrap_or(""));
-        if replacement.is_empty() || topic.1.as_deref().is_some_and(|a| a.contains("${")) || !is_valid_topic_for_some_sink(&sample) {
+        if replacement.is_empty()
+            || topic.1.as_deref().is_some_and(|a| a.contains("${"))
+            || !is_valid_topic_for_some_sink(&sample)
+        {
             return Err(EnvelopeConfigError {
                 key: "envelope.debezium.route_topic_replacement",
                 problem: format!(
@@ -132,12 +137,18 @@ impl Debezium {
         if config.additional_placement.len() > MAX_PLACEMENTS {
             return Err(EnvelopeConfigError {
                 key: "envelope.debezium.additional_placement",
-                problem: format!("has {} entries; at most {MAX_PLACEMENTS} are supported", config.additional_placement.len()),
+                problem: format!(
+                    "has {} entries; at most {MAX_PLACEMENTS} are supported",
+                    config.additional_placement.len()
+                ),
             });
         }
         let mut placements = Vec::with_capacity(config.additional_placement.len());
         for entry in &config.additional_placement {
-            let bad = |why: String| EnvelopeConfigError { key: "envelope.debezium.additional_placement", problem: format!("{entry:?}: {why}") };
+            let bad = |why: String| EnvelopeConfigError {
+                key: "envelope.debezium.additional_placement",
+                problem: format!("{entry:?}: {why}"),
+            };
             let parts: Vec<&str> = entry.split(':').map(str::trim).collect();
             let (column, placement, alias) = match parts.as_slice() {
                 [c, p] => (*c, *p, *c),
@@ -269,7 +280,8 @@ mod tests {
             actor: None,
             traceparent: None,
             topic: None,
-            created_at: chrono::Utc.with_ymd_and_hms(2026, 12, 2, 5, 34, 49).unwrap() + chrono::Duration::microseconds(143_595),
+            created_at: chrono::Utc.with_ymd_and_hms(2026, 12, 2, 5, 34, 49).unwrap()
+                + chrono::Duration::microseconds(143_595),
         }
     }
 
@@ -307,13 +319,18 @@ mod tests {
         let config = DebeziumConfig {
             route_by_field: "type".into(),
             route_topic_replacement: "${routedByValue}.events".into(),
-            additional_placement: vec!["type:header:eventType".into(), "aggregatetype:header".into(), "timestamp:header:ts".into()],
+            additional_placement: vec![
+                "type:header:eventType".into(),
+                "aggregatetype:header".into(),
+                "timestamp:header:ts".into(),
+            ],
             ..DebeziumConfig::default()
         };
         let d = Debezium::from_config(&config, &debezium_columns()).unwrap();
         let msg = d.to_message(&event(json("{}"))).unwrap();
         assert_eq!(msg.topic, "OrderCreated.events");
-        let headers: Vec<(&str, &str)> = msg.headers.iter().map(|(n, v)| (n.as_ref(), std::str::from_utf8(v).unwrap())).collect();
+        let headers: Vec<(&str, &str)> =
+            msg.headers.iter().map(|(n, v)| (n.as_ref(), std::str::from_utf8(v).unwrap())).collect();
         assert_eq!(
             headers,
             [
@@ -328,11 +345,23 @@ mod tests {
     #[test]
     fn unsupported_options_are_refused_naming_the_key() {
         for (config, needle) in [
-            (DebeziumConfig { additional_placement: vec!["type:envelope:eventType".into()], ..Default::default() }, "not supported"),
-            (DebeziumConfig { additional_placement: vec!["type:partition".into()], ..Default::default() }, "not supported"),
-            (DebeziumConfig { additional_placement: vec!["tenant:header".into()], ..Default::default() }, "arbitrary extra columns"),
+            (
+                DebeziumConfig { additional_placement: vec!["type:envelope:eventType".into()], ..Default::default() },
+                "not supported",
+            ),
+            (
+                DebeziumConfig { additional_placement: vec!["type:partition".into()], ..Default::default() },
+                "not supported",
+            ),
+            (
+                DebeziumConfig { additional_placement: vec!["tenant:header".into()], ..Default::default() },
+                "arbitrary extra columns",
+            ),
             (DebeziumConfig { route_by_field: "tenant".into(), ..Default::default() }, "route_by_field"),
-            (DebeziumConfig { route_topic_replacement: "a ${routedByValue}".into(), ..Default::default() }, "routedByValue"),
+            (
+                DebeziumConfig { route_topic_replacement: "a ${routedByValue}".into(), ..Default::default() },
+                "routedByValue",
+            ),
         ] {
             let err = Debezium::from_config(&config, &debezium_columns()).unwrap_err();
             assert!(err.to_string().contains(needle), "{err}");

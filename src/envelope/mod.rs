@@ -99,9 +99,7 @@ impl TopicTemplate {
             if open > 0 {
                 parts.push(TemplatePart::Literal(rest[..open].to_owned()));
             }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("{template:?} has an unclosed '{{'"))?;
+            let close = rest[open..].find('}').ok_or_else(|| format!("{template:?} has an unclosed '{{'"))?;
             let name = &rest[open + 1..open + close];
             parts.push(match name {
                 "aggregate_type" => TemplatePart::AggregateType,
@@ -159,7 +157,8 @@ pub fn is_valid_topic_for_some_sink(topic: &str) -> bool {
 }
 
 /// Kafka's topic rule, quoted in every rejection.
-pub const KAFKA_TOPIC_RULE: &str = "Kafka topic names are 1-249 characters of a-z A-Z 0-9 . _ - and not \".\" or \"..\"";
+pub const KAFKA_TOPIC_RULE: &str =
+    "Kafka topic names are 1-249 characters of a-z A-Z 0-9 . _ - and not \".\" or \"..\"";
 
 /// Checks a `sink.topic` template against Kafka's rule (`sink.kind = "kafka"`).
 pub fn check_kafka_template(template: &str) -> Result<(), String> {
@@ -208,7 +207,11 @@ impl EnvelopeMapper {
     /// section; `source_table` is `source.table`. The Debezium format's
     /// column names resolve against the default mapping here; use
     /// [`EnvelopeMapper::with_columns`] to give the configured one.
-    pub fn new(topic: TopicTemplate, envelope: &EnvelopeConfig, source_table: &str) -> Result<Self, EnvelopeConfigError> {
+    pub fn new(
+        topic: TopicTemplate,
+        envelope: &EnvelopeConfig,
+        source_table: &str,
+    ) -> Result<Self, EnvelopeConfigError> {
         Self::with_columns(topic, envelope, source_table, &crate::config::ColumnMapping::default())
     }
 
@@ -379,7 +382,8 @@ mod tests {
         e.headers = Some(RawValue::from_string(r#"{"tenant": "acme", "n": 1}"#.into()).unwrap());
         let default = crate::config::EnvelopeConfig::default();
         let configured =
-            EnvelopeMapper::new(TopicTemplate::parse("outbox.{aggregate_type}").unwrap(), &default, "outbox.events").unwrap();
+            EnvelopeMapper::new(TopicTemplate::parse("outbox.{aggregate_type}").unwrap(), &default, "outbox.events")
+                .unwrap();
         for msg in [mapper().to_message(&e).unwrap(), configured.to_message(&e).unwrap()] {
             assert_eq!(
                 std::str::from_utf8(&msg.value).unwrap(),
@@ -453,7 +457,9 @@ mod tests {
 
     #[test]
     fn native_refuses_text_bytea_and_null_payloads_naming_the_fix() {
-        for payload in [Payload::Text("hi".into()), Payload::Binary { bytes: vec![1], text: "\\x01".into() }, Payload::Null] {
+        for payload in
+            [Payload::Text("hi".into()), Payload::Binary { bytes: vec![1], text: "\\x01".into() }, Payload::Null]
+        {
             let e = OutboxEvent { payload, ..event() };
             let err = mapper().to_message(&e).unwrap_err().to_string();
             assert!(err.contains("envelope.format = \"debezium\""), "{err}");
@@ -483,11 +489,16 @@ mod rfc3339_tests {
 
     #[test]
     fn the_fast_timestamp_agrees_with_chrono() {
-        for micros in [0i64, 1, 1_764_696_528_339_270, 946_684_799_999_999, -62_135_596_800_000_000, 253_402_300_799_999_999] {
+        for micros in
+            [0i64, 1, 1_764_696_528_339_270, 946_684_799_999_999, -62_135_596_800_000_000, 253_402_300_799_999_999]
+        {
             let time = Utc.timestamp_micros(micros).single().expect("valid");
             assert_eq!(super::rfc3339_micros(&time), time.to_rfc3339_opts(SecondsFormat::Micros, true));
         }
-        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31).and_then(|d| d.and_hms_micro_opt(23, 59, 59, 1_500_000)).expect("leap").and_utc();
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 1_500_000))
+            .expect("leap")
+            .and_utc();
         assert_eq!(super::rfc3339_micros(&leap), leap.to_rfc3339_opts(SecondsFormat::Micros, true));
     }
 }

@@ -57,7 +57,12 @@ impl NetSettings {
 
 /// Connects to `host:port` (every address it resolves to, in order) within
 /// `connect_timeout`, with `TCP_NODELAY`, keepalives and `TCP_USER_TIMEOUT`.
-pub async fn open_tcp(host: &str, port: u16, connect_timeout: Option<Duration>, net: &NetSettings) -> io::Result<TcpStream> {
+pub async fn open_tcp(
+    host: &str,
+    port: u16,
+    connect_timeout: Option<Duration>,
+    net: &NetSettings,
+) -> io::Result<TcpStream> {
     let connect = async {
         let mut last = None;
         for address in tokio::net::lookup_host((host, port)).await? {
@@ -168,7 +173,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) && this.waiting_since.is_none() {

@@ -62,12 +62,14 @@ impl<S: Sink> Relay<S> {
     ) -> Result<(), RelayError> {
         let me = self.identity.relay_id.clone();
         let claimable: BTreeSet<i32> = assignment.claimable().into_iter().collect();
-        let fresh: Vec<String> = assignment.taken_from.iter().filter(|r| **r != me && !done.fenced.contains(*r)).cloned().collect();
+        let fresh: Vec<String> =
+            assignment.taken_from.iter().filter(|r| **r != me && !done.fenced.contains(*r)).cloned().collect();
         if done.held && fresh.is_empty() && claimable.is_subset(&done.lanes) {
             return Ok(());
         }
         let holder = self.holder(&me, slot);
-        let previous: Vec<String> = if slot { Vec::new() } else { fresh.iter().map(|r| self.holder(r, false)).collect() };
+        let previous: Vec<String> =
+            if slot { Vec::new() } else { fresh.iter().map(|r| self.holder(r, false)).collect() };
         let scope = if slot { holder.clone() } else { format!("poll.{}.", self.config.source.table) };
         let Some(position) = self.sink.hold(&holder, &previous, &scope).await.map_err(RelayError::Broker)? else {
             done.held = true;
@@ -95,7 +97,9 @@ impl<S: Sink> Relay<S> {
     /// leader's) and has the stream skip what the position names.
     pub(super) async fn reconcile_slot(&mut self) -> Result<(), RelayError> {
         let holder = self.holder(&self.identity.relay_id.clone(), true);
-        let Some(position) = self.sink.hold(&holder, &[], &holder).await.map_err(RelayError::Broker)? else { return Ok(()) };
+        let Some(position) = self.sink.hold(&holder, &[], &holder).await.map_err(RelayError::Broker)? else {
+            return Ok(());
+        };
         info!(
             events = position.events.len(),
             settled_below = position.confirmed,

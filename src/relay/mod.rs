@@ -26,21 +26,21 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::sleep;
 use tracing::{error, Instrument};
 
-use crate::holdback::Blocked;
 use crate::config::{Config, PublishedMode, SourceMode};
+use crate::coordination::{CoordinationError, Identity, Resource};
+use crate::envelope::{EnvelopeMapper, TopicTemplate};
 use crate::event::RawRow;
 use crate::failure::{self, DeadLetter, FailedRow};
-use crate::retention;
-use crate::settle::Ledger;
-use crate::coordination::{CoordinationError, Identity, Resource};
-use crate::source::table;
-use crate::envelope::{EnvelopeMapper, TopicTemplate};
 use crate::health::Health;
+use crate::holdback::Blocked;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxTable;
 use crate::postgres::PostgresError;
+use crate::retention;
+use crate::settle::Ledger;
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
+use crate::source::table;
 
 /// Errors that end a relay session (the relay itself reconnects).
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +112,6 @@ pub struct Relay<S: Sink> {
     blocked_behind_lsn: u64,
 }
 
-
 /// Why a session ended without error.
 enum SessionEnd {
     /// Shutdown was requested and the drain finished.
@@ -123,10 +122,18 @@ enum SessionEnd {
 
 impl<S: Sink> Relay<S> {
     /// A relay over `sink`; validates the topic template.
-    pub fn new(config: Config, sink: Arc<S>, metrics: Metrics, health: Health, shutdown: Shutdown) -> Result<Self, RelayError> {
-        let template = TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
-        let mapper = EnvelopeMapper::with_columns(template, &config.envelope, &config.source.table, &config.source.columns)
-            .map_err(|e| RelayError::Config(e.to_string()))?;
+    pub fn new(
+        config: Config,
+        sink: Arc<S>,
+        metrics: Metrics,
+        health: Health,
+        shutdown: Shutdown,
+    ) -> Result<Self, RelayError> {
+        let template =
+            TopicTemplate::parse(&config.sink.topic).map_err(|p| RelayError::Config(format!("sink.topic {p}")))?;
+        let mapper =
+            EnvelopeMapper::with_columns(template, &config.envelope, &config.source.table, &config.source.columns)
+                .map_err(|e| RelayError::Config(e.to_string()))?;
         let identity = Identity::new(config.replicas.resolved_relay_id());
         let table = OutboxTable::from_config(&config).map_err(RelayError::Config)?;
         let mut ledger = Ledger::default();
@@ -151,7 +158,9 @@ impl<S: Sink> Relay<S> {
     /// What this relay coordinates on: the outbox table's lanes, or the slot.
     async fn resource(&self, client: &tokio_postgres::Client) -> Result<Resource, RelayError> {
         Ok(match self.config.source.mode {
-            SourceMode::Poll => Resource::lanes_of(table::resolve(client, self.table.name()).await?, self.config.replicas.lanes),
+            SourceMode::Poll => {
+                Resource::lanes_of(table::resolve(client, self.table.name()).await?, self.config.replicas.lanes)
+            }
             SourceMode::Replication => Resource::slot(&self.config.source.replication.slot),
         })
     }
@@ -159,7 +168,11 @@ impl<S: Sink> Relay<S> {
     /// Start-up cannot take work yet (the broker is unreachable): show this
     /// relay in `status` as running and waiting, for `expires_after`.
     /// Without the lease tables (not migrated yet) it stays invisible.
-    pub async fn announce_waiting(&self, client: &tokio_postgres::Client, expires_after: Duration) -> Result<(), RelayError> {
+    pub async fn announce_waiting(
+        &self,
+        client: &tokio_postgres::Client,
+        expires_after: Duration,
+    ) -> Result<(), RelayError> {
         let resource = self.resource(client).await?;
         Ok(crate::coordination::announce_waiting(client, &resource, &self.identity, expires_after).await?)
     }
@@ -175,8 +188,13 @@ impl<S: Sink> Relay<S> {
         let mut backoff = reconnect_backoff();
         // One cleaner per outbox, whatever the capture mode: it runs on every
         // relay but deletes only while holding the table's retention lock.
-        let retention = (self.config.published.mode == PublishedMode::Mark && !self.config.published.retention.is_zero())
-            .then(|| tokio::spawn(retention::run(self.config.clone(), self.table.clone(), self.shutdown.clone()).in_current_span()));
+        let retention = (self.config.published.mode == PublishedMode::Mark
+            && !self.config.published.retention.is_zero())
+        .then(|| {
+            tokio::spawn(
+                retention::run(self.config.clone(), self.table.clone(), self.shutdown.clone()).in_current_span(),
+            )
+        });
         let result = self.sessions(&mut backoff).await;
         if let Some(task) = retention {
             task.abort();
@@ -217,7 +235,6 @@ impl<S: Sink> Relay<S> {
             }
         }
     }
-
 }
 
 /// A running publish stage: where batches go, where outcomes come back.
@@ -278,7 +295,8 @@ impl<S: Sink> Relay<S> {
                 },
             })
             .collect();
-        let results = failure::publish(self.sink.as_ref(), &self.config.failures, &self.config.source.table, &letters).await;
+        let results =
+            failure::publish(self.sink.as_ref(), &self.config.failures, &self.config.source.table, &letters).await;
         letters
             .iter()
             .zip(results)

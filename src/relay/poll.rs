@@ -21,17 +21,17 @@ use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
-use crate::coordination::{Assignment, Coordinator, Resource};
-use crate::source::table;
 use crate::config::FailurePolicy;
-use crate::failure::FailureKind;
+use crate::coordination::{Assignment, Coordinator, Resource};
 use crate::event::Rejected;
+use crate::failure::FailureKind;
 use crate::holdback::Blocked;
-use crate::settle::{self, Capture, End, EventKey, Rules};
 use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
+use crate::settle::{self, Capture, End, EventKey, Rules};
 use crate::sink::Sink;
 use crate::source::poll::{Claim, Parked, PollSource};
+use crate::source::table;
 
 /// Batches claimed and not yet acknowledged, oldest first:
 /// (sequence, first position, last position, rows).
@@ -87,7 +87,9 @@ impl Lanes {
         if claiming != self.claiming && !drain {
             match claiming.is_empty() {
                 true => info!(relay_id, "holding no lanes: standing by"),
-                false => info!(relay_id, lanes = ?claiming, count = claiming.len(), of = assignment.lanes, "claiming lanes"),
+                false => {
+                    info!(relay_id, lanes = ?claiming, count = claiming.len(), of = assignment.lanes, "claiming lanes")
+                }
             }
         }
         self.all = claiming.len() == assignment.lanes as usize;
@@ -135,7 +137,8 @@ impl<S: Sink> Relay<S> {
         let super::Stage { batches: batch_tx, outcomes: mut outcome_rx, task: stage } =
             self.start_stage(policy_blocks.then(|| blocked.clone()), coordinator.fence());
 
-        let result = self.claim_loop(&mut source, coordinator, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
+        let result =
+            self.claim_loop(&mut source, coordinator, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
 
         // Whatever is still enqueued finishes first, so the next session
         // cannot overtake it. Its acknowledgements are remembered (the rows
@@ -159,7 +162,10 @@ impl<S: Sink> Relay<S> {
         }
         let _ = stage.await;
         if unmarked > 0 {
-            warn!(events = unmarked, "acknowledged events left unmarked; the next session marks them without publishing them again");
+            warn!(
+                events = unmarked,
+                "acknowledged events left unmarked; the next session marks them without publishing them again"
+            );
         }
         // Nothing of this session is in flight any more: its lanes can go to
         // another relay at once (the rows left unmarked are claimed again).
@@ -238,7 +244,15 @@ impl<S: Sink> Relay<S> {
                 let top = if resync { None } else { in_flight.top() };
                 let claim_started = std::time::Instant::now();
                 let claim = source
-                    .claim(top, in_flight.rows, in_flight.bottom(), &parked.current(), blocked, &lanes.claiming, lanes.all)
+                    .claim(
+                        top,
+                        in_flight.rows,
+                        in_flight.bottom(),
+                        &parked.current(),
+                        blocked,
+                        &lanes.claiming,
+                        lanes.all,
+                    )
                     .await?;
                 tracing::trace!(took_us = claim_started.elapsed().as_micros() as u64, "claim");
                 match claim {
@@ -305,7 +319,13 @@ impl<S: Sink> Relay<S> {
 
     /// Checkpoints one outcome as the settlement core plans it: mark
     /// delivered rows, dead-letter, record and park failed ones, or end the session.
-    async fn apply(&mut self, source: &PollSource, outcome: &BatchOutcome, parked: &mut Parked, blocked: &Blocked) -> Result<(), RelayError> {
+    async fn apply(
+        &mut self,
+        source: &PollSource,
+        outcome: &BatchOutcome,
+        parked: &mut Parked,
+        blocked: &Blocked,
+    ) -> Result<(), RelayError> {
         let rules = Rules::new(Capture::Poll, &self.config.failures);
         // The table's own attempts count (and the rows, for dead letters).
         let stored = if rules.policy == FailurePolicy::DeadLetter && !outcome.failed.is_empty() {
@@ -314,7 +334,8 @@ impl<S: Sink> Relay<S> {
         } else {
             Default::default()
         };
-        let stored_attempts = |p: i64| stored.get(&p).and_then(|(_, a)| *a).map_or(0, |a| a.clamp(0, i64::from(u32::MAX)) as u32);
+        let stored_attempts =
+            |p: i64| stored.get(&p).and_then(|(_, a)| *a).map_or(0, |a| a.clamp(0, i64::from(u32::MAX)) as u32);
         let plan = settle::plan(rules, outcome, &mut self.ledger, |p| Some(EventKey::row(p)), stored_attempts, 0);
         if matches!(plan.end, Some(End::Fenced)) {
             return Err(super::lease_lapsed_before_send());
@@ -354,9 +375,12 @@ impl<S: Sink> Relay<S> {
         let retry_after = self.config.source.retry_failed_after;
         for row in &retry {
             self.metrics.retries.inc();
-            match (rules.policy, row.aggregate_id.as_deref().or_else(|| {
-                outcome.failed.iter().find(|f| f.row.position == row.position).and_then(|f| f.aggregate_id())
-            })) {
+            match (
+                rules.policy,
+                row.aggregate_id.as_deref().or_else(|| {
+                    outcome.failed.iter().find(|f| f.row.position == row.position).and_then(|f| f.aggregate_id())
+                }),
+            ) {
                 (FailurePolicy::Block, Some(aggregate_id)) => error!(
                     position = row.position,
                     aggregate_id,

@@ -10,15 +10,15 @@ use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
-use crate::coordination::{Coordinator, Fence, Resource};
-use crate::holdback::Blocked;
 use crate::config::{FailurePolicy, PublishedMode};
+use crate::coordination::{Coordinator, Fence, Resource};
 use crate::event::Rejected;
-use crate::settle::{self, Capture, End, EventKey, Ledger, LsnProgress, Rules};
+use crate::holdback::Blocked;
+use crate::outbox::OutboxTable;
 use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
+use crate::settle::{self, Capture, End, EventKey, Ledger, LsnProgress, Rules};
 use crate::sink::Sink;
-use crate::outbox::OutboxTable;
 use crate::source::replication::pgoutput::{Logical, WalMessage};
 use crate::source::replication::wire::{
     format_lsn, parse_lsn, ConnectParams, ReplicationConnection, ReplicationStream, WireError, WireTls,
@@ -190,7 +190,8 @@ impl Marker {
                 let rows: Vec<i64> = batch.iter().flat_map(|j| j.rows.iter().copied()).collect();
                 let failed: Vec<&Rejected> = batch.iter().flat_map(|j| j.failed.iter()).collect();
                 if !rows.is_empty() {
-                    if let Err(e) = execute_visible(client, queries.checkpoint_sql(), &[&rows], rows.len(), &xids).await {
+                    if let Err(e) = execute_visible(client, queries.checkpoint_sql(), &[&rows], rows.len(), &xids).await
+                    {
                         error!(error = %e, "marking published rows failed");
                         return;
                     }
@@ -198,14 +199,17 @@ impl Marker {
                 if let (Some(sql), false) = (queries.record_failures_sql(), failed.is_empty()) {
                     let positions: Vec<i64> = failed.iter().map(|f| f.position).collect();
                     let reasons: Vec<&str> = failed.iter().map(|f| f.reason.as_str()).collect();
-                    if let Err(e) = execute_visible(client, sql, &[&positions, &reasons], positions.len(), &xids).await {
+                    if let Err(e) = execute_visible(client, sql, &[&positions, &reasons], positions.len(), &xids).await
+                    {
                         error!(error = %e, "recording failed rows failed");
                         return;
                     }
                 }
                 let dead: Vec<i64> = batch.iter().flat_map(|j| j.dead_lettered.iter().copied()).collect();
                 if !dead.is_empty() {
-                    if let Err(e) = execute_visible(client, queries.dead_lettered_sql(), &[&dead], dead.len(), &xids).await {
+                    if let Err(e) =
+                        execute_visible(client, queries.dead_lettered_sql(), &[&dead], dead.len(), &xids).await
+                    {
                         error!(error = %e, "stamping dead-lettered rows failed");
                         return;
                     }
@@ -255,7 +259,13 @@ async fn execute_visible(
 }
 
 /// What the operator reads when replication stops at an event it cannot publish.
-fn blocked_message(what: &str, position: &str, aggregate_id: Option<&str>, reason: &str, dead_letter_topic: &str) -> String {
+fn blocked_message(
+    what: &str,
+    position: &str,
+    aggregate_id: Option<&str>,
+    reason: &str,
+    dead_letter_topic: &str,
+) -> String {
     format!(
         "{what} {position} (aggregate {}) cannot be published: {reason}; with failures.policy = \"block\" the stream stops here \
          and retries (replication cannot hold one aggregate back): fix the cause, or set failures.policy = \"dead_letter\" \
@@ -297,7 +307,10 @@ const TAKE_SLOT_FOR: Duration = Duration::from_secs(10);
 impl<S: Sink> Relay<S> {
     /// One replication session (see the module docs): validate, wait for
     /// the slot's lease (standing by meanwhile), then lead.
-    pub(super) async fn replication_session(&mut self, backoff: &mut backon::ExponentialBackoff) -> Result<SessionEnd, RelayError> {
+    pub(super) async fn replication_session(
+        &mut self,
+        backoff: &mut backon::ExponentialBackoff,
+    ) -> Result<SessionEnd, RelayError> {
         let config = self.config.clone();
         let r = &config.source.replication;
         let control = postgres::connect(&config.postgres, "outbox-relay").await?;
@@ -316,7 +329,11 @@ impl<S: Sink> Relay<S> {
     }
 
     /// Stands by until this relay holds the slot's lease; false if asked to stop first.
-    async fn await_leadership(&mut self, coordinator: &mut Coordinator, backoff: &mut backon::ExponentialBackoff) -> Result<bool, RelayError> {
+    async fn await_leadership(
+        &mut self,
+        coordinator: &mut Coordinator,
+        backoff: &mut backon::ExponentialBackoff,
+    ) -> Result<bool, RelayError> {
         let slot = self.config.source.replication.slot.clone();
         let mut assignment = coordinator.assignment();
         let mut announced = false;
@@ -354,7 +371,8 @@ impl<S: Sink> Relay<S> {
         match replication::slot_state(&control.client, &r.slot).await? {
             SlotState::Ready { .. } => {}
             state @ (SlotState::Missing | SlotState::Lost) => {
-                let what = if state == SlotState::Lost { "was invalidated (its WAL is gone)" } else { "does not exist" };
+                let what =
+                    if state == SlotState::Lost { "was invalidated (its WAL is gone)" } else { "does not exist" };
                 return self.recover_slot(control, coordinator, backoff, what, false).await;
             }
         }
@@ -425,7 +443,8 @@ impl<S: Sink> Relay<S> {
     ) -> Result<SessionEnd, RelayError> {
         let slot = self.config.source.replication.slot.clone();
         if self.config.published.mode == PublishedMode::None {
-            let drop = if drop_first { format!("SELECT pg_drop_replication_slot('{slot}'); then ") } else { String::new() };
+            let drop =
+                if drop_first { format!("SELECT pg_drop_replication_slot('{slot}'); then ") } else { String::new() };
             return Err(RelayError::Prerequisite(format!(
                 "replication slot {slot} {what}; with published.mode = \"none\" the slot was the only record of what was published, \
                  so the relay stops rather than skip events: {drop}recreate it with `outbox-relay migrate`, re-publish the gap with \
@@ -467,7 +486,8 @@ impl<S: Sink> Relay<S> {
         status.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut lag = interval(LAG_EVERY);
         lag.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut heartbeat = interval(if r.heartbeat_interval.is_zero() { Duration::from_secs(3600) } else { r.heartbeat_interval });
+        let mut heartbeat =
+            interval(if r.heartbeat_interval.is_zero() { Duration::from_secs(3600) } else { r.heartbeat_interval });
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Nothing committed before the slot's position is streamed again.
         self.ledger.confirmed(confirmed);
@@ -736,9 +756,7 @@ impl<S: Sink> Relay<S> {
         batch: PendingBatch,
         outcome: &BatchOutcome,
     ) -> Result<(MarkJob, Option<RelayError>, bool), RelayError> {
-        self.metrics
-            .events_in_flight
-            .sub((outcome.delivered.len() + outcome.failed.len() + outcome.held.len()) as i64);
+        self.metrics.events_in_flight.sub((outcome.delivered.len() + outcome.failed.len() + outcome.held.len()) as i64);
         let key_of = |position: i64| match batch.keys.binary_search_by_key(&position, |(p, _)| *p) {
             Ok(at) => batch.keys[at].1,
             Err(_) => None,
@@ -825,7 +843,12 @@ impl<S: Sink> Relay<S> {
     /// Starts streaming the slot. A deposed leader's walsender may still hold
     /// it (a frozen process keeps its socket open): it is terminated, which
     /// also fences that leader off the slot for good.
-    async fn take_slot(&self, control: &postgres::Connection, params: &ConnectParams, fence: &Fence) -> Result<ReplicationStream, RelayError> {
+    async fn take_slot(
+        &self,
+        control: &postgres::Connection,
+        params: &ConnectParams,
+        fence: &Fence,
+    ) -> Result<ReplicationStream, RelayError> {
         let slot = &self.config.source.replication.slot;
         let command = replication::start_command(&self.config.source.replication);
         let deadline = Instant::now() + TAKE_SLOT_FOR;

@@ -191,7 +191,8 @@ impl Committed {
     /// Every event committed and not yet settled, in stream order, and the
     /// highest LSN confirmed to the slot (0 when polling).
     pub fn snapshot(&self) -> (Vec<EventKey>, u64) {
-        let (mut keys, confirmed) = self.with(|state| (state.keys.iter().copied().collect::<Vec<_>>(), state.confirmed));
+        let (mut keys, confirmed) =
+            self.with(|state| (state.keys.iter().copied().collect::<Vec<_>>(), state.confirmed));
         keys.sort_unstable_by_key(|k| (k.txn, k.message, k.position));
         (keys, confirmed)
     }
@@ -333,7 +334,8 @@ impl Ledger {
     /// Whether `key` was acknowledged and not yet settled: do not send it
     /// again, only mark it.
     pub fn was_acknowledged(&self, key: &EventKey) -> bool {
-        (key.txn != 0 && key.txn < self.settled_below) || (!self.acknowledged.is_empty() && self.acknowledged.contains_key(key))
+        (key.txn != 0 && key.txn < self.settled_below)
+            || (!self.acknowledged.is_empty() && self.acknowledged.contains_key(key))
     }
 
     /// Exactly once: settles `committed` (the sink's set) together with the ledger.
@@ -601,7 +603,11 @@ mod tests {
             (Capture::Replication, FailurePolicy::DeadLetter, BrokerTransient, 3, DeadLetter),
         ];
         for (capture, policy, kind, attempts, expected) in table {
-            assert_eq!(decide(rules(capture, policy), kind, attempts), expected, "{capture:?} {policy:?} {kind:?} {attempts}");
+            assert_eq!(
+                decide(rules(capture, policy), kind, attempts),
+                expected,
+                "{capture:?} {policy:?} {kind:?} {attempts}"
+            );
         }
     }
 
@@ -613,7 +619,8 @@ mod tests {
     fn max_attempts_count_across_sessions_through_the_ledger() {
         let rules = rules(Capture::Replication, FailurePolicy::DeadLetter);
         let mut ledger = Ledger::default();
-        let outcome = BatchOutcome { failed: vec![failure(7, FailureKind::BrokerTransient)], ..BatchOutcome::default() };
+        let outcome =
+            BatchOutcome { failed: vec![failure(7, FailureKind::BrokerTransient)], ..BatchOutcome::default() };
         for _ in 0..2 {
             let plan = plan(rules, &outcome, &mut ledger, |p| Some(EventKey::row(p)), |_| 0, 0);
             assert!(matches!(plan.end, Some(End::Restart(_))));
@@ -626,7 +633,8 @@ mod tests {
     #[test]
     fn stored_attempts_count_too() {
         let rules = rules(Capture::Poll, FailurePolicy::DeadLetter);
-        let outcome = BatchOutcome { failed: vec![failure(7, FailureKind::BrokerTransient)], ..BatchOutcome::default() };
+        let outcome =
+            BatchOutcome { failed: vec![failure(7, FailureKind::BrokerTransient)], ..BatchOutcome::default() };
         let plan = plan(rules, &outcome, &mut Ledger::default(), |p| Some(EventKey::row(p)), |_| 2, 0);
         assert_eq!(plan.dead_letter.len(), 1);
     }
@@ -646,7 +654,10 @@ mod tests {
         assert_eq!(plan.to_record().count(), 1);
         assert!(ledger.was_acknowledged(&EventKey::row(1)));
         let fenced = BatchOutcome { fenced: true, ..BatchOutcome::default() };
-        assert!(matches!(super::plan(rules, &fenced, &mut ledger, |p| Some(EventKey::row(p)), |_| 0, 0).end, Some(End::Fenced)));
+        assert!(matches!(
+            super::plan(rules, &fenced, &mut ledger, |p| Some(EventKey::row(p)), |_| 0, 0).end,
+            Some(End::Fenced)
+        ));
     }
 
     #[test]

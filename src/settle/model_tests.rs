@@ -199,7 +199,8 @@ impl World {
         // Under `block` the stage holds everything back once the session saw a
         // failure; an event it cannot map halts it at once, so its whole batch
         // and every later one are held (see pipeline).
-        let unmappable: HashSet<usize> = events.iter().copied().filter(|&e| self.events[e].poison == Poison::Envelope).collect();
+        let unmappable: HashSet<usize> =
+            events.iter().copied().filter(|&e| self.events[e].poison == Poison::Envelope).collect();
         if blocks && !unmappable.is_empty() {
             s.halted = true;
         }
@@ -273,7 +274,11 @@ impl World {
         for failure in &plan.dead_letter {
             let e = by_id[&failure.row.position];
             self.dead_lettered.insert(e);
-            self.ledger.settled(&EventKey { position: failure.row.position, txn: txns[&failure.row.position], message: false });
+            self.ledger.settled(&EventKey {
+                position: failure.row.position,
+                txn: txns[&failure.row.position],
+                message: false,
+            });
             rows.push(failure.row.position);
         }
         self.trace.push(format!(
@@ -437,7 +442,12 @@ fn run(seed: u64) {
         world.confirm();
         world.check_slot(seed);
     }
-    assert!(world.slot_confirmed >= end, "seed {seed}: never caught up ({} < {end})\ntrace: {:?}", world.slot_confirmed, world.trace);
+    assert!(
+        world.slot_confirmed >= end,
+        "seed {seed}: never caught up ({} < {end})\ntrace: {:?}",
+        world.slot_confirmed,
+        world.trace
+    );
 
     // Nothing lost.
     for e in 0..world.events.len() {
@@ -455,7 +465,11 @@ fn run(seed: u64) {
     let duplicates: usize = copies.values().map(|n| n - 1).sum();
     let most_events_per_batch = 3 * world.wal.len();
     let explained = (world.crashes + world.lost_connections) * WINDOW * most_events_per_batch;
-    assert!(duplicates <= explained, "seed {seed}: {duplicates} duplicates, {explained} explained\ntrace: {:?}", world.trace);
+    assert!(
+        duplicates <= explained,
+        "seed {seed}: {duplicates} duplicates, {explained} explained\ntrace: {:?}",
+        world.trace
+    );
     if world.crashes == 0 && world.lost_connections == 0 {
         assert_eq!(duplicates, 0, "seed {seed}: a restart re-published acknowledged events\ntrace: {:?}", world.trace);
     }
@@ -475,7 +489,11 @@ fn run(seed: u64) {
         }
         last.insert(event.aggregate, event.id.max(last.get(&event.aggregate).copied().unwrap_or(i64::MIN)));
     }
-    if world.refused_after_send == 0 && world.crashes == 0 && world.lost_connections == 0 && world.rules.policy == FailurePolicy::Block {
+    if world.refused_after_send == 0
+        && world.crashes == 0
+        && world.lost_connections == 0
+        && world.rules.policy == FailurePolicy::Block
+    {
         assert_eq!(violations, 0, "seed {seed}: first deliveries out of order\ntrace: {:?}", world.trace);
     }
 }

@@ -90,14 +90,18 @@ impl KafkaSink {
         }
         for (key, path) in &config.properties_from_files {
             let value = std::fs::read_to_string(path).map_err(|e| {
-                KafkaSinkError::SecretFile(format!("sink.kafka.properties_from_files.{key}: cannot read {}: {e}", path.display()))
+                KafkaSinkError::SecretFile(format!(
+                    "sink.kafka.properties_from_files.{key}: cannot read {}: {e}",
+                    path.display()
+                ))
             })?;
             client.set(key, value.trim_end_matches(['\n', '\r']));
         }
         // The transactional settings are checked on this producer too, so a bad one fails at start-up.
-        let producer: RelayProducer = client.create_with_context(QuietContext::default()).map_err(KafkaSinkError::Config)?;
-        let exactly_once =
-            exactly_once.then(|| Transactions::new(client.clone(), &config.transactional_id_prefix, &config.offsets_topic));
+        let producer: RelayProducer =
+            client.create_with_context(QuietContext::default()).map_err(KafkaSinkError::Config)?;
+        let exactly_once = exactly_once
+            .then(|| Transactions::new(client.clone(), &config.transactional_id_prefix, &config.offsets_topic));
         Ok(KafkaSink { producer: RwLock::new(producer), client, brokers: config.brokers.clone(), exactly_once })
     }
 
@@ -132,7 +136,9 @@ impl Sink for KafkaSink {
         if let Some(fatal) = self.fatal() {
             // Sending on a new producer now could overtake the messages the old one failed.
             let error = PublishError {
-                reason: format!("the Kafka producer failed fatally: {fatal}; the relay restarts its session with a new producer"),
+                reason: format!(
+                    "the Kafka producer failed fatally: {fatal}; the relay restarts its session with a new producer"
+                ),
                 permanent: false,
             };
             let results = vec![Err(error); messages.len()];
@@ -188,9 +194,10 @@ impl Sink for KafkaSink {
 
     async fn hold(&self, holder: &str, previous: &[String], scope: &str) -> Result<Option<Position>, String> {
         match &self.exactly_once {
-            Some(transactions) => {
-                transactions.hold(self, holder, previous, scope).await.map(|(events, confirmed)| Some(Position { events, confirmed }))
-            }
+            Some(transactions) => transactions
+                .hold(self, holder, previous, scope)
+                .await
+                .map(|(events, confirmed)| Some(Position { events, confirmed })),
             None => Ok(None),
         }
     }
@@ -212,14 +219,21 @@ impl Sink for KafkaSink {
 
 impl KafkaSink {
     /// Enqueues one message, waiting while librdkafka's queue is full.
-    pub(super) async fn enqueue_one(producer: &RelayProducer, message: &OutgoingMessage) -> Result<DeliveryFuture, PublishError> {
+    pub(super) async fn enqueue_one(
+        producer: &RelayProducer,
+        message: &OutgoingMessage,
+    ) -> Result<DeliveryFuture, PublishError> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
         for (name, value) in &message.headers {
             headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
         }
         if !crate::envelope::is_valid_topic(&message.topic) {
             return Err(PublishError {
-                reason: format!("topic {:?} is not a valid Kafka topic name ({})", message.topic, crate::envelope::KAFKA_TOPIC_RULE),
+                reason: format!(
+                    "topic {:?} is not a valid Kafka topic name ({})",
+                    message.topic,
+                    crate::envelope::KAFKA_TOPIC_RULE
+                ),
                 permanent: true,
             });
         }
@@ -321,7 +335,11 @@ impl ClientContext for QuietContext {
         // Keyed by text only: the same failure arrives as a log line and as an error.
         let key = if all_brokers_down(message) { "all-brokers-down".to_owned() } else { kind_of("", message) };
         let Some(held_back) = self.admit(key) else { return };
-        let suffix = if held_back > 0 { format!(" ({held_back} similar lines held back in the last {LOG_QUIET_FOR:?})") } else { String::new() };
+        let suffix = if held_back > 0 {
+            format!(" ({held_back} similar lines held back in the last {LOG_QUIET_FOR:?})")
+        } else {
+            String::new()
+        };
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}{suffix}")
@@ -341,7 +359,11 @@ impl ClientContext for QuietContext {
         let text = format!("{error}: {reason}");
         let key = if all_brokers_down(&text) { "all-brokers-down".to_owned() } else { kind_of("", reason) };
         let Some(held_back) = self.admit(key) else { return };
-        let suffix = if held_back > 0 { format!(" ({held_back} similar errors held back in the last {LOG_QUIET_FOR:?})") } else { String::new() };
+        let suffix = if held_back > 0 {
+            format!(" ({held_back} similar errors held back in the last {LOG_QUIET_FOR:?})")
+        } else {
+            String::new()
+        };
         tracing::error!(target: "librdkafka", "librdkafka: {text}{suffix}");
     }
 }
@@ -405,18 +427,26 @@ mod tests {
     fn repeated_librdkafka_lines_are_logged_once_per_window() {
         let context = QuietContext::default();
         let first = kind_of("FAIL", "127.0.0.1:9092/bootstrap: Connect failed (after 0ms in state CONNECT)");
-        let again = kind_of("FAIL", "127.0.0.1:9092/bootstrap: Connect failed (after 12ms in state CONNECT, 3 identical error(s) suppressed)");
+        let again = kind_of(
+            "FAIL",
+            "127.0.0.1:9092/bootstrap: Connect failed (after 12ms in state CONNECT, 3 identical error(s) suppressed)",
+        );
         assert_eq!(context.admit(first), Some(0));
         assert_eq!(context.admit(again.clone()), None);
         assert_eq!(context.admit(again), None);
         assert_eq!(context.admit(kind_of("FAIL", "another problem")), Some(0));
         assert!(all_brokers_down("1/1 brokers are down"));
         // A log line and an error with the same text are one kind.
-        let logged = kind_of("", "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms)");
+        let logged =
+            kind_of("", "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms)");
         assert_eq!(context.admit(logged.clone()), Some(0));
         assert_eq!(context.admit(logged), None);
         let with_thread = kind_of("", "[thrd:127.0.0.1:9/bootstrap]: 127.0.0.1:9/bootstrap: Connect failed");
-        assert_eq!(with_thread, kind_of("", "127.0.0.1:9/bootstrap: Connect failed"), "the log's thread prefix is not part of the kind");
+        assert_eq!(
+            with_thread,
+            kind_of("", "127.0.0.1:9/bootstrap: Connect failed"),
+            "the log's thread prefix is not part of the kind"
+        );
     }
 
     #[test]

@@ -72,7 +72,11 @@ pub trait Sink: Send + Sync + 'static {
     /// Like [`Sink::enqueue`]; `keys[i]` names the event of `messages[i]`.
     /// With exactly-once delivery the batch and the relay's position (which
     /// names those events) commit in one transaction before this returns.
-    fn enqueue_keyed(&self, messages: Vec<OutgoingMessage>, keys: Vec<EventKey>) -> impl Future<Output = PendingDelivery> + Send {
+    fn enqueue_keyed(
+        &self,
+        messages: Vec<OutgoingMessage>,
+        keys: Vec<EventKey>,
+    ) -> impl Future<Output = PendingDelivery> + Send {
         let _ = keys;
         self.enqueue(messages)
     }
@@ -92,7 +96,12 @@ pub trait Sink: Send + Sync + 'static {
     /// holders `scope` names (one holder, or with a trailing `.` every
     /// holder it starts) delivered and Postgres may not know about yet.
     /// None: at least once.
-    fn hold(&self, holder: &str, previous: &[String], scope: &str) -> impl Future<Output = Result<Option<Position>, String>> + Send {
+    fn hold(
+        &self,
+        holder: &str,
+        previous: &[String],
+        scope: &str,
+    ) -> impl Future<Output = Result<Option<Position>, String>> + Send {
         let _ = (holder, previous, scope);
         async { Ok(None) }
     }

@@ -77,7 +77,9 @@ impl PositionRecord {
         for key in keys {
             let message = u8::from(key.message);
             match runs.last_mut() {
-                Some((txn, m, _, last)) if *txn == key.txn && *m == message && key.position == last.saturating_add(1) => {
+                Some((txn, m, _, last))
+                    if *txn == key.txn && *m == message && key.position == last.saturating_add(1) =>
+                {
                     *last = key.position
                 }
                 _ => runs.push((key.txn, message, key.position, key.position)),
@@ -87,14 +89,17 @@ impl PositionRecord {
     }
 
     fn keys(&self) -> Result<Vec<EventKey>, String> {
-        let total: u64 = self.runs.iter().map(|(_, _, first, last)| last.saturating_sub(*first).max(0) as u64 + 1).sum();
+        let total: u64 =
+            self.runs.iter().map(|(_, _, first, last)| last.saturating_sub(*first).max(0) as u64 + 1).sum();
         if self.v != 1 || total > MAX_RECORD_EVENTS {
             return Err(format!("unsupported position record (version {}, {total} events)", self.v));
         }
         Ok(self
             .runs
             .iter()
-            .flat_map(|&(txn, message, first, last)| (first..=last).map(move |position| EventKey { position, txn, message: message != 0 }))
+            .flat_map(|&(txn, message, first, last)| {
+                (first..=last).map(move |position| EventKey { position, txn, message: message != 0 })
+            })
             .collect())
     }
 }
@@ -136,7 +141,9 @@ pub struct Transactions {
 fn judge(what: &str, error: KafkaError) -> Attempt {
     match &error {
         KafkaError::Transaction(e) if e.is_fatal() => Attempt::Fatal(format!("{what}: {error}")),
-        KafkaError::Transaction(e) if e.code() == RDKafkaErrorCode::ProducerFenced || e.code() == RDKafkaErrorCode::InvalidProducerEpoch => {
+        KafkaError::Transaction(e)
+            if e.code() == RDKafkaErrorCode::ProducerFenced || e.code() == RDKafkaErrorCode::InvalidProducerEpoch =>
+        {
             Attempt::Fatal(format!("{what}: {error}"))
         }
         _ => Attempt::Abortable(format!("{what}: {error}")),
@@ -144,7 +151,9 @@ fn judge(what: &str, error: KafkaError) -> Attempt {
 }
 
 /// Runs a blocking librdkafka call off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static) -> Result<T, KafkaError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(_) => Err(KafkaError::Canceled),
@@ -197,7 +206,13 @@ impl Transactions {
     /// after fencing each holder in `previous`, then reads what committed
     /// transactions of `holder` (and, when `holder` ends with `.*`, of every
     /// holder it names) delivered that Postgres may not know yet.
-    pub async fn hold(&self, sink: &KafkaSink, holder: &str, previous: &[String], scope: &str) -> Result<(Vec<EventKey>, u64), String> {
+    pub async fn hold(
+        &self,
+        sink: &KafkaSink,
+        holder: &str,
+        previous: &[String],
+        scope: &str,
+    ) -> Result<(Vec<EventKey>, u64), String> {
         self.ensure_topic(sink).await;
         let id = self.id_of(holder);
         let mut held = self.held.lock().await;
@@ -252,7 +267,9 @@ impl Transactions {
                     tracing::info!(topic = %self.topic, "exactly-once: created the compacted offsets topic");
                     self.topic_checked.store(true, Ordering::Release);
                 }
-                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => self.topic_checked.store(true, Ordering::Release),
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
+                    self.topic_checked.store(true, Ordering::Release)
+                }
                 Some(Err((_, code))) => tracing::warn!(
                     topic = %self.topic,
                     error = ?code,
@@ -266,10 +283,23 @@ impl Transactions {
     }
 
     /// The events named by the last committed position record of each key `wanted` accepts.
-    async fn read_positions(&self, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<(Vec<EventKey>, u64), String> {
+    async fn read_positions(
+        &self,
+        wanted: impl Fn(&str) -> bool + Send + 'static,
+    ) -> Result<(Vec<EventKey>, u64), String> {
         let mut client = ClientConfig::new();
         // Connection and security settings carry over; producer-only ones do not.
-        let shared = ["bootstrap.servers", "security.", "ssl.", "sasl.", "socket.", "broker.", "client.", "api.version", "reconnect."];
+        let shared = [
+            "bootstrap.servers",
+            "security.",
+            "ssl.",
+            "sasl.",
+            "socket.",
+            "broker.",
+            "client.",
+            "api.version",
+            "reconnect.",
+        ];
         for (key, value) in self.client.config_map() {
             if shared.iter().any(|p| key.starts_with(p)) {
                 client.set(key, value);
@@ -296,7 +326,8 @@ impl Transactions {
         let mut keys = Vec::new();
         let mut confirmed = 0;
         for (id, value) in latest {
-            let record: PositionRecord = serde_json::from_slice(&value).map_err(|e| format!("position record of {id} is not readable: {e}"))?;
+            let record: PositionRecord =
+                serde_json::from_slice(&value).map_err(|e| format!("position record of {id} is not readable: {e}"))?;
             let mut named = record.keys().map_err(|e| format!("position record of {id}: {e}"))?;
             keys.append(&mut named);
             confirmed = confirmed.max(record.confirmed);
@@ -359,11 +390,14 @@ impl Transactions {
                         m.transactions_aborted.inc();
                     }
                     *held = None;
-                    break format!("{reason}; this producer is fenced or failed for good (another relay may hold {id} now)");
+                    break format!(
+                        "{reason}; this producer is fenced or failed for good (another relay may hold {id} now)"
+                    );
                 }
             }
         };
-        let error = PublishError { reason: format!("the Kafka transaction could not commit: {last}"), permanent: false };
+        let error =
+            PublishError { reason: format!("the Kafka transaction could not commit: {last}"), permanent: false };
         refused.into_iter().map(|r| Err(r.unwrap_or_else(|| error.clone()))).collect()
     }
 
@@ -475,7 +509,11 @@ impl Transactions {
 
 /// Reads `topic` from the beginning to its end (read_committed) and keeps
 /// the last value of each key `wanted` accepts.
-fn read_latest(consumer: &BaseConsumer<QuietContext>, topic: &str, wanted: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Vec<u8>>, KafkaError> {
+fn read_latest(
+    consumer: &BaseConsumer<QuietContext>,
+    topic: &str,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Vec<u8>>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = metadata
         .topics()

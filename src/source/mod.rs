@@ -51,9 +51,11 @@ impl ClaimedBatch {
         if self.events.iter().any(&acknowledged) {
             if !self.keys.is_empty() {
                 let keys = std::mem::take(&mut self.keys);
-                self.keys = keys.into_iter().zip(&self.events).filter(|(_, e)| !acknowledged(*e)).map(|(k, _)| k).collect();
+                self.keys =
+                    keys.into_iter().zip(&self.events).filter(|(_, e)| !acknowledged(*e)).map(|(k, _)| k).collect();
             }
-            let (done, send): (Vec<_>, Vec<_>) = std::mem::take(&mut self.events).into_iter().partition(|e| acknowledged(e));
+            let (done, send): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.events).into_iter().partition(|e| acknowledged(e));
             self.already_delivered.extend(done.iter().map(|e| e.position));
             self.already_delivered.sort_unstable();
             self.events = send;

@@ -31,10 +31,10 @@ use tokio_postgres::{Row, Statement};
 
 use super::table::quote_ident;
 use super::ClaimedBatch;
-use crate::holdback::Blocked;
 use crate::config::SourceConfig;
 use crate::coordination::ClaimScope;
 use crate::event::{RawRow, Rejected};
+use crate::holdback::Blocked;
 use crate::outbox::{decode, ClaimStatement, OutboxTable};
 use crate::postgres::{Connection, PostgresError};
 
@@ -188,7 +188,8 @@ impl PollSource {
         let context = format!("outbox table {}", config.table);
         let prepare = |which| client.prepare(queries.claim_sql(which));
         let claim = prepare(ClaimStatement::AllLanes).await.map_err(|e| PostgresError::query(&context, &e))?;
-        let claim_blocked = prepare(ClaimStatement::AllLanesBlocked).await.map_err(|e| PostgresError::query(&context, &e))?;
+        let claim_blocked =
+            prepare(ClaimStatement::AllLanesBlocked).await.map_err(|e| PostgresError::query(&context, &e))?;
         let claim_lanes = prepare(ClaimStatement::SomeLanes).await.map_err(|e| PostgresError::query(&context, &e))?;
         let claim_lanes_blocked =
             prepare(ClaimStatement::SomeLanesBlocked).await.map_err(|e| PostgresError::query(&context, &e))?;
@@ -385,7 +386,10 @@ mod tests {
             entry.0 = old;
         }
         floor.advance(300, 320, 6000, None);
-        assert_eq!(floor.position, 4001, "settled through the claim up to 4000; the one up to 5000 (xmax 310) is not yet");
+        assert_eq!(
+            floor.position, 4001,
+            "settled through the claim up to 4000; the one up to 5000 (xmax 310) is not yet"
+        );
     }
 
     #[test]

@@ -22,9 +22,7 @@ impl TableName {
         };
         for part in schema.iter().chain(std::iter::once(&table)) {
             if !crate::config::is_identifier(part) {
-                return Err(format!(
-                    "\"{text}\": \"{part}\" is not a plain identifier (letters, digits, underscore)"
-                ));
+                return Err(format!("\"{text}\": \"{part}\" is not a plain identifier (letters, digits, underscore)"));
             }
         }
         Ok(TableName { schema: schema.map(str::to_owned), table: table.to_owned() })
@@ -33,7 +31,10 @@ impl TableName {
 
 /// The table as Postgres resolves it, `schema.table`: relays that spell it
 /// differently (with or without the schema) still share one set of lanes.
-pub async fn resolve(client: &tokio_postgres::Client, table: &TableName) -> Result<String, crate::postgres::PostgresError> {
+pub async fn resolve(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+) -> Result<String, crate::postgres::PostgresError> {
     let row = client
         .query_opt(
             "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -43,7 +44,9 @@ pub async fn resolve(client: &tokio_postgres::Client, table: &TableName) -> Resu
         .await
         .map_err(|e| crate::postgres::PostgresError::query("resolving the outbox table", &e))?;
     match row {
-        Some(row) => row.try_get(0).map_err(|e| crate::postgres::PostgresError::query("resolving the outbox table", &e)),
+        Some(row) => {
+            row.try_get(0).map_err(|e| crate::postgres::PostgresError::query("resolving the outbox table", &e))
+        }
         None => Err(crate::postgres::PostgresError::Query(format!(
             "the outbox table {table} does not exist: run `outbox-relay migrate`, or set source.table to your table"
         ))),

@@ -58,7 +58,8 @@ fn split_url(input: &str) -> Result<(String, UrlTls), String> {
     // Credentials end at an '@' before the first '/' (as libpq reads it), so
     // a '?' in a password is not the start of the query.
     let authority_end = input[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(input.len());
-    let after_credentials = input[scheme_end..authority_end].rfind('@').map(|i| i + scheme_end + 1).unwrap_or(scheme_end);
+    let after_credentials =
+        input[scheme_end..authority_end].rfind('@').map(|i| i + scheme_end + 1).unwrap_or(scheme_end);
     let Some(query_start) = input[after_credentials..].find('?').map(|i| i + after_credentials) else {
         return Ok((input.to_owned(), UrlTls::default()));
     };
@@ -84,9 +85,10 @@ fn split_url(input: &str) -> Result<(String, UrlTls), String> {
 /// refuses it, and so do we, so only the check for that is ours.
 fn percent_decode(text: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
-    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
-        b == b'%' && !bytes.get(i + 1..i + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-    });
+    let malformed = bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'%' && !bytes.get(i + 1..i + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)));
     if malformed {
         return Err("has an invalid percent-encoding in its parameters".into());
     }
@@ -197,7 +199,8 @@ mod tests {
 
     #[test]
     fn key_value_form_is_split_too() {
-        let (rest, tls) = split("host=db port=5432 sslmode = verify-ca sslrootcert='/etc/my ca.pem' user=relay password='it\\'s'");
+        let (rest, tls) =
+            split("host=db port=5432 sslmode = verify-ca sslrootcert='/etc/my ca.pem' user=relay password='it\\'s'");
         assert_eq!(rest, "host=db port=5432 user=relay password='it\\'s'");
         assert_eq!(tls.sslmode.as_deref(), Some("verify-ca"));
         assert_eq!(tls.sslrootcert.as_deref(), Some("/etc/my ca.pem"));

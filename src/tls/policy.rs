@@ -43,9 +43,7 @@ impl SslMode {
             "require" => Ok(SslMode::Require),
             "verify-ca" => Ok(SslMode::VerifyCa),
             "verify-full" => Ok(SslMode::VerifyFull),
-            "allow" => Err(format!(
-                "\"allow\" is not supported (it prefers plaintext): use one of {SSLMODES}"
-            )),
+            "allow" => Err(format!("\"allow\" is not supported (it prefers plaintext): use one of {SSLMODES}")),
             other => Err(format!("\"{other}\" is not a valid sslmode: use one of {SSLMODES}")),
         }
     }
@@ -143,7 +141,9 @@ pub fn resolve(config: &PostgresConfig) -> Result<(String, TlsSettings), TlsConf
     let explicit_system = matches!(roots, Some(Sourced { value: Roots::System, .. }));
     let mode = match (non_empty(&config.sslmode), non_empty(&url.sslmode)) {
         (Some(mode), _) => SslMode::parse(mode).map_err(|p| config_error("postgres.sslmode", p))?,
-        (None, Some(mode)) => SslMode::parse(mode).map_err(|p| config_error("postgres.url", format!("has sslmode {p}")))?,
+        (None, Some(mode)) => {
+            SslMode::parse(mode).map_err(|p| config_error("postgres.url", format!("has sslmode {p}")))?
+        }
         // libpq: sslrootcert=system makes verify-full the default.
         (None, None) if explicit_system => SslMode::VerifyFull,
         (None, None) => SslMode::Prefer,
@@ -298,8 +298,13 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
         .clone()
 }
 
-fn read_certificates(path: &Path, key: &'static str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let pem = std::fs::read(path).map_err(|e| config_error(key, format!("{}: cannot read the {what}: {e}", path.display())))?;
+fn read_certificates(
+    path: &Path,
+    key: &'static str,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| config_error(key, format!("{}: cannot read the {what}: {e}", path.display())))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| config_error(key, format!("{}: not a PEM {what} file: {e}", path.display())))?;
@@ -312,8 +317,13 @@ fn read_certificates(path: &Path, key: &'static str, what: &str) -> Result<Vec<C
     Ok(certs)
 }
 
-fn read_private_key(path: &Path, key: &'static str, sslpassword: bool) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
-    let pem = std::fs::read(path).map_err(|e| config_error(key, format!("{}: cannot read the private key: {e}", path.display())))?;
+fn read_private_key(
+    path: &Path,
+    key: &'static str,
+    sslpassword: bool,
+) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| config_error(key, format!("{}: cannot read the private key: {e}", path.display())))?;
     let text = String::from_utf8_lossy(&pem);
     if text.contains("ENCRYPTED") {
         let why = if sslpassword { "sslpassword is not supported" } else { "no password can be given" };
@@ -327,10 +337,7 @@ fn read_private_key(path: &Path, key: &'static str, sslpassword: bool) -> Result
         ));
     }
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        config_error(
-            key,
-            format!("{}: no PEM private key found (PKCS#8, RSA or EC): {e}", path.display()),
-        )
+        config_error(key, format!("{}: no PEM private key found (PKCS#8, RSA or EC): {e}", path.display()))
     })
 }
 
@@ -429,7 +436,11 @@ mod tests {
         assert!(err.problem.contains("BEGIN CERTIFICATE"), "{err}");
 
         let encrypted = dir.path().join("key.pem");
-        std::fs::write(&encrypted, "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &encrypted,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let err = read_private_key(&encrypted, "postgres.sslkey", true).unwrap_err();
         assert!(err.problem.contains("encrypted") && err.problem.contains("sslpassword"), "{err}");
     }

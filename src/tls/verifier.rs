@@ -41,7 +41,9 @@ impl fmt::Display for CertificateProblem {
 impl std::error::Error for CertificateProblem {}
 
 pub(super) fn refuse(message: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(CertificateProblem(message)))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(CertificateProblem(
+        message,
+    )))))
 }
 
 /// `DnsName("db")` / `IpAddress(10.0.0.1)` (webpki's spelling) -> `db` / `10.0.0.1`.

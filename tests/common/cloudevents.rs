@@ -41,7 +41,8 @@ impl Row {
 }
 
 /// aggregate_id, event_type, payload, event_version, headers, actor, traceparent.
-type SampleEvent = (&'static str, &'static str, &'static str, i32, &'static str, Option<&'static str>, Option<&'static str>);
+type SampleEvent =
+    (&'static str, &'static str, &'static str, i32, &'static str, Option<&'static str>, Option<&'static str>);
 
 /// Every optional attribute present and absent, several event versions,
 /// each JSON kind of payload, and values that need escaping in a URI or a
@@ -57,9 +58,25 @@ const SAMPLE_EVENTS: [SampleEvent; 5] = [
         Some(TRACEPARENT),
     ),
     ("ord-1", "OrderPaid", "[1, 2, 3]", 1, "{}", None, None),
-    ("ord-2", "OrderNoted", r#""just a string""#, 1, r#"{"tenant": "glo bex%"}"#, Some("svc:billing"), Some(TRACEPARENT)),
+    (
+        "ord-2",
+        "OrderNoted",
+        r#""just a string""#,
+        1,
+        r#"{"tenant": "glo bex%"}"#,
+        Some("svc:billing"),
+        Some(TRACEPARENT),
+    ),
     // tracestate without traceparent: not carried (it means nothing alone).
-    ("ord-3", "OrderCancelled", r#"{"nested": {"a": [true, null, 1.5]}}"#, 3, r#"{"tracestate": "rojo=1", "tenant": null}"#, None, None),
+    (
+        "ord-3",
+        "OrderCancelled",
+        r#"{"nested": {"a": [true, null, 1.5]}}"#,
+        3,
+        r#"{"tracestate": "rojo=1", "tenant": null}"#,
+        None,
+        None,
+    ),
     ("ord-3", "OrderArchived", "42", 1, "{}", Some(""), None),
 ];
 
@@ -124,14 +141,19 @@ pub fn pyce_dir() -> &'static Path {
             return dir;
         }
         std::fs::create_dir_all(&tools).expect("create .tools");
-        let staging = tempfile::Builder::new().prefix("pyce.installing-").tempdir_in(&tools).expect("staging directory in .tools");
+        let staging = tempfile::Builder::new()
+            .prefix("pyce.installing-")
+            .tempdir_in(&tools)
+            .expect("staging directory in .tools");
         let output = Command::new("python3")
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "--target"])
             .arg(staging.path())
             .arg(format!("cloudevents=={CLOUDEVENTS_SDK}"))
             .stdin(Stdio::null())
             .output()
-            .expect("run `python3 -m pip` (python3 with pip is needed to install the CloudEvents SDK the tests parse with)");
+            .expect(
+                "run `python3 -m pip` (python3 with pip is needed to install the CloudEvents SDK the tests parse with)",
+            );
         assert!(
             output.status.success() && staging.path().join(&marker).is_dir(),
             "`python3 -m pip install --target {} cloudevents=={CLOUDEVENTS_SDK}` failed: {}{}",

@@ -202,7 +202,11 @@ impl PubSubClient {
     /// One pull (returns at once when nothing waits), acknowledging what arrived.
     pub async fn pull_once(&self, subscription: &str) -> Vec<Received> {
         let (status, body) = self
-            .call("POST", &format!("subscriptions/{subscription}:pull"), json!({"maxMessages": 1000, "returnImmediately": true}))
+            .call(
+                "POST",
+                &format!("subscriptions/{subscription}:pull"),
+                json!({"maxMessages": 1000, "returnImmediately": true}),
+            )
             .await;
         assert_eq!(status, 200, "pull: {body}");
         let mut out = Vec::new();
@@ -223,8 +227,9 @@ impl PubSubClient {
             });
         }
         if !ack_ids.is_empty() {
-            let (status, body) =
-                self.call("POST", &format!("subscriptions/{subscription}:acknowledge"), json!({"ackIds": ack_ids})).await;
+            let (status, body) = self
+                .call("POST", &format!("subscriptions/{subscription}:acknowledge"), json!({"ackIds": ack_ids}))
+                .await;
             assert_eq!(status, 200, "acknowledge: {body}");
         }
         out

@@ -235,8 +235,7 @@ pub async fn write_events(pg_url: &str, aggregates: usize, per_aggregate: usize,
                     let tx = client.transaction().await.expect("begin");
                     for a in chunk {
                         let payload = serde_json::json!({ "seq": seq, "aggregate": a, "pad": "x".repeat(64) });
-                        let traceparent = (seq % 10 == 0)
-                            .then(|| format!("00-{:032x}-{:016x}-01", a + 1, seq));
+                        let traceparent = (seq % 10 == 0).then(|| format!("00-{:032x}-{:016x}-01", a + 1, seq));
                         tx.execute(&insert, &[&format!("order-{a}"), &payload, &traceparent])
                             .await
                             .expect("insert event");

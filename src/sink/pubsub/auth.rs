@@ -170,12 +170,18 @@ impl Credentials {
         match file.kind.as_str() {
             "service_account" => {
                 if file.client_email.is_empty() || file.private_key.is_empty() {
-                    return Err("service_account key without client_email or private_key: download a new JSON key".into());
+                    return Err(
+                        "service_account key without client_email or private_key: download a new JSON key".into()
+                    );
                 }
                 let der = pem_to_der(&file.private_key)?;
                 let key = RsaKeyPair::from_pkcs8(&der)
                     .map_err(|e| format!("private_key is not an RSA PKCS#8 key ring accepts: {e}"))?;
-                Ok(Credentials::ServiceAccount { email: file.client_email, key_id: file.private_key_id, key: Box::new(key) })
+                Ok(Credentials::ServiceAccount {
+                    email: file.client_email,
+                    key_id: file.private_key_id,
+                    key: Box::new(key),
+                })
             }
             "authorized_user" => {
                 if file.refresh_token.is_empty() || file.client_id.is_empty() {
@@ -231,7 +237,13 @@ fn b64url(bytes: &[u8]) -> String {
 
 /// A self-signed service-account JWT for `audience`, valid from `now` for
 /// an hour: `header.claims.signature`, RS256.
-pub fn self_signed_jwt(email: &str, key_id: &str, key: &RsaKeyPair, audience: &str, now: u64) -> Result<String, String> {
+pub fn self_signed_jwt(
+    email: &str,
+    key_id: &str,
+    key: &RsaKeyPair,
+    audience: &str,
+    now: u64,
+) -> Result<String, String> {
     let header = serde_json::json!({ "alg": "RS256", "typ": "JWT", "kid": key_id });
     let claims = serde_json::json!({
         "iss": email,
@@ -242,8 +254,13 @@ pub fn self_signed_jwt(email: &str, key_id: &str, key: &RsaKeyPair, audience: &s
     });
     let signing_input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
     let mut signature = vec![0u8; key.public().modulus_len()];
-    key.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signing_input.as_bytes(), &mut signature)
-        .map_err(|_| "RSA signing failed".to_owned())?;
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| "RSA signing failed".to_owned())?;
     Ok(format!("{signing_input}.{}", b64url(&signature)))
 }
 
@@ -329,13 +346,20 @@ impl TokenSource {
                     ("scope", SCOPE),
                 ]);
                 let response = http
-                    .send(Method::POST, token_uri, &[("content-type", "application/x-www-form-urlencoded")], body.into_bytes(), TOKEN_TIMEOUT)
+                    .send(
+                        Method::POST,
+                        token_uri,
+                        &[("content-type", "application/x-www-form-urlencoded")],
+                        body.into_bytes(),
+                        TOKEN_TIMEOUT,
+                    )
                     .await
                     .map_err(|e| format!("token endpoint {token_uri}: {e}"))?;
                 parse_token(&response, &format!("token endpoint {token_uri}"))
             }
             Credentials::Metadata { host } => {
-                let url = format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token?scopes={SCOPE}");
+                let url =
+                    format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token?scopes={SCOPE}");
                 let response = http
                     .send(Method::GET, &url, &[("metadata-flavor", "Google")], Vec::new(), TOKEN_TIMEOUT)
                     .await
@@ -397,7 +421,9 @@ mod tests {
 
     #[test]
     fn service_account_jwt_is_rs256_with_pubsub_audience_and_verifies() {
-        let Credentials::ServiceAccount { email, key_id, key } = Credentials::from_json(&service_account_json()).unwrap() else {
+        let Credentials::ServiceAccount { email, key_id, key } =
+            Credentials::from_json(&service_account_json()).unwrap()
+        else {
             panic!("not a service account");
         };
         let jwt = self_signed_jwt(&email, &key_id, &key, PUBSUB_AUDIENCE, 1_700_000_000).unwrap();
@@ -435,7 +461,8 @@ mod tests {
         assert!(err.contains("not a Google credentials JSON file"), "{err}");
         let broken = service_account_json().replace("MII", "MIX");
         assert!(Credentials::from_json(&broken).is_err());
-        let err = Credentials::from_file(Path::new("/nonexistent/key.json"), "sink.pubsub.credentials_file").unwrap_err();
+        let err =
+            Credentials::from_file(Path::new("/nonexistent/key.json"), "sink.pubsub.credentials_file").unwrap_err();
         assert!(err.0.starts_with("sink.pubsub.credentials_file: /nonexistent/key.json: cannot read it"), "{err}");
         assert!(matches!(Credentials::discover(true, Some(Path::new("/nonexistent"))), Ok(Credentials::None)));
     }
@@ -460,9 +487,11 @@ mod tests {
                 let text = String::from_utf8_lossy(&request[..n]).to_ascii_lowercase();
                 let ok = text.contains("metadata-flavor: google") && text.contains("/service-accounts/default/token");
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let body = if ok { r#"{"access_token":"ya29.test","expires_in":3599,"token_type":"Bearer"}"# } else { "{}" };
+                let body =
+                    if ok { r#"{"access_token":"ya29.test","expires_in":3599,"token_type":"Bearer"}"# } else { "{}" };
                 let status = if ok { "200 OK" } else { "403 Forbidden" };
-                let response = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let response =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
                 let _ = socket.write_all(response.as_bytes()).await;
             }
         });

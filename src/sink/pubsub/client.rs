@@ -36,7 +36,8 @@ impl Http {
     /// still speaks plain HTTP (the emulator); `https` then says why it fails.
     pub fn new() -> Result<Http, String> {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone())
+        {
             Ok(builder) => builder,
             Err(e) => {
                 tracing::warn!(error = %e, "no system CA certificates: https to Google will fail (install ca-certificates or set SSL_CERT_FILE)");
@@ -53,9 +54,7 @@ impl Http {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
         let connector = builder.https_or_http().enable_http1().enable_http2().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
         Ok(Http { client })
     }
 
@@ -72,7 +71,8 @@ impl Http {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let request = request.body(Full::new(Bytes::from(body))).map_err(|e| format!("invalid request to {url}: {e}"))?;
+        let request =
+            request.body(Full::new(Bytes::from(body))).map_err(|e| format!("invalid request to {url}: {e}"))?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| describe_hyper_error(&e))?;
             let status = response.status().as_u16();
@@ -361,14 +361,21 @@ mod tests {
 
     #[test]
     fn google_error_bodies_are_parsed_and_explained_with_the_fix() {
-        let e = status_error(&response(404, r#"{"error":{"code":404,"message":"Topic not found","status":"NOT_FOUND"}}"#));
+        let e =
+            status_error(&response(404, r#"{"error":{"code":404,"message":"Topic not found","status":"NOT_FOUND"}}"#));
         assert_eq!(e, ApiError::Status { code: 404, status: "NOT_FOUND".into(), message: "Topic not found".into() });
         let text = e.explain("projects/my-proj/topics/outbox.Order");
         assert!(text.contains("gcloud pubsub topics create outbox.Order --project my-proj"), "{text}");
         assert!(text.contains("sink.pubsub.create_topics = true"), "{text}");
-        let e = status_error(&response(403, r#"{"error":{"code":403,"message":"User not authorized","status":"PERMISSION_DENIED"}}"#));
+        let e = status_error(&response(
+            403,
+            r#"{"error":{"code":403,"message":"User not authorized","status":"PERMISSION_DENIED"}}"#,
+        ));
         assert!(e.explain("projects/p/topics/t").contains("roles/pubsub.publisher"));
         let e = status_error(&response(503, "<html>upstream</html>"));
-        assert_eq!(e, ApiError::Status { code: 503, status: "UNAVAILABLE".into(), message: "<html>upstream</html>".into() });
+        assert_eq!(
+            e,
+            ApiError::Status { code: 503, status: "UNAVAILABLE".into(), message: "<html>upstream</html>".into() }
+        );
     }
 }

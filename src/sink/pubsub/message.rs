@@ -104,11 +104,10 @@ fn peek_aggregate_type(value: &[u8]) -> Option<&str> {
 
 /// Encodes one message, or says why Pub/Sub can never accept it.
 pub fn prepare(message: &OutgoingMessage) -> Result<Prepared, PublishError> {
-    let permanent = |reason: String| PublishError {
-        reason: format!("Pub/Sub topic {}: {reason}", message.topic),
-        permanent: true,
-    };
-    super::topic::check_topic_name(&message.topic).map_err(|e| permanent(format!("{e}: fix the row's topic or sink.topic")))?;
+    let permanent =
+        |reason: String| PublishError { reason: format!("Pub/Sub topic {}: {reason}", message.topic), permanent: true };
+    super::topic::check_topic_name(&message.topic)
+        .map_err(|e| permanent(format!("{e}: fix the row's topic or sink.topic")))?;
     if message.key.len() > MAX_ORDERING_KEY {
         return Err(permanent(format!(
             "ordering key (aggregate id) is {} bytes; Pub/Sub allows at most {MAX_ORDERING_KEY}",
@@ -116,9 +115,8 @@ pub fn prepare(message: &OutgoingMessage) -> Result<Prepared, PublishError> {
         )));
     }
     let attributes = attributes(message).map_err(permanent)?;
-    let size = message.value.len()
-        + message.key.len()
-        + attributes.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+    let size =
+        message.value.len() + message.key.len() + attributes.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
     if size > MAX_MESSAGE_BYTES {
         return Err(permanent(format!(
             "message is {size} bytes; Pub/Sub accepts at most {MAX_MESSAGE_BYTES} (data plus attributes): make the payload smaller"
@@ -232,8 +230,12 @@ mod tests {
     #[test]
     fn structured_cloudevents_has_only_content_type() {
         let mut message = native();
-        message.headers = vec![(Cow::Borrowed("content-type"), b"application/cloudevents+json; charset=UTF-8".to_vec())];
-        assert_eq!(decoded(&message)["attributes"], json!({"content-type": "application/cloudevents+json; charset=UTF-8"}));
+        message.headers =
+            vec![(Cow::Borrowed("content-type"), b"application/cloudevents+json; charset=UTF-8".to_vec())];
+        assert_eq!(
+            decoded(&message)["attributes"],
+            json!({"content-type": "application/cloudevents+json; charset=UTF-8"})
+        );
     }
 
     #[test]
@@ -249,12 +251,18 @@ mod tests {
         let mut message = native();
         message.topic = "1bad".into();
         let err = prepare(&message).unwrap_err();
-        assert!(err.permanent && err.reason.contains("\"1bad\"") && err.reason.contains("start with a letter"), "{err}");
+        assert!(
+            err.permanent && err.reason.contains("\"1bad\"") && err.reason.contains("start with a letter"),
+            "{err}"
+        );
 
         let mut message = native();
         message.value = vec![b'x'; MAX_MESSAGE_BYTES + 1];
         let err = prepare(&message).unwrap_err();
-        assert!(err.permanent && err.reason.contains("outbox.Order") && err.reason.contains("at most 10000000"), "{err}");
+        assert!(
+            err.permanent && err.reason.contains("outbox.Order") && err.reason.contains("at most 10000000"),
+            "{err}"
+        );
 
         let mut message = native();
         message.headers.push((Cow::Borrowed("error"), vec![b'e'; 1025]));

@@ -45,11 +45,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+#[cfg(test)]
+use base64::Engine as _;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
-#[cfg(test)]
-use base64::Engine as _;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -116,7 +116,10 @@ pub fn validate_config(config: &PubSubConfig, template: &str) -> Result<(), PubS
         return invalid("sink.pubsub.max_messages_per_request", "must be between 1 and 1000 (Pub/Sub's limit)".into());
     }
     if !(1000..=PubSubConfig::MAX_BYTES_PER_REQUEST).contains(&config.max_bytes_per_request) {
-        return invalid("sink.pubsub.max_bytes_per_request", "must be between 1000 and 10000000 (Pub/Sub's 10 MB limit)".into());
+        return invalid(
+            "sink.pubsub.max_bytes_per_request",
+            "must be between 1000 and 10000000 (Pub/Sub's 10 MB limit)".into(),
+        );
     }
     if !(1..=10_000).contains(&config.max_concurrent_requests) {
         return invalid("sink.pubsub.max_concurrent_requests", "must be between 1 and 10000".into());
@@ -127,7 +130,8 @@ pub fn validate_config(config: &PubSubConfig, template: &str) -> Result<(), PubS
     if config.request_timeout < Duration::from_secs(1) || config.request_timeout > Duration::from_secs(600) {
         return invalid("sink.pubsub.request_timeout", "must be between 1s and 10m".into());
     }
-    if config.max_outstanding_messages < config.max_messages_per_request || config.max_outstanding_messages > 10_000_000 {
+    if config.max_outstanding_messages < config.max_messages_per_request || config.max_outstanding_messages > 10_000_000
+    {
         return invalid(
             "sink.pubsub.max_outstanding_messages",
             "must be at least max_messages_per_request and at most 10000000".into(),
@@ -216,12 +220,23 @@ impl PubSubSink {
 
     /// As [`PubSubSink::new`], with the credentials given instead of
     /// discovered (tests, and callers that manage credentials themselves).
-    pub fn with_credentials(config: &PubSubConfig, template: &str, credentials: Credentials) -> Result<PubSubSink, PubSubSinkError> {
+    pub fn with_credentials(
+        config: &PubSubConfig,
+        template: &str,
+        credentials: Credentials,
+    ) -> Result<PubSubSink, PubSubSinkError> {
         let (base, _) = resolve_endpoint(config);
         let http = Http::new().map_err(PubSubSinkError::Config)?;
         info!(endpoint = %base, credentials = %credentials.describe(), project = %config.project, "Pub/Sub sink");
-        let api = Api::new(http, base, config.project.trim().to_owned(), TokenSource::new(credentials), config.request_timeout);
-        let shared = Arc::new(Shared { api, config: config.clone(), outstanding: AtomicUsize::new(0), idle: Notify::new() });
+        let api = Api::new(
+            http,
+            base,
+            config.project.trim().to_owned(),
+            TokenSource::new(credentials),
+            config.request_timeout,
+        );
+        let shared =
+            Arc::new(Shared { api, config: config.clone(), outstanding: AtomicUsize::new(0), idle: Notify::new() });
         let (queue, receiver) = mpsc::unbounded_channel();
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| PubSubSinkError::Config("the Pub/Sub sink needs a tokio runtime".into()))?;
@@ -275,7 +290,10 @@ impl PubSubSink {
         self.shared.outstanding.load(Ordering::Acquire)
     }
 
-    async fn enqueue_one(&self, message: &OutgoingMessage) -> Result<oneshot::Receiver<Result<(), PublishError>>, PublishError> {
+    async fn enqueue_one(
+        &self,
+        message: &OutgoingMessage,
+    ) -> Result<oneshot::Receiver<Result<(), PublishError>>, PublishError> {
         let stopped = || PublishError { reason: "the Pub/Sub publisher stopped".into(), permanent: false };
         let prepared = message::prepare(message)?;
         // Backpressure: wait while too much is outstanding. A message larger
@@ -303,7 +321,10 @@ impl Sink for PubSubSink {
             for answer in answers {
                 results.push(match answer {
                     Ok(receiver) => receiver.await.unwrap_or_else(|_| {
-                        Err(PublishError { reason: "the Pub/Sub publisher stopped before Pub/Sub answered".into(), permanent: false })
+                        Err(PublishError {
+                            reason: "the Pub/Sub publisher stopped before Pub/Sub answered".into(),
+                            permanent: false,
+                        })
                     }),
                     Err(failure) => Err(failure),
                 });
@@ -479,7 +500,9 @@ impl Scheduler {
         let mut bytes = "{\"messages\":[]}".len();
         while let Some(next) = state.queue.front() {
             let size = message::encoded_len(&next.prepared);
-            if !batch.is_empty() && (batch.len() >= config.max_messages_per_request || bytes + size > config.max_bytes_per_request) {
+            if !batch.is_empty()
+                && (batch.len() >= config.max_messages_per_request || bytes + size > config.max_bytes_per_request)
+            {
                 break;
             }
             bytes += size;
@@ -504,7 +527,8 @@ impl Scheduler {
         let task = tokio::spawn(async move { publish(&shared, &topic, body, count).await });
         self.running.push(
             async move {
-                let result = task.await.unwrap_or_else(|e| Err(ApiError::Transport(format!("publish task failed: {e}"))));
+                let result =
+                    task.await.unwrap_or_else(|e| Err(ApiError::Transport(format!("publish task failed: {e}"))));
                 (id, result)
             }
             .boxed(),
@@ -669,7 +693,8 @@ mod tests {
             position: seq as i64,
             topic: topic.into(),
             key: key.into(),
-            value: serde_json::to_vec(&serde_json::json!({"aggregate_type": "T", "seq": seq, "pad": "x".repeat(100)})).unwrap(),
+            value: serde_json::to_vec(&serde_json::json!({"aggregate_type": "T", "seq": seq, "pad": "x".repeat(100)}))
+                .unwrap(),
             headers: vec![(std::borrow::Cow::Borrowed("event_id"), format!("{key}-{seq}").into_bytes())],
             timestamp_ms: None,
             tombstone: false,
@@ -728,7 +753,8 @@ mod tests {
         assert!(fake.attempts.load(Ordering::SeqCst) > accepted.len(), "no retries happened");
         for k in 0..10 {
             let key = format!("k{k}");
-            let order: Vec<u64> = accepted.iter().filter(|(keys, _, _)| keys[0] == key).flat_map(|(_, s, _)| s.clone()).collect();
+            let order: Vec<u64> =
+                accepted.iter().filter(|(keys, _, _)| keys[0] == key).flat_map(|(_, s, _)| s.clone()).collect();
             assert_eq!(order, (1..=60).collect::<Vec<u64>>(), "key {key}");
         }
     }
@@ -745,7 +771,10 @@ mod tests {
             .await
             .await;
         let forbidden = results[0].as_ref().unwrap_err();
-        assert!(forbidden.permanent && forbidden.reason.contains("projects/test-project/topics/forbidden"), "{forbidden:?}");
+        assert!(
+            forbidden.permanent && forbidden.reason.contains("projects/test-project/topics/forbidden"),
+            "{forbidden:?}"
+        );
         assert!(forbidden.reason.contains("roles/pubsub.publisher"), "{forbidden:?}");
         assert!(results[1].as_ref().unwrap_err().reason.contains("at most 10000000"));
         assert!(results[2].as_ref().unwrap_err().reason.contains("start with a letter"));
@@ -790,7 +819,10 @@ mod tests {
             (PubSubConfig { max_outstanding_messages: 10, ..valid() }, "sink.pubsub.max_outstanding_messages"),
             (PubSubConfig { max_outstanding_bytes: 10, ..valid() }, "sink.pubsub.max_outstanding_bytes"),
             (PubSubConfig { endpoint: "pubsub.googleapis.com".into(), ..valid() }, "sink.pubsub.endpoint"),
-            (PubSubConfig { credentials_file: Some("/nonexistent.json".into()), ..valid() }, "sink.pubsub.credentials_file"),
+            (
+                PubSubConfig { credentials_file: Some("/nonexistent.json".into()), ..valid() },
+                "sink.pubsub.credentials_file",
+            ),
         ] {
             assert_eq!(validate_config(&config, "topic").unwrap_err().key, key);
         }

@@ -69,7 +69,10 @@ pub async fn validate(client: &Client, config: &Config) -> Result<Result<(), Pre
         ))));
     }
     let row = client
-        .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
         .await
         .map_err(q)?;
     let (user, can_replicate): (String, bool) = (row.get(0), row.get(1));
@@ -124,7 +127,11 @@ pub async fn validate(client: &Client, config: &Config) -> Result<Result<(), Pre
         }
     }
     if !covered {
-        let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&r.publication]).await.map_err(q)?.is_some();
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&r.publication])
+            .await
+            .map_err(q)?
+            .is_some();
         // A partitioned table in a publication without publish_via_partition_root
         // is listed by its partitions: ADD TABLE would fail ("already member").
         let member = client
@@ -217,10 +224,7 @@ pub async fn create_slot(client: &Client, slot: &str) -> Result<(), PostgresErro
     if slot_state(client, slot).await? == SlotState::Lost {
         client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.map_err(q)?;
     }
-    client
-        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
-        .await
-        .map_err(q)?;
+    client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.map_err(q)?;
     Ok(())
 }
 
@@ -236,14 +240,24 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), PostgresError>
         .await
         .map_err(q)?;
     for _ in 0..50 {
-        match client.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await {
+        match client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
             Ok(_) => return Ok(()),
             // The terminated walsender may still hold it for a moment.
-            Err(e) if e.code().map(|c| c.code()) == Some("55006") => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Err(e) if e.code().map(|c| c.code()) == Some("55006") => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
             Err(e) => return Err(q(e)),
         }
     }
-    Err(PostgresError::Query(format!("replication slot {slot} stayed in use; drop it by hand: SELECT pg_drop_replication_slot('{slot}');")))
+    Err(PostgresError::Query(format!(
+        "replication slot {slot} stayed in use; drop it by hand: SELECT pg_drop_replication_slot('{slot}');"
+    )))
 }
 
 /// `migrate` in replication mode: the publication and the slot, if missing.
@@ -497,7 +511,9 @@ impl EventDecoder {
                 topic: text(slots.topic)?,
                 created_at: match text(slots.created_at)? {
                     None => Some(commit_time),
-                    Some(t) => Some(parse_timestamptz(&t).ok_or_else(|| format!("created_at {t:?} is not a timestamp"))?),
+                    Some(t) => {
+                        Some(parse_timestamptz(&t).ok_or_else(|| format!("created_at {t:?} is not a timestamp"))?)
+                    }
                 },
             })
         };
@@ -520,7 +536,13 @@ impl EventDecoder {
                 return Decoded::Rejected {
                     rejected: Rejected {
                         original: Some(String::from_utf8_lossy(content).into_owned()),
-                        ..Rejected::new(position, format!("logical message at LSN {} is not a valid outbox event: {e}", wire::format_lsn(lsn)))
+                        ..Rejected::new(
+                            position,
+                            format!(
+                                "logical message at LSN {} is not a valid outbox event: {e}",
+                                wire::format_lsn(lsn)
+                            ),
+                        )
                     },
                     row: false,
                 }
@@ -528,7 +550,12 @@ impl EventDecoder {
         };
         let raw = RawRow {
             position,
-            event_id: Some(parsed.event_id.unwrap_or_else(|| uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &lsn.to_be_bytes())).to_string()),
+            event_id: Some(
+                parsed
+                    .event_id
+                    .unwrap_or_else(|| uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &lsn.to_be_bytes()))
+                    .to_string(),
+            ),
             aggregate_type: Some(parsed.aggregate_type),
             aggregate_id: Some(parsed.aggregate_id),
             event_type: Some(parsed.event_type),
@@ -666,10 +693,19 @@ mod tests {
             assert_eq!(super::parse_iso_timestamp(text), chrono_parse(text), "{text}");
             assert!(super::parse_iso_timestamp(text).is_some(), "{text}");
         }
-        for text in ["2026-02-30 00:00:00+00", "2026-12-02T17:48:48+00", "2026-12-02 17:48:48.1234567+00", "2026-12-02 17:48:48+0", "x"] {
+        for text in [
+            "2026-02-30 00:00:00+00",
+            "2026-12-02T17:48:48+00",
+            "2026-12-02 17:48:48.1234567+00",
+            "2026-12-02 17:48:48+0",
+            "x",
+        ] {
             assert_eq!(super::parse_iso_timestamp(text), None, "{text}");
         }
-        assert_eq!(super::parse_timestamptz("2026-12-02 17:48:48.339270+00"), chrono_parse("2026-12-02 17:48:48.339270+00"));
+        assert_eq!(
+            super::parse_timestamptz("2026-12-02 17:48:48.339270+00"),
+            chrono_parse("2026-12-02 17:48:48.339270+00")
+        );
     }
 
     use super::*;
@@ -682,10 +718,20 @@ mod tests {
     }
 
     fn outbox_columns() -> Vec<Column> {
-        ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "event_version", "payload", "headers", "created_at"]
-            .iter()
-            .map(|n| Column { name: (*n).into(), type_oid: 25 })
-            .collect()
+        [
+            "id",
+            "event_id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "event_version",
+            "payload",
+            "headers",
+            "created_at",
+        ]
+        .iter()
+        .map(|n| Column { name: (*n).into(), type_oid: 25 })
+        .collect()
     }
 
     fn t(s: &'static str) -> Value {
@@ -765,7 +811,10 @@ mod tests {
 
     #[test]
     fn timestamp_without_time_zone_is_utc_and_bytea_is_hex() {
-        assert_eq!(parse_timestamptz("2026-12-02 05:34:49.143595").unwrap().to_rfc3339(), "2026-12-02T05:34:49.143595+00:00");
+        assert_eq!(
+            parse_timestamptz("2026-12-02 05:34:49.143595").unwrap().to_rfc3339(),
+            "2026-12-02T05:34:49.143595+00:00"
+        );
         assert_eq!(parse_timestamptz("2026-12-02 05:34:49").unwrap().to_rfc3339(), "2026-12-02T05:34:49+00:00");
         assert_eq!(parse_timestamptz("2026-12-02 05:34:49+02").unwrap().to_rfc3339(), "2026-12-02T03:34:49+00:00");
         assert_eq!(decode_bytea("\\x00ff10"), Some(vec![0, 255, 16]));

@@ -242,14 +242,19 @@ mod tests {
         k.put_u64(0x1_0000_0010);
         k.put_i64(0);
         k.put_u8(1);
-        assert_eq!(WalMessage::parse(k.freeze()).unwrap(), WalMessage::Keepalive { wal_end: 0x1_0000_0010, reply: true });
+        assert_eq!(
+            WalMessage::parse(k.freeze()).unwrap(),
+            WalMessage::Keepalive { wal_end: 0x1_0000_0010, reply: true }
+        );
         let mut w = BytesMut::new();
         w.put_u8(b'w');
         w.put_u64(5);
         w.put_u64(9);
         w.put_i64(0);
         w.put_slice(b"B...");
-        let WalMessage::XLogData { wal_start, wal_end, data } = WalMessage::parse(w.freeze()).unwrap() else { panic!() };
+        let WalMessage::XLogData { wal_start, wal_end, data } = WalMessage::parse(w.freeze()).unwrap() else {
+            panic!()
+        };
         assert_eq!((wal_start, wal_end, &data[..]), (5, 9, &b"B..."[..]));
     }
 
@@ -258,11 +263,15 @@ mod tests {
     #[test]
     fn relation_and_insert_from_captured_bytes() {
         let relation = b"R\x00\x00\x40\x01public\x00t\x00d\x00\x02\x01id\x00\x00\x00\x00\x14\xff\xff\xff\xff\x00note\x00\x00\x00\x00\x19\xff\xff\xff\xff";
-        let Logical::Relation { oid, namespace, name, columns } = Logical::parse(Bytes::from_static(relation)).unwrap() else {
+        let Logical::Relation { oid, namespace, name, columns } = Logical::parse(Bytes::from_static(relation)).unwrap()
+        else {
             panic!("not a relation")
         };
         assert_eq!((oid, namespace.as_str(), name.as_str()), (0x4001, "public", "t"));
-        assert_eq!(columns, vec![Column { name: "id".into(), type_oid: 20 }, Column { name: "note".into(), type_oid: 25 }]);
+        assert_eq!(
+            columns,
+            vec![Column { name: "id".into(), type_oid: 20 }, Column { name: "note".into(), type_oid: 25 }]
+        );
         let insert = b"I\x00\x00\x40\x01N\x00\x02t\x00\x00\x00\x017n";
         assert_eq!(
             Logical::parse(Bytes::from_static(insert)).unwrap(),
@@ -284,7 +293,10 @@ mod tests {
         c.put_u64(100);
         c.put_u64(120);
         c.put_i64(42);
-        assert_eq!(Logical::parse(c.freeze()).unwrap(), Logical::Commit { commit_lsn: 100, end_lsn: 120, commit_time: 42 });
+        assert_eq!(
+            Logical::parse(c.freeze()).unwrap(),
+            Logical::Commit { commit_lsn: 100, end_lsn: 120, commit_time: 42 }
+        );
         let mut m = BytesMut::new();
         m.put_u8(b'M');
         m.put_u8(1);
@@ -294,14 +306,28 @@ mod tests {
         m.put_slice(b"{}");
         assert_eq!(
             Logical::parse(m.freeze()).unwrap(),
-            Logical::Message { transactional: true, lsn: 99, prefix: "outbox".into(), content: Bytes::from_static(b"{}") }
+            Logical::Message {
+                transactional: true,
+                lsn: 99,
+                prefix: "outbox".into(),
+                content: Bytes::from_static(b"{}")
+            }
         );
     }
 
     #[test]
     fn truncated_input_is_an_error_not_a_panic() {
-        for bytes in [&b"I\x00\x00"[..], b"R\x00\x00\x00\x01ns", b"M\x01", b"w\x00", b"I\x00\x00\x40\x01N\x00\x01t\x00\x00\x00\x09ab"] {
-            assert!(Logical::parse(Bytes::copy_from_slice(bytes)).is_err() || WalMessage::parse(Bytes::copy_from_slice(bytes)).is_err());
+        for bytes in [
+            &b"I\x00\x00"[..],
+            b"R\x00\x00\x00\x01ns",
+            b"M\x01",
+            b"w\x00",
+            b"I\x00\x00\x40\x01N\x00\x01t\x00\x00\x00\x09ab",
+        ] {
+            assert!(
+                Logical::parse(Bytes::copy_from_slice(bytes)).is_err()
+                    || WalMessage::parse(Bytes::copy_from_slice(bytes)).is_err()
+            );
         }
     }
 }

@@ -290,12 +290,11 @@ async fn open(params: &ConnectParams, host: &str, port: u16) -> Result<Opened, W
         }
         other => return Err(WireError::Protocol(format!("unexpected answer {other:#04x} to SSLRequest"))),
     }
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|_| WireError::Tls(format!("{host:?} is not a host name TLS can verify ({})", params.tls.settings.label())))?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+        WireError::Tls(format!("{host:?} is not a host name TLS can verify ({})", params.tls.settings.label()))
+    })?;
     let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| {
-        WireError::Tls(
-            crate::tls::explain(&e).unwrap_or_else(|| format!("TLS handshake with {} failed: {e}", address)),
-        )
+        WireError::Tls(crate::tls::explain(&e).unwrap_or_else(|| format!("TLS handshake with {} failed: {e}", address)))
     })?;
     let channel_binding = stream
         .get_ref()
@@ -374,16 +373,27 @@ impl ReplicationConnection {
         }
     }
 
-    async fn authenticate(&mut self, params: &ConnectParams, channel_binding: Option<Vec<u8>>) -> Result<(), WireError> {
+    async fn authenticate(
+        &mut self,
+        params: &ConnectParams,
+        channel_binding: Option<Vec<u8>>,
+    ) -> Result<(), WireError> {
         let missing_password = || {
-            WireError::Protocol("the server asks for a password but postgres.url has none (or set postgres.password_file)".into())
+            WireError::Protocol(
+                "the server asks for a password but postgres.url has none (or set postgres.password_file)".into(),
+            )
         };
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
                 b'E' => return Err(server_error(&frame.body)),
                 b'R' => {}
-                other => return Err(WireError::Protocol(format!("unexpected message {:?} during authentication", other as char))),
+                other => {
+                    return Err(WireError::Protocol(format!(
+                        "unexpected message {:?} during authentication",
+                        other as char
+                    )))
+                }
             }
             let mut body = frame.body.clone();
             if body.len() < 4 {
@@ -487,7 +497,12 @@ impl ReplicationConnection {
                 }
                 b'E' => return Err(server_error(&frame.body)),
                 b'N' | b'S' => {}
-                other => return Err(WireError::Protocol(format!("unexpected message {:?} after START_REPLICATION", other as char))),
+                other => {
+                    return Err(WireError::Protocol(format!(
+                        "unexpected message {:?} after START_REPLICATION",
+                        other as char
+                    )))
+                }
             }
         }
     }
