@@ -73,16 +73,30 @@ fn shape_name(per_txn: usize) -> String {
     }
 }
 
-/// A capture mode and a published mode, e.g. `replication/none`.
+/// A capture mode, a published mode and optionally exactly-once delivery,
+/// e.g. `replication/none` or `poll/delete/exactly_once`.
 #[derive(Debug, Clone)]
 struct Scenario {
     capture: String,
     published: String,
+    /// `sink.kafka.delivery` when not the default (`exactly_once`).
+    delivery: Option<String>,
 }
 
 impl Scenario {
+    fn parse(spec: &str) -> Option<Scenario> {
+        let mut parts = spec.split('/');
+        let capture = parts.next()?.to_owned();
+        let published = parts.next()?.to_owned();
+        let delivery = parts.next().map(str::to_owned);
+        Some(Scenario { capture, published, delivery })
+    }
+
     fn name(&self) -> String {
-        format!("{}/{}", self.capture, self.published)
+        match &self.delivery {
+            Some(delivery) => format!("{}/{}/{delivery}", self.capture, self.published),
+            None => format!("{}/{}", self.capture, self.published),
+        }
     }
 
     fn replication(&self) -> bool {
@@ -106,8 +120,7 @@ fn options() -> Options {
     let scenarios = value("--scenarios")
         .unwrap_or_else(|| "poll/mark,poll/delete,replication/none,replication/mark".into())
         .split(',')
-        .filter_map(|s| s.split_once('/'))
-        .map(|(capture, published)| Scenario { capture: capture.into(), published: published.into() })
+        .filter_map(Scenario::parse)
         .collect();
     let pubsub = !args.iter().any(|a| a == "--no-pubsub");
     let relays =
@@ -518,8 +531,10 @@ impl RelayRun {
 
     fn start_with(url: &str, bootstrap: &str, scenario: &Scenario, extra: &[(&str, String)]) -> RelayRun {
         let port = free_port();
+        let delivery = scenario.delivery.iter().map(|d| ("OUTBOX_RELAY_SINK__KAFKA__DELIVERY", d.as_str()));
         let child = Command::new(relay_bin())
             .arg("run")
+            .envs(delivery)
             .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("RUST_LOG")
             .env("OUTBOX_RELAY_POSTGRES__URL", url)
@@ -987,6 +1002,8 @@ fn consume_latencies(bootstrap: &str, stop: Arc<AtomicBool>) -> Vec<f64> {
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "bench")
         .set("enable.auto.commit", "false")
+        // librdkafka's default, stated: exactly-once runs are measured as their consumers see them.
+        .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "5")
         .set("fetch.min.bytes", "1")
         .create()
@@ -1082,7 +1099,7 @@ async fn debezium_runs(url: &str, broker: &mut TestBroker, client: &Client, even
     let dir = std::env::temp_dir().join(format!("bench-dbz-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     for (capture, published, position) in [("poll", "delete", "seq"), ("replication", "none", "id")] {
-        let scenario = Scenario { capture: capture.into(), published: published.into() };
+        let scenario = Scenario { capture: capture.into(), published: published.into(), delivery: None };
         let path = dir.join(format!("{capture}.toml"));
         std::fs::write(&path, debezium_config(position)).expect("write config");
         client.batch_execute("TRUNCATE public.outbox").await.expect("truncate");
@@ -1161,7 +1178,7 @@ async fn pubsub_drain(url: &str, client: &Client, events: usize, samples: &mut S
     samples.add("raw: Pub/Sub emulator REST publish (events/s)", raw);
     reset(client).await;
     preload(client, events, 0).await;
-    let scenario = Scenario { capture: "poll".into(), published: "mark".into() };
+    let scenario = Scenario { capture: "poll".into(), published: "mark".into(), delivery: None };
     let started = Instant::now();
     let child = Command::new(relay_bin())
         .arg("run")

@@ -161,6 +161,14 @@ struct MarkJob {
     xids: Vec<u32>,
 }
 
+/// What a new leader hands its stream loop: the slot's stream, the position
+/// it resumes from, and the marker (none when rows are not marked).
+struct Streaming {
+    stream: ReplicationStream,
+    confirmed: u64,
+    marker: Option<Marker>,
+}
+
 /// Marks rows off the streaming loop, coalescing queued jobs into one
 /// statement, and reports back which batches are now marked.
 struct Marker {
@@ -383,6 +391,12 @@ impl<S: Sink> Relay<S> {
             .map_err(|e| RelayError::Config(e.to_string()))?
             .with_tls(WireTls { settings: prepared.tls, config: prepared.rustls });
         let fence = coordinator.fence();
+        // The marker's connection opens while the slot is taken: one round of
+        // connection set-up less before the first event.
+        let marker_connection = replication::marks_rows(&config).then(|| {
+            let postgres = config.postgres.clone();
+            tokio::spawn(async move { postgres::connect(&postgres, "outbox-relay marker").await })
+        });
         // Exactly once: fence the previous leader's producer, skip what the broker holds.
         self.reconcile_slot().await?;
         let stream = self.take_slot(control, &params, &fence).await?;
@@ -402,7 +416,24 @@ impl<S: Sink> Relay<S> {
         let policy_blocks = config.failures.policy == FailurePolicy::Block;
         let super::Stage { batches: batch_tx, outcomes: mut outcome_rx, task: stage } =
             self.start_stage(policy_blocks.then(Blocked::halting), fence.clone());
-        let result = self.stream_loop(control, stream, confirmed, batch_tx, &mut outcome_rx, coordinator).await;
+        let result = match marker_connection {
+            None => Ok(None),
+            Some(connecting) => match connecting.await {
+                Ok(Ok(connection)) => Ok(Some(connection)),
+                Ok(Err(error)) => Err(RelayError::from(error)),
+                Err(panicked) => Err(RelayError::Stream(format!("opening the marker's connection: {panicked}"))),
+            },
+        };
+        let result = match result {
+            Ok(marker_connection) => {
+                let marker = marker_connection.map(|connection| {
+                    Marker::start(connection, self.table.clone(), config.source.max_in_flight_batches)
+                });
+                let streaming = Streaming { stream, confirmed, marker };
+                self.stream_loop(control, streaming, batch_tx, &mut outcome_rx, coordinator).await
+            }
+            Err(error) => Err(error),
+        };
         let mut beat = interval(Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -466,15 +497,16 @@ impl<S: Sink> Relay<S> {
         Ok(SessionEnd::CaughtUp)
     }
 
+    /// Streams from the slot until the session ends (see the module docs).
     async fn stream_loop(
         &mut self,
         control: &postgres::Connection,
-        mut stream: ReplicationStream,
-        confirmed: u64,
+        streaming: Streaming,
         batches: mpsc::Sender<ClaimedBatch>,
         outcomes: &mut mpsc::Receiver<BatchOutcome>,
         coordinator: &mut Coordinator,
     ) -> Result<SessionEnd, RelayError> {
+        let Streaming { mut stream, confirmed, mut marker } = streaming;
         let fence = coordinator.fence();
         let config = self.config.clone();
         let r = &config.source.replication;
@@ -507,12 +539,7 @@ impl<S: Sink> Relay<S> {
         // ~1,000 instructions per event (a pass per Begin, Insert, Commit).
         let shutdown_requested = shutdown.wait();
         tokio::pin!(shutdown_requested);
-        let mut marker = if replication::marks_rows(&config) {
-            let connection = postgres::connect(&config.postgres, "outbox-relay marker").await?;
-            Some(Marker::start(connection, self.table.clone(), max_in_flight))
-        } else {
-            None
-        };
+
         // Last confirmed LSN sent to the server, and when.
         let mut reported = confirmed;
         let mut last_report = Instant::now();
