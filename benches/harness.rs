@@ -17,15 +17,14 @@
 //!   seconds of the relays, Postgres and the broker: where the time goes;
 //! - Pub/Sub: the relay (poll/mark) draining the backlog to Google's Pub/Sub
 //!   emulator, next to the emulator's raw publish rate (`--no-pubsub` skips).
+//!
 //! Relay peak RSS (VmHWM) and CPU seconds come from /proc. Results: medians
 //! with min-max over the repetitions, as a Markdown table on stdout and in
 //! `target/bench/results.md`.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
-#[path = "../tests/common/pubsub.rs"]
-mod pubsub_harness;
+use common::pubsub as pubsub_harness;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -414,7 +413,7 @@ async fn preload(client: &Client, n: usize, per_txn: usize) -> f64 {
         }
     } else {
         client
-            .batch_execute(&format!(
+            .batch_execute(
                 "CREATE OR REPLACE PROCEDURE public.bench_load(n int8, per int8, aggregates int8) LANGUAGE plpgsql AS $$ \
                  DECLARE g int8 := 1; BEGIN \
                    WHILE g <= n LOOP \
@@ -423,8 +422,8 @@ async fn preload(client: &Client, n: usize, per_txn: usize) -> f64 {
                             jsonb_build_object('seq', s / aggregates, 'aggregate', s % aggregates, 'sent_us', 0, 'pad', repeat('x', 220)) \
                      FROM generate_series(g, least(g + per - 1, n)) s; \
                      COMMIT; g := g + per; \
-                   END LOOP; END $$"
-            ))
+                   END LOOP; END $$",
+            )
             .await
             .expect("preload procedure");
         // Alone in its query string: a multi-statement string is one transaction, and the procedure commits.

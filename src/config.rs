@@ -24,7 +24,12 @@ pub enum ConfigError {
     Load(String),
     /// A value parsed but is not acceptable; names the key and the fix.
     #[error("invalid configuration: `{key}` {problem}")]
-    Invalid { key: &'static str, problem: String },
+    Invalid {
+        /// The dotted key, e.g. `source.batch_size`.
+        key: &'static str,
+        /// What is wrong with its value, and the fix.
+        problem: String,
+    },
 }
 
 impl ConfigError {
@@ -886,8 +891,9 @@ impl Config {
         const MIN: Duration = Duration::from_secs(60);
         const HOUR: Duration = Duration::from_secs(3600);
         const DAY: Duration = Duration::from_secs(86_400);
-        // (key, value, zero allowed and meaning, min, max, human range)
-        let checks: [(&'static str, Duration, Option<&str>, Duration, Duration, &str); 9] = [
+        /// (key, value, zero allowed and meaning, min, max, human range)
+        type Check = (&'static str, Duration, Option<&'static str>, Duration, Duration, &'static str);
+        let checks: [Check; 9] = [
             (
                 "postgres.connect_timeout",
                 self.postgres.connect_timeout,

@@ -24,7 +24,12 @@ use crate::tls::{SslMode as TlsMode, TlsSettings};
 pub enum PostgresError {
     /// Could not open a connection.
     #[error("cannot connect to Postgres at {target}: {detail}")]
-    Connect { target: String, detail: String },
+    Connect {
+        /// Host, port and database, without the password.
+        target: String,
+        /// Why, with the fix where one is known.
+        detail: String,
+    },
     /// A statement failed.
     #[error("{0}")]
     Query(String),

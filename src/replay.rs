@@ -27,7 +27,14 @@ pub enum ReplayError {
     Selection(String),
     /// Some events were not acknowledged.
     #[error("{failed} of {total} events were not re-published; first error: {first}")]
-    Failed { failed: usize, total: usize, first: String },
+    Failed {
+        /// Events not acknowledged.
+        failed: usize,
+        /// Events selected.
+        total: usize,
+        /// The first failure's reason.
+        first: String,
+    },
 }
 
 /// Counts of one replay.

@@ -58,7 +58,9 @@ fn configuration_errors_exit_2_before_anything_is_bound() {
     let listen = busy.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.toml");
-    let cases: [(&str, &[(&str, &str)], &str); 5] = [
+    // (configuration file, environment, what the error must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
         ("[sink.kafka.properties]\n\"no.such.setting\" = \"1\"\n", &[], "no.such.setting"),
         ("[source]\nretry_failed_after = \"0s\"\n", &[], "source.retry_failed_after"),
         ("[log]\nlevel = \"verbose\"\n", &[], "log.level"),

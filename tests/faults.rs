@@ -635,12 +635,12 @@ async fn replication_poison_events_are_dead_lettered_and_everything_behind_them_
     write_seqs(&pg.url(), aggregates, 1..=5, Duration::ZERO).await;
     let client = connect(&pg.url()).await;
     client
-        .batch_execute(&format!(
+        .batch_execute(
             "SELECT outbox.enqueue('Order', 'poison-big', 'OrderUpdated', jsonb_build_object('pad', repeat('x', 20000)));
-             SELECT outbox.enqueue('Order', 'poison-topic', 'OrderUpdated', '{{\"seq\":1}}', topic => 'not a topic!');
-             SELECT pg_logical_emit_message(true, 'outbox', '{{not json');
-             SELECT pg_logical_emit_message(true, 'outbox', '{{\"aggregate_type\":\"Order\",\"aggregate_id\":\"\",\"event_type\":\"X\",\"payload\":{{}}}}');"
-        ))
+             SELECT outbox.enqueue('Order', 'poison-topic', 'OrderUpdated', '{\"seq\":1}', topic => 'not a topic!');
+             SELECT pg_logical_emit_message(true, 'outbox', '{not json');
+             SELECT pg_logical_emit_message(true, 'outbox', '{\"aggregate_type\":\"Order\",\"aggregate_id\":\"\",\"event_type\":\"X\",\"payload\":{}}');",
+        )
         .await
         .unwrap();
     write_seqs(&pg.url(), aggregates, 6..=per_aggregate, Duration::ZERO).await;

@@ -48,11 +48,21 @@ pub enum ThrowawayPostgresError {
     BinariesMissing,
     /// initdb exited with an error; carries its stderr.
     #[error("initdb failed ({status}): {stderr}")]
-    Initdb { status: std::process::ExitStatus, stderr: String },
+    Initdb {
+        /// How initdb exited.
+        status: std::process::ExitStatus,
+        /// What initdb printed on stderr.
+        stderr: String,
+    },
     /// The server did not accept connections in time, or exited while
     /// starting; carries the tail of the server log, which says why.
     #[error("postgres did not become ready on port {port} (it exited, or 30 s passed); server log tail:\n{log_tail}")]
-    StartTimeout { port: u16, log_tail: String },
+    StartTimeout {
+        /// The port the server was to listen on.
+        port: u16,
+        /// The end of the server log.
+        log_tail: String,
+    },
     /// A filesystem, user lookup or process error.
     #[error("throwaway postgres: {0}")]
     Io(#[from] std::io::Error),

@@ -62,13 +62,24 @@ struct EnvelopeV1<'a> {
 pub enum EnvelopeError {
     /// The rendered topic is not a name any broker accepts.
     #[error("topic {topic:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -) nor a Pub/Sub one (which also allows ~ + %): fix the row's topic, sink.topic or envelope.debezium.route_topic_replacement")]
-    InvalidTopic { topic: String },
+    InvalidTopic {
+        /// The rendered topic name.
+        topic: String,
+    },
     /// A JSON envelope got a payload that is not JSON (text or bytea).
     #[error("payload is not valid JSON ({kind} column value): envelope.format = \"{format}\" carries JSON payloads only; set envelope.format = \"debezium\" to publish text and bytea payloads as they are")]
-    NotJson { kind: &'static str, format: &'static str },
+    NotJson {
+        /// The payload column's kind (`text`, `bytea`).
+        kind: &'static str,
+        /// The configured `envelope.format`.
+        format: &'static str,
+    },
     /// A NULL payload, which only the Debezium format can carry (null value or tombstone).
     #[error("payload is NULL: envelope.format = \"{format}\" needs a payload; write one, or use envelope.format = \"debezium\" (a null value, or a tombstone with envelope.debezium.route_tombstone_on_empty_payload = true)")]
-    NullPayload { format: &'static str },
+    NullPayload {
+        /// The configured `envelope.format`.
+        format: &'static str,
+    },
     /// The value could not be serialized (only possible with corrupt input).
     #[error("could not encode the envelope: {0}")]
     Encode(String),

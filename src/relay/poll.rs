@@ -234,7 +234,7 @@ impl<S: Sink> Relay<S> {
                 && !reassign
                 && !lanes.claiming.is_empty()
                 && in_flight.len() < max_in_flight
-                && !(resync && !in_flight.is_empty());
+                && (!resync || in_flight.is_empty());
             if can_claim && want_claim && !fence.holds() {
                 // The lease lapsed without being lost (a slow renewal): claim
                 // nothing until it is renewed; the coordinator ends the session if it is lost.

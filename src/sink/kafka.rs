@@ -46,7 +46,12 @@ pub enum KafkaSinkError {
     SecretFile(String),
     /// No broker answered a metadata request.
     #[error("cannot reach Kafka brokers {brokers}: {source} (check sink.kafka.brokers and network access)")]
-    Unreachable { brokers: String, source: KafkaError },
+    Unreachable {
+        /// `sink.kafka.brokers`.
+        brokers: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
 }
 
 /// The relay's producer type: librdkafka's log and error callbacks go

@@ -314,14 +314,9 @@ impl Transactions {
         let consumer: BaseConsumer<QuietContext> = client
             .create_with_context(QuietContext::default())
             .map_err(|e| format!("cannot create the position reader: {e}"))?;
-        // Only asks where the log ends, transactions still open included.
-        client.set("isolation.level", "read_uncommitted");
-        let written: BaseConsumer<QuietContext> = client
-            .create_with_context(QuietContext::default())
-            .map_err(|e| format!("cannot create the position reader: {e}"))?;
         let topic = self.topic.clone();
         let started = Instant::now();
-        let latest = blocking(move || read_latest(&consumer, &written, &topic, &wanted)).await.map_err(|e| {
+        let latest = blocking(move || read_latest(&consumer, &topic, &wanted)).await.map_err(|e| {
             format!(
                 "cannot read the committed position from {} ({e}); exactly-once delivery publishes nothing before it knows \
                  what the broker already holds: check that the topic exists and the relay may read it",
@@ -514,15 +509,8 @@ impl Transactions {
 
 /// Reads `topic` from the beginning to its end (read_committed) and keeps
 /// the last value of each key `wanted` accepts.
-///
-/// The end is where the log ended when the read began (`written`, open
-/// transactions included), reached only once every transaction open then has
-/// ended: a fenced producer's last commit may still be completing when its
-/// successor reads, and stopping at the stable offset before it would miss
-/// that commit's position and publish its batch again.
 fn read_latest(
     consumer: &BaseConsumer<QuietContext>,
-    written: &BaseConsumer<QuietContext>,
     topic: &str,
     wanted: &dyn Fn(&str) -> bool,
 ) -> Result<BTreeMap<String, Vec<u8>>, KafkaError> {
@@ -538,16 +526,15 @@ fn read_latest(
         // Nothing was ever committed (the topic is created on first use).
         return Ok(latest);
     }
-    let deadline = Instant::now() + READ_TIMEOUT;
     let mut ends = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for &partition in &partitions {
-        let (_, end) = written.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-        let stable = stable_offset_reaching(consumer, topic, partition, end, deadline)?;
-        ends.insert(partition, stable);
+        let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+        ends.insert(partition, high);
         assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
+    let deadline = Instant::now() + READ_TIMEOUT;
     let mut done: HashSet<i32> = ends.iter().filter(|(_, high)| **high <= 0).map(|(p, _)| *p).collect();
     while done.len() < partitions.len() {
         if Instant::now() > deadline {
@@ -576,30 +563,6 @@ fn read_latest(
         }
     }
     Ok(latest)
-}
-
-/// The partition's last stable offset (what a read_committed reader can
-/// reach) once it is at least `end`: every transaction open when the log
-/// ended at `end` has committed or aborted. Past `deadline` (a transaction
-/// stays open; the broker aborts it after `transaction.timeout.ms`) an error,
-/// so the session retries rather than publish what may be committed already.
-fn stable_offset_reaching(
-    consumer: &BaseConsumer<QuietContext>,
-    topic: &str,
-    partition: i32,
-    end: i64,
-    deadline: Instant,
-) -> Result<i64, KafkaError> {
-    loop {
-        let (_, stable) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-        if stable >= end {
-            return Ok(stable);
-        }
-        if Instant::now() > deadline {
-            return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ impl ClaimedBatch {
             if !self.keys.is_empty() {
                 let keys = std::mem::take(&mut self.keys);
                 self.keys =
-                    keys.into_iter().zip(&self.events).filter(|(_, e)| !acknowledged(*e)).map(|(k, _)| k).collect();
+                    keys.into_iter().zip(&self.events).filter(|(_, e)| !acknowledged(e)).map(|(k, _)| k).collect();
             }
             let (done, send): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.events).into_iter().partition(|e| acknowledged(e));

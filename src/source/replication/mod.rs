@@ -51,7 +51,10 @@ pub struct Prerequisite(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotState {
     /// Exists and usable; `active_pid` is set while another session streams it.
-    Ready { active_pid: Option<i32> },
+    Ready {
+        /// The backend streaming the slot, if any.
+        active_pid: Option<i32>,
+    },
     /// Does not exist.
     Missing,
     /// Exists but its WAL is gone (`wal_status = lost`): unusable.
@@ -381,9 +384,19 @@ const BYTEA_OID: u32 = 17;
 pub enum Decoded {
     /// An outbox row or emitted message to publish; `row` is true for table
     /// rows (which mark/delete mode must stamp).
-    Event { event: Box<OutboxEvent>, row: bool },
+    Event {
+        /// The event.
+        event: Box<OutboxEvent>,
+        /// A table row (not an emitted message).
+        row: bool,
+    },
     /// A row or message that cannot be published as it stands.
-    Rejected { rejected: Rejected, row: bool },
+    Rejected {
+        /// What was rejected, and why.
+        rejected: Rejected,
+        /// A table row (not an emitted message).
+        row: bool,
+    },
     /// Not ours.
     Ignored,
 }
