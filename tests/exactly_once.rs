@@ -15,11 +15,8 @@ use std::time::{Duration, Instant};
 use common::relay::{cli, connect, metric_sum, relay_env, verify, wait_all_published_or, RelayProcess, Verdict};
 use common::{Consumed, TestBroker};
 use outbox_relay::demo::postgres::{StopMode, ThrowawayPostgres};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const TOPIC: &str = "outbox.Order";
 const OFFSETS: &str = "outbox-relay.offsets";
@@ -121,61 +118,9 @@ async fn write_seqs(url: &str, aggregates: usize, seqs: std::ops::RangeInclusive
 }
 
 /// Reads every partition of `topic` from the beginning as an exactly-once
-/// consumer must (`isolation.level = read_committed`), until `expected`
-/// messages arrived and none for two seconds, or `timeout`.
+/// consumer must (`isolation.level = read_committed`, as [`common::consume`] reads).
 fn consume_committed(bootstrap: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Consumed> {
-    let deadline = Instant::now() + timeout;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "outbox-relay-exactly-once-tests")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("create test consumer");
-    let mut assignment = TopicPartitionList::new();
-    loop {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("topic metadata");
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if !partitions.is_empty() {
-            for partition in partitions {
-                assignment.add_partition_offset(topic, partition, Offset::Beginning).expect("assign partition");
-            }
-            break;
-        }
-        assert!(Instant::now() < deadline, "topic {topic} has no partitions");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    consumer.assign(&assignment).expect("assign partitions");
-    let mut received = Vec::with_capacity(expected);
-    let mut last_message = Instant::now();
-    while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                last_message = Instant::now();
-                received.push(Consumed {
-                    topic: m.topic().to_owned(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().unwrap_or_default().to_vec(),
-                    headers: Vec::new(),
-                    timestamp_ms: m.timestamp().to_millis(),
-                });
-            }
-            Some(Err(e)) => eprintln!("consume: {e}"),
-            None => {}
-        }
-        if received.len() >= expected && last_message.elapsed() >= Duration::from_secs(2) {
-            break;
-        }
-    }
-    received
+    common::consume(bootstrap, &[topic], expected, timeout)
 }
 
 in_both_modes!(sigkill_20_times_mid_drain_delivers_every_event_exactly_once: sigkill_20_times_poll, sigkill_20_times_replication);

@@ -206,6 +206,7 @@ pub struct Consumed {
 /// none for a second, or until `timeout`; then returns what it has, in the
 /// order received (per partition: offset order). Partition counts come from
 /// metadata; a topic that does not exist (yet) is retried until `timeout`.
+/// Reads committed messages only (`read_committed`).
 pub fn consume(bootstrap: &str, topics: &[&str], expected: usize, timeout: Duration) -> Vec<Consumed> {
     let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = ClientConfig::new()
@@ -214,6 +215,8 @@ pub fn consume(bootstrap: &str, topics: &[&str], expected: usize, timeout: Durat
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // librdkafka's default, stated: exactly-once tests read as their consumers must.
+        .set("isolation.level", "read_committed")
         .create()
         .expect("create test consumer");
     let mut assignment = TopicPartitionList::new();
