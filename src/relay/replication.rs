@@ -408,6 +408,15 @@ impl<S: Sink> Relay<S> {
             .map_err(|e| PostgresError::query("reading the slot position", &e))?
             .get(0);
         let confirmed = parse_lsn(&confirmed).unwrap_or(0);
+        let marker = match marker_connection {
+            None => None,
+            Some(connecting) => {
+                let connection = connecting
+                    .await
+                    .map_err(|panicked| RelayError::Stream(format!("opening the marker's connection: {panicked}")))??;
+                Some(Marker::start(connection, self.table.clone(), config.source.max_in_flight_batches))
+            }
+        };
         info!(slot = %r.slot, resume_from = %format_lsn(confirmed), "streaming from the replication slot");
         self.health.set_role("leader");
         self.metrics.leader.set(1);
@@ -416,24 +425,8 @@ impl<S: Sink> Relay<S> {
         let policy_blocks = config.failures.policy == FailurePolicy::Block;
         let super::Stage { batches: batch_tx, outcomes: mut outcome_rx, task: stage } =
             self.start_stage(policy_blocks.then(Blocked::halting), fence.clone());
-        let result = match marker_connection {
-            None => Ok(None),
-            Some(connecting) => match connecting.await {
-                Ok(Ok(connection)) => Ok(Some(connection)),
-                Ok(Err(error)) => Err(RelayError::from(error)),
-                Err(panicked) => Err(RelayError::Stream(format!("opening the marker's connection: {panicked}"))),
-            },
-        };
-        let result = match result {
-            Ok(marker_connection) => {
-                let marker = marker_connection.map(|connection| {
-                    Marker::start(connection, self.table.clone(), config.source.max_in_flight_batches)
-                });
-                let streaming = Streaming { stream, confirmed, marker };
-                self.stream_loop(control, streaming, batch_tx, &mut outcome_rx, coordinator).await
-            }
-            Err(error) => Err(error),
-        };
+        let streaming = Streaming { stream, confirmed, marker };
+        let result = self.stream_loop(control, streaming, batch_tx, &mut outcome_rx, coordinator).await;
         let mut beat = interval(Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -539,7 +532,6 @@ impl<S: Sink> Relay<S> {
         // ~1,000 instructions per event (a pass per Begin, Insert, Commit).
         let shutdown_requested = shutdown.wait();
         tokio::pin!(shutdown_requested);
-
         // Last confirmed LSN sent to the server, and when.
         let mut reported = confirmed;
         let mut last_report = Instant::now();
