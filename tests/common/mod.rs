@@ -9,6 +9,7 @@
 //!   and order checks, the CLI and HTTP helpers;
 //! - [`pubsub`]: Google's Pub/Sub emulator and a REST client;
 //! - [`proxy`]: a TCP forwarder that fails the way networks do;
+//! - [`replicas`]: several relays on one outbox, who holds what;
 //! - [`cloudevents`]: sample rows and the CloudEvents SDK as parser.
 //!
 //! Each test file declares `mod common;` and takes what it needs; what a
@@ -20,6 +21,7 @@ pub mod cloudevents;
 pub mod proxy;
 pub mod pubsub;
 pub mod relay;
+pub mod replicas;
 
 #[allow(unused_imports)] // each test file uses some of them
 pub use outbox_relay::demo::postgres::{ClusterOptions, ServerTls, StopMode, ThrowawayPostgres};
@@ -208,6 +210,20 @@ pub struct Consumed {
 /// metadata; a topic that does not exist (yet) is retried until `timeout`.
 /// Reads committed messages only (`read_committed`).
 pub fn consume(bootstrap: &str, topics: &[&str], expected: usize, timeout: Duration) -> Vec<Consumed> {
+    // librdkafka's default, stated: exactly-once tests read as their consumers must.
+    consume_isolated(bootstrap, topics, expected, timeout, "read_committed")
+}
+
+/// Like [`consume`], with `isolation.level` = `isolation`: `read_uncommitted`
+/// also reads past a partition's last stable offset, up to its high watermark
+/// (what the broker holds, whatever its transactions' state).
+pub fn consume_isolated(
+    bootstrap: &str,
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+    isolation: &str,
+) -> Vec<Consumed> {
     let deadline = Instant::now() + timeout;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -215,8 +231,7 @@ pub fn consume(bootstrap: &str, topics: &[&str], expected: usize, timeout: Durat
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // librdkafka's default, stated: exactly-once tests read as their consumers must.
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         .create()
         .expect("create test consumer");
     let mut assignment = TopicPartitionList::new();
