@@ -21,6 +21,7 @@
 
 pub mod cloudevents;
 pub mod debezium;
+mod template;
 
 use std::borrow::Cow;
 
@@ -32,6 +33,7 @@ use uuid::Uuid;
 use crate::config::{EnvelopeConfig, EnvelopeFormat};
 use crate::event::{OutboxEvent, Payload};
 use crate::sink::OutgoingMessage;
+use template::{Field, Template};
 
 /// Version string written into every envelope and header.
 pub const ENVELOPE_VERSION: &str = "1";
@@ -88,15 +90,11 @@ pub enum EnvelopeError {
 /// A parsed `sink.topic` template such as `outbox.{aggregate_type}`.
 #[derive(Debug, Clone)]
 pub struct TopicTemplate {
-    parts: Vec<TemplatePart>,
+    template: Template,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum TemplatePart {
-    Literal(String),
-    AggregateType,
-    EventType,
-}
+/// The placeholders `sink.topic` accepts.
+const TOPIC_FIELDS: &[Field] = &[Field::AggregateType, Field::EventType];
 
 impl TopicTemplate {
     /// Parses a template; unknown placeholders are an error naming them.
@@ -104,29 +102,7 @@ impl TopicTemplate {
         if template.is_empty() {
             return Err("is empty: set a topic name or template such as \"outbox.{aggregate_type}\"".into());
         }
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(TemplatePart::Literal(rest[..open].to_owned()));
-            }
-            let close = rest[open..].find('}').ok_or_else(|| format!("{template:?} has an unclosed '{{'"))?;
-            let name = &rest[open + 1..open + close];
-            parts.push(match name {
-                "aggregate_type" => TemplatePart::AggregateType,
-                "event_type" => TemplatePart::EventType,
-                other => {
-                    return Err(format!(
-                        "{template:?} uses unknown placeholder {{{other}}}: use {{aggregate_type}} or {{event_type}}"
-                    ))
-                }
-            });
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(TemplatePart::Literal(rest.to_owned()));
-        }
-        let template = TopicTemplate { parts };
+        let template = TopicTemplate { template: Template::parse(template, TOPIC_FIELDS)? };
         let sample = template.render("Aggregate", "EventType");
         if !is_valid_topic_for_some_sink(&sample) {
             return Err(format!(
@@ -139,13 +115,12 @@ impl TopicTemplate {
     /// The topic for an event of this aggregate and event type.
     pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
         let mut out = String::with_capacity(64);
-        for part in &self.parts {
-            match part {
-                TemplatePart::Literal(text) => out.push_str(text),
-                TemplatePart::AggregateType => out.push_str(aggregate_type),
-                TemplatePart::EventType => out.push_str(event_type),
-            }
-        }
+        self.template.render_into(&mut out, |field, out| match field {
+            Field::AggregateType => out.push_str(aggregate_type),
+            Field::EventType => out.push_str(event_type),
+            // Not in TOPIC_FIELDS: parse refuses it.
+            Field::EventVersion => {}
+        });
         out
     }
 }
@@ -216,8 +191,9 @@ pub struct EnvelopeMapper {
 impl EnvelopeMapper {
     /// A mapper using the configured topic template and `[envelope]`
     /// section; `source_table` is `source.table`. The Debezium format's
-    /// column names resolve against the default mapping here; use
-    /// [`EnvelopeMapper::with_columns`] to give the configured one.
+    /// column names resolve against the default mapping here; the relay
+    /// uses [`EnvelopeMapper::with_columns`] to give the configured one.
+    #[cfg(test)]
     pub fn new(
         topic: TopicTemplate,
         envelope: &EnvelopeConfig,
@@ -226,7 +202,7 @@ impl EnvelopeMapper {
         Self::with_columns(topic, envelope, source_table, &crate::config::ColumnMapping::default())
     }
 
-    /// As [`EnvelopeMapper::new`], resolving the Debezium format's column
+    /// A mapper for the configured topic template and `[envelope]` section, resolving the Debezium format's column
     /// names (`route_by_field`, `additional_placement`) against `columns`.
     pub fn with_columns(
         topic: TopicTemplate,
@@ -253,6 +229,7 @@ impl EnvelopeMapper {
     }
 
     /// A mapper producing the native envelope v1 (the default format).
+    #[cfg(test)]
     pub fn native(topic: TopicTemplate) -> Self {
         Self { topic, encoding: Encoding::Native }
     }
