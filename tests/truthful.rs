@@ -13,8 +13,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::relay::{
-    cli, connect, http_get, metric_sum, migrate, migrate_with, relay_env, wait_all_published_or, wait_until,
-    RelayProcess,
+    cli, connect, create_relay_role, http_get, metric_sum, migrate, migrate_with, relay_env, wait_all_published_or,
+    wait_until, RelayProcess,
 };
 use common::{consume, TestBroker, ThrowawayPostgres};
 
@@ -160,15 +160,7 @@ async fn a_privilege_revoked_mid_run_needs_an_operator_until_granted_back_and_no
     broker.create_topic(TOPIC, 1);
     migrate(&pg.url());
     let admin = connect(&pg.url()).await;
-    admin
-        .batch_execute(
-            "CREATE ROLE relay LOGIN; \
-             GRANT USAGE ON SCHEMA outbox TO relay; \
-             GRANT SELECT, UPDATE, DELETE ON outbox.events TO relay; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.relay_leases, outbox.relay_members TO relay;",
-        )
-        .await
-        .unwrap();
+    create_relay_role(&admin, "SELECT, UPDATE, DELETE").await;
     let enqueue = |from: i64, to: i64| {
         format!(
             "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
