@@ -126,7 +126,19 @@ pub fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let result = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime.block_on(dispatch(cli)),
+        // The command runs as a task on the runtime's workers, not on this
+        // thread: its wake-ups by the publish stage, the Postgres drivers and
+        // the broker client stay among the workers instead of each one
+        // unparking the main thread (a futex round trip per batch at low rates).
+        // (The demo's mock cluster cannot move between threads: it stays here.)
+        Ok(runtime) => runtime.block_on(async {
+            if matches!(cli.command, Command::Demo { .. }) {
+                return dispatch(cli).await;
+            }
+            tokio::spawn(dispatch_tool(cli)).await.unwrap_or_else(|panicked| {
+                Err(CliError::Runtime(anyhow::anyhow!("the command's task panicked: {panicked}")))
+            })
+        }),
         Err(e) => Err(CliError::Runtime(anyhow::Error::new(e).context("cannot start the async runtime"))),
     };
     match result {
@@ -158,6 +170,11 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         });
         return crate::demo::run(events, config, mode).await.map_err(CliError::Runtime);
     }
+    dispatch_tool(cli).await
+}
+
+/// Every command but the demo: `run` and the operator tools.
+async fn dispatch_tool(cli: Cli) -> Result<(), CliError> {
     let config = crate::startup::load(cli.config.as_deref())?;
     crate::postgres::set_relay_id(config.replicas.resolved_relay_id());
     let reload = init_logging(&config.log.level, config.log.format);

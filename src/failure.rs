@@ -15,7 +15,7 @@
 
 use std::borrow::Cow;
 
-use crate::config::{FailurePolicy, FailuresConfig};
+use crate::config::FailuresConfig;
 use crate::event::{OutboxEvent, RawRow, Rejected};
 use crate::sink::{OutgoingMessage, PublishError, Sink};
 
@@ -143,13 +143,6 @@ impl DeadLetter {
     }
 }
 
-/// Whether a failure goes to the dead-letter topic now, given the attempts
-/// including this one.
-pub fn should_dead_letter(config: &FailuresConfig, kind: FailureKind, attempts: i64) -> bool {
-    config.policy == FailurePolicy::DeadLetter
-        && (kind != FailureKind::BrokerTransient || attempts >= i64::from(config.max_attempts))
-}
-
 /// Publishes dead letters through `sink` and waits for the broker's answers,
 /// one per letter, in order.
 pub async fn publish<S: Sink>(
@@ -213,15 +206,5 @@ mod tests {
         assert_eq!(value["aggregate_id"], serde_json::Value::Null);
         assert!(value["failed_at"].as_str().unwrap().ends_with('Z'));
         assert_eq!(message.headers[1].1, b"public.outbox");
-    }
-
-    #[test]
-    fn permanent_failures_go_at_once_and_transient_ones_after_max_attempts() {
-        let config = FailuresConfig { policy: FailurePolicy::DeadLetter, ..FailuresConfig::default() };
-        assert!(should_dead_letter(&config, FailureKind::Envelope, 1));
-        assert!(should_dead_letter(&config, FailureKind::BrokerPermanent, 1));
-        assert!(!should_dead_letter(&config, FailureKind::BrokerTransient, 4));
-        assert!(should_dead_letter(&config, FailureKind::BrokerTransient, 5));
-        assert!(!should_dead_letter(&FailuresConfig::default(), FailureKind::Envelope, 9));
     }
 }

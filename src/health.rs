@@ -3,7 +3,9 @@
 //! Liveness: the relay's main loop beat recently (it is not stuck).
 //! Readiness: connected to Postgres, the broker answers, nothing fatal, and
 //! the relay is not stuck behind an event it cannot publish (a blocked
-//! replication stream). While it waits for something at start-up,
+//! replication stream), and no session failed on something only an operator
+//! can fix (a missing privilege, table or publication) since work last
+//! settled. While it waits for something at start-up,
 //! `waiting_for` says what.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +36,7 @@ struct Inner {
     failure: Mutex<Option<String>>,
     waiting_for: Mutex<Option<String>>,
     blocked: Mutex<Option<String>>,
+    needs_operator: Mutex<Option<String>>,
 }
 
 /// What `/healthz` and `/readyz` return.
@@ -56,6 +59,10 @@ pub struct Report {
     /// Why publishing is stopped behind an event that cannot be published
     /// (a blocked replication stream under `failures.policy = "block"`).
     pub blocked: Option<String>,
+    /// What the last session failed on when only an operator can fix it (a
+    /// missing privilege, table or publication; `wal_level`): the relay
+    /// retries meanwhile and clears this once it settles work again.
+    pub needs_operator: Option<String>,
 }
 
 impl Health {
@@ -77,6 +84,7 @@ impl Health {
                 failure: Mutex::new(None),
                 waiting_for: Mutex::new(None),
                 blocked: Mutex::new(None),
+                needs_operator: Mutex::new(None),
             }),
         }
     }
@@ -146,6 +154,17 @@ impl Health {
         *current = why;
     }
 
+    /// A session failed on something only an operator can fix (`Some`), or
+    /// the relay has settled work since (`None`). Readiness fails meanwhile.
+    pub fn set_needs_operator(&self, why: Option<String>) {
+        if let Ok(mut current) = self.inner.needs_operator.lock() {
+            if current.is_some() && why.is_none() {
+                tracing::info!("the problem that needed an operator is gone: the relay settles events again");
+            }
+            *current = why;
+        }
+    }
+
     fn report(&self, ok: bool) -> Report {
         let last_beat = self.inner.last_beat_ms.load(Ordering::Relaxed);
         Report {
@@ -157,6 +176,7 @@ impl Health {
             failure: self.inner.failure.lock().ok().and_then(|f| f.clone()),
             waiting_for: self.inner.waiting_for.lock().ok().and_then(|f| f.clone()),
             blocked: self.inner.blocked.lock().ok().and_then(|f| f.clone()),
+            needs_operator: self.inner.needs_operator.lock().ok().and_then(|f| f.clone()),
         }
     }
 
@@ -167,10 +187,12 @@ impl Health {
         self.report(fresh)
     }
 
-    /// Ready: Postgres connected, broker reachable, no failure, not blocked.
+    /// Ready: Postgres connected, broker reachable, no failure, not
+    /// blocked, nothing waiting for an operator.
     pub fn readiness(&self) -> Report {
         let failed = self.inner.failure.lock().map(|f| f.is_some()).unwrap_or(true)
-            || self.inner.blocked.lock().map(|b| b.is_some()).unwrap_or(true);
+            || self.inner.blocked.lock().map(|b| b.is_some()).unwrap_or(true)
+            || self.inner.needs_operator.lock().map(|b| b.is_some()).unwrap_or(true);
         let ok = self.inner.postgres.load(Ordering::Relaxed) && self.inner.broker.load(Ordering::Relaxed) && !failed;
         self.report(ok)
     }
@@ -213,6 +235,19 @@ mod tests {
         assert_eq!(report.status, "fail");
         assert!(report.blocked.as_deref().is_some_and(|b| b.contains("0/16B3748")));
         health.set_blocked(None);
+        assert_eq!(health.readiness().status, "ok");
+    }
+
+    #[test]
+    fn a_problem_only_an_operator_can_fix_is_not_ready_until_work_settles_again() {
+        let health = Health::new();
+        health.set_postgres(true);
+        health.set_broker(true);
+        health.set_needs_operator(Some("permission denied for table events".into()));
+        let report = health.readiness();
+        assert_eq!(report.status, "fail");
+        assert!(report.needs_operator.as_deref().is_some_and(|b| b.contains("permission denied")));
+        health.set_needs_operator(None);
         assert_eq!(health.readiness().status, "ok");
     }
 }

@@ -22,6 +22,7 @@
 //! startup     the configuration checks that need the feature modules (config stays the bottom layer)
 //! config      figment: defaults < TOML < OUTBOX_RELAY_* env, validation
 //! metrics     Prometheus counters, gauges, histograms
+//! internal_events  what the relay reports about itself: each event's log line and metric in one place
 //! http        /metrics, /healthz, /readyz
 //! health      liveness and readiness state; systemd watchdog
 //! monitor     broker probe and backlog gauges
@@ -32,31 +33,38 @@
 //! demo/       zero-setup demo: throwaway Postgres + librdkafka mock cluster
 //! ```
 
-pub mod check;
+// The library's public face is what the binary, the tests and the benchmark
+// use: the command line, configuration, the demo's throwaway Postgres, the
+// outbox table's checks, Postgres connections (with TLS) and the replication
+// wire client. Everything else is crate-internal, so the compiler reports
+// what nothing uses.
 pub mod cli;
 pub mod config;
-pub mod coordination;
 pub mod demo;
-pub mod envelope;
-pub mod event;
-pub mod failure;
-pub mod health;
-pub mod holdback;
-pub mod http;
-pub mod metrics;
-pub mod migrate;
-pub mod monitor;
 pub mod outbox;
-pub mod pipeline;
 pub mod postgres;
-pub mod relay;
-pub mod replay;
-pub mod retention;
-pub mod settle;
-pub mod shutdown;
-pub mod sink;
 pub mod source;
-pub mod startup;
-pub mod status;
-pub mod systemd;
 pub mod tls;
+
+pub(crate) mod check;
+pub(crate) mod coordination;
+pub(crate) mod envelope;
+pub(crate) mod event;
+pub(crate) mod failure;
+pub(crate) mod health;
+pub(crate) mod holdback;
+pub(crate) mod http;
+mod internal_events;
+pub(crate) mod metrics;
+pub(crate) mod migrate;
+pub(crate) mod monitor;
+pub(crate) mod pipeline;
+pub(crate) mod relay;
+pub(crate) mod replay;
+pub(crate) mod retention;
+pub(crate) mod settle;
+pub(crate) mod shutdown;
+pub(crate) mod sink;
+pub(crate) mod startup;
+pub(crate) mod status;
+pub(crate) mod systemd;

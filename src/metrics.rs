@@ -20,8 +20,13 @@ pub struct Metrics {
     pub registry: Registry,
     /// Events acknowledged by the broker, by topic and event type.
     pub events_published: IntCounterVec,
-    /// Events not published, by reason (`envelope`, `broker_transient`, `broker_permanent`).
+    /// Events not published, by reason (`envelope`, `broker_transient`,
+    /// `broker_permanent`, `dead_letter` when the dead-letter topic refused one).
     pub publish_failures: IntCounterVec,
+    /// Sessions that ended in an error, by cause: `transient` (the relay
+    /// reconnects) or `needs_operator` (it retries until someone fixes a
+    /// privilege, table, publication or setting).
+    pub session_failures: IntCounterVec,
     /// Events retried after a failure.
     pub retries: IntCounter,
     /// Events sent to the dead-letter topic.
@@ -58,8 +63,6 @@ pub struct Metrics {
     pub transactions_aborted: IntCounter,
     /// Exactly once: how long committing a transaction took.
     pub transaction_commit_latency: Histogram,
-    /// Constant 1, labelled with the version.
-    pub build_info: IntGaugeVec,
     labels_seen: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
@@ -111,6 +114,19 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let session_failures = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_session_failures_total",
+                "Relay sessions that ended in an error, by cause (transient or needs_operator)",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+        // Both series exist from the start, so a rate or an alert on either
+        // has a zero to compare with.
+        for cause in ["transient", "needs_operator"] {
+            session_failures.with_label_values(&[cause]);
+        }
         let retries = IntCounter::new("outbox_relay_retries_total", "Events retried after a failed publish")
             .expect("valid metric");
         let dead_lettered = IntCounter::new("outbox_relay_dead_lettered_total", "Events sent to the dead-letter topic")
@@ -194,6 +210,7 @@ impl Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(events_published.clone()),
             Box::new(publish_failures.clone()),
+            Box::new(session_failures.clone()),
             Box::new(retries.clone()),
             Box::new(dead_lettered.clone()),
             Box::new(blocked_aggregates.clone()),
@@ -221,6 +238,7 @@ impl Metrics {
             registry,
             events_published,
             publish_failures,
+            session_failures,
             retries,
             dead_lettered,
             blocked_aggregates,
@@ -238,7 +256,6 @@ impl Metrics {
             transactions_committed,
             transactions_aborted,
             transaction_commit_latency,
-            build_info,
             labels_seen: Arc::new(Mutex::new(HashSet::new())),
         }
     }
@@ -266,6 +283,7 @@ impl Metrics {
     }
 
     /// Names of every metric this relay exports, for consistency checks.
+    #[cfg(test)]
     pub fn names(&self) -> Vec<String> {
         self.registry.gather().iter().map(|family| family.name().to_owned()).collect()
     }

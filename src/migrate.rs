@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use crate::config::{Config, SourceMode};
-use crate::postgres::{describe, PostgresError};
+use crate::postgres::PostgresError;
 
 /// Every migration, in the order it must be applied.
 pub const MIGRATIONS: &[Migration] = &[
@@ -28,8 +28,7 @@ pub struct Migration {
 
 /// Applies what is missing; returns the versions applied by this call.
 pub async fn run(client: &mut Client) -> Result<Vec<i32>, PostgresError> {
-    let fail =
-        |what: &str, e: tokio_postgres::Error| PostgresError::Query(format!("migrate: {what}: {}", describe(&e)));
+    let fail = |what: &str, e: tokio_postgres::Error| PostgresError::query(&format!("migrate: {what}"), &e);
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS outbox; \
@@ -91,9 +90,10 @@ pub async fn reconcile_notify_trigger(client: &Client, config: &Config) -> Resul
     } else {
         "DROP TRIGGER IF EXISTS events_notify_relay ON outbox.events"
     };
-    client.batch_execute(sql).await.map_err(|e| {
-        PostgresError::Query(format!("migrate: setting up the NOTIFY trigger on outbox.events: {}", describe(&e)))
-    })?;
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| PostgresError::query("migrate: setting up the NOTIFY trigger on outbox.events", &e))?;
     Ok(if wanted {
         "NOTIFY trigger on outbox.events: installed (wakes the relay at commit; set source.notify = false if applications \
          use PREPARE TRANSACTION on transactions that write outbox rows)"

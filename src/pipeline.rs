@@ -44,20 +44,32 @@ pub struct BatchOutcome {
     pub fenced: bool,
 }
 
+/// What a publish stage works with, besides the two channels that connect
+/// it to its session.
+pub struct StageSetup<S> {
+    /// Where events go.
+    pub sink: Arc<S>,
+    /// Rows to messages.
+    pub mapper: EnvelopeMapper,
+    /// Publish counters and latencies.
+    pub metrics: Metrics,
+    /// Batches sent and not yet answered, at most.
+    pub max_in_flight: usize,
+    /// `failures.policy = "block"`: aggregates held back behind a failed event.
+    pub blocked: Option<Blocked>,
+    /// The session's lease: nothing is sent once it lapsed.
+    pub fence: Fence,
+}
+
 /// Runs until `batches` closes and every enqueued batch has an outcome.
 /// With `blocked`, later events of an aggregate whose event failed are held
 /// back (see [`crate::holdback`]). A batch is sent only while `fence` holds.
-#[allow(clippy::too_many_arguments)]
 pub async fn publish_stage<S: Sink>(
-    sink: Arc<S>,
-    mapper: EnvelopeMapper,
-    metrics: Metrics,
+    setup: StageSetup<S>,
     mut batches: mpsc::Receiver<ClaimedBatch>,
     outcomes: mpsc::Sender<BatchOutcome>,
-    max_in_flight: usize,
-    blocked: Option<Blocked>,
-    fence: Fence,
 ) {
+    let StageSetup { sink, mapper, metrics, max_in_flight, blocked, fence } = setup;
     let mut pending = FuturesOrdered::new();
     let mut open = true;
     while open || !pending.is_empty() {

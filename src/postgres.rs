@@ -29,16 +29,68 @@ pub enum PostgresError {
         target: String,
         /// Why, with the fix where one is known.
         detail: String,
+        /// The server's SQLSTATE when it answered and refused (a wrong
+        /// password, a missing database); `None` when it never answered.
+        code: Option<SqlState>,
     },
     /// A statement failed.
     #[error("{0}")]
     Query(String),
+    /// Postgres refused a statement with an error code.
+    #[error("{message}")]
+    Refused {
+        /// What was being done, the server's message and the fix.
+        message: String,
+        /// The SQLSTATE, which says whether retrying can help.
+        code: SqlState,
+    },
 }
 
 impl PostgresError {
     /// Wraps a driver error from a statement with an actionable description.
     pub fn query(context: &str, error: &tokio_postgres::Error) -> PostgresError {
-        PostgresError::Query(format!("{context}: {}", describe(error)))
+        let message = format!("{context}: {}", describe(error));
+        match error.code() {
+            Some(code) => PostgresError::Refused { message, code: code.clone() },
+            None => PostgresError::Query(message),
+        }
+    }
+
+    /// Whether only an operator can end this failure (a missing privilege,
+    /// table, column or publication, a wrong password, `wal_level`), judged
+    /// by SQLSTATE: retrying still happens, but the relay says it waits for
+    /// a fix instead of for the network.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            PostgresError::Refused { code, .. } => needs_operator(code),
+            PostgresError::Connect { code: Some(code), .. } => needs_operator(code),
+            PostgresError::Connect { code: None, .. } | PostgresError::Query(_) => false,
+        }
+    }
+}
+
+/// Whether a SQLSTATE names something retrying alone cannot fix. Passing
+/// conditions (a lost connection, a restart or failover, a cancelled
+/// statement, a serialization failure or deadlock, exhausted resources, a
+/// lock or object in use, a read-only standby) are not; neither is any code
+/// not listed, so an unknown error is retried as before.
+pub fn needs_operator(code: &SqlState) -> bool {
+    let code = code.code();
+    let class = &code[..2.min(code.len())];
+    match class {
+        // Invalid authorization (wrong password, no pg_hba entry, TLS required).
+        "28" => true,
+        // The database does not exist; the schema does not exist.
+        "3D" | "3F" => true,
+        // Syntax or access rule: a missing privilege, table, column,
+        // function or publication, or a column of the wrong type.
+        "42" => true,
+        // Object not in prerequisite state (e.g. wal_level below logical),
+        // but not "lock not available" (55P03) or "object in use" (55006).
+        "55" => code == "55000",
+        // Operator intervention: only a dropped database (57P04) stays.
+        "57" => code == "57P04",
+        _ => false,
     }
 }
 
@@ -80,7 +132,7 @@ pub struct Prepared {
 /// certificate files (again at every call, so rotated secrets are picked up).
 pub fn prepare(config: &PostgresConfig) -> Result<Prepared, PostgresError> {
     let target = redacted_target(&config.url);
-    let connect_error = |detail: String| PostgresError::Connect { target: target.clone(), detail };
+    let connect_error = |detail: String| PostgresError::Connect { target: target.clone(), detail, code: None };
     let (url, tls) = crate::tls::resolve(config).map_err(|e| connect_error(e.to_string()))?;
     let mut pg: tokio_postgres::Config =
         url.parse().map_err(|e| connect_error(format!("invalid postgres.url: {e}")))?;
@@ -127,9 +179,10 @@ pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<
         return Err(PostgresError::Connect {
             target,
             detail: "postgres.url names no host: add one, e.g. postgres://relay@db:5432/app".into(),
+            code: None,
         });
     }
-    let mut last_error = String::new();
+    let mut last_error = HostRefused::from("");
     for i in 0..count {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let host = hosts.get(i).cloned();
@@ -140,13 +193,32 @@ pub async fn connect(config: &PostgresConfig, application_name: &str) -> Result<
         };
         match connect_host(&pg, &address, host.as_ref(), port, &net, &tls, rustls.as_ref()).await {
             Ok(connection) => return Ok(connection),
-            Err(detail) => {
+            Err(HostRefused { detail, code }) => {
                 debug!(host = %host_label(&address, port), error = %detail, "postgres host refused");
-                last_error = if count > 1 { format!("{}: {detail}", host_label(&address, port)) } else { detail };
+                let detail = if count > 1 { format!("{}: {detail}", host_label(&address, port)) } else { detail };
+                last_error = HostRefused { detail, code };
             }
         }
     }
-    Err(PostgresError::Connect { target, detail: last_error })
+    Err(PostgresError::Connect { target, detail: last_error.detail, code: last_error.code })
+}
+
+/// Why one host could not be used, and the server's SQLSTATE when it answered.
+struct HostRefused {
+    detail: String,
+    code: Option<SqlState>,
+}
+
+impl From<String> for HostRefused {
+    fn from(detail: String) -> Self {
+        HostRefused { detail, code: None }
+    }
+}
+
+impl From<&str> for HostRefused {
+    fn from(detail: &str) -> Self {
+        HostRefused { detail: detail.to_owned(), code: None }
+    }
 }
 
 fn host_label(host: &Host, port: u16) -> String {
@@ -170,7 +242,7 @@ fn connect_host<'a>(
     net: &'a liveness::NetSettings,
     tls: &'a TlsSettings,
     rustls: Option<&'a Arc<rustls::ClientConfig>>,
-) -> futures::future::BoxFuture<'a, Result<Connection, String>> {
+) -> futures::future::BoxFuture<'a, Result<Connection, HostRefused>> {
     use futures::FutureExt;
     async move {
         let connect_timeout = pg.get_connect_timeout().copied();
@@ -191,7 +263,8 @@ fn connect_host<'a>(
             }
         };
         let socket: Socket = liveness::Watched::new(stream, net.io_timeout);
-        let connect_error = |e: tokio_postgres::Error| connect_detail(&e, tls);
+        let connect_error =
+            |e: tokio_postgres::Error| HostRefused { detail: connect_detail(&e, tls), code: e.code().cloned() };
         let notifications = Arc::new(Notify::new());
         // The connect_raw futures are boxed: unboxed, they trip the compiler's
         // higher-ranked `Send` inference for every task that connects.

@@ -27,11 +27,6 @@ impl ShutdownTrigger {
     pub fn trigger(&self) {
         self.sender.send_replace(true);
     }
-
-    /// A new listener, for tasks started after the trigger was made.
-    pub fn subscribe(&self) -> Shutdown {
-        Shutdown { receiver: self.sender.subscribe() }
-    }
 }
 
 impl Shutdown {
@@ -110,8 +105,8 @@ mod tests {
         assert!(!shutdown.is_triggered());
         trigger.trigger();
         shutdown.wait().await;
-        let mut late = trigger.subscribe();
-        late.wait().await;
-        assert!(late.is_triggered());
+        let mut clone = shutdown.clone();
+        clone.wait().await;
+        assert!(clone.is_triggered());
     }
 }

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::relay::{connect, migrate, migrate_with, relay_env, slot_confirmed, wait_all_published, RelayProcess};
+use common::relay::{
+    connect, create_relay_role, migrate, migrate_with, relay_env, slot_confirmed, wait_all_published, RelayProcess,
+};
 use common::{consume, Consumed, TestBroker, ThrowawayPostgres};
 use rdkafka::mocking::MockCluster;
 
@@ -323,15 +325,7 @@ async fn a_relay_that_cannot_mark_does_not_publish_the_same_events_again_and_aga
     broker.create_topic("outbox.Order", 1);
     migrate(&pg.url());
     let client = connect(&pg.url()).await;
-    client
-        .batch_execute(
-            "CREATE ROLE relay LOGIN; \
-             GRANT USAGE ON SCHEMA outbox TO relay; \
-             GRANT SELECT, DELETE ON outbox.events TO relay; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.relay_leases, outbox.relay_members TO relay;",
-        )
-        .await
-        .unwrap();
+    create_relay_role(&client, "SELECT, DELETE").await;
     for seq in 0..50 {
         enqueue(&client, "Order", &format!("agg-{}", seq % 5), "OrderUpdated", seq).await;
     }

@@ -1,7 +1,9 @@
 //! What the relay tells an operator is true: a lone relay takes its work at
 //! once (no "standing by" when nobody else is there), readiness says what
 //! start-up waits for, and in `published.mode = "none"` the backlog is
-//! measured from the slot, not from rows that are never marked.
+//! measured from the slot, not from rows that are never marked, and a
+//! privilege revoked mid-run is reported (log, metric, /readyz) as needing an
+//! operator until it is granted back, without losing or repeating an event.
 //!
 //! The start-up test prints the measured time from process start to the
 //! first event marked published; see it with `-- --nocapture`.
@@ -10,8 +12,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::relay::{cli, connect, http_get, migrate_with, relay_env, wait_until, RelayProcess};
-use common::{TestBroker, ThrowawayPostgres};
+use common::relay::{
+    cli, connect, create_relay_role, http_get, metric_sum, migrate, migrate_with, relay_env, wait_all_published_or,
+    wait_until, RelayProcess,
+};
+use common::{consume, TestBroker, ThrowawayPostgres};
 
 const TOPIC: &str = "outbox.Order";
 
@@ -145,4 +150,63 @@ async fn status_lists_a_relay_that_waits_for_its_broker_at_start_up() {
         let (_, text, _) = cli(&["status"], &env);
         assert!(text.contains("waiting for the broker") && !text.contains("none running"), "{mode}: {text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_privilege_revoked_mid_run_needs_an_operator_until_granted_back_and_nothing_is_lost() {
+    // GIVEN a polling relay running as a least-privilege role, publishing
+    let pg = ThrowawayPostgres::start().unwrap();
+    let broker = TestBroker::start();
+    broker.create_topic(TOPIC, 1);
+    migrate(&pg.url());
+    let admin = connect(&pg.url()).await;
+    create_relay_role(&admin, "SELECT, UPDATE, DELETE").await;
+    let enqueue = |from: i64, to: i64| {
+        format!(
+            "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'Order', 'o-' || (n % 3), 'Updated', jsonb_build_object('seq', n) FROM generate_series({from}, {to}) n"
+        )
+    };
+    let relay = RelayProcess::start(&["run"], &relay_env(&pg.url_for("relay", "postgres"), &broker.bootstrap()));
+    let address = relay.http_address(Duration::from_secs(20));
+    admin.batch_execute(&enqueue(1, 10)).await.unwrap();
+    wait_all_published_or(&admin, Duration::from_secs(30), || relay.log()).await;
+
+    // WHEN the role loses UPDATE on the outbox (it can no longer mark) while events arrive
+    admin.batch_execute("REVOKE UPDATE ON outbox.events FROM relay").await.unwrap();
+    admin.batch_execute(&enqueue(11, 20)).await.unwrap();
+
+    // THEN /readyz fails and names the missing privilege and its fix, the
+    // metric counts sessions that need an operator, and the log says so
+    let mut body = String::new();
+    let reported = wait_until(Duration::from_secs(30), || {
+        let (code, b) = http_get(&address, "/readyz");
+        body = b;
+        code == 503 && body.contains("\"needs_operator\":\"") && body.contains("permission denied")
+    });
+    assert!(reported, "{body}\n{}", relay.log());
+    assert!(body.contains("grant the relay's role"), "the fix is named: {body}");
+    let metrics = http_get(&address, "/metrics").1;
+    assert!(metric_sum(&metrics, "outbox_relay_session_failures_total{cause=\"needs_operator\"}") >= 1.0, "{metrics}");
+    assert!(relay.log().contains("only an operator can fix"), "{}", relay.log());
+
+    // WHEN the privilege is granted back
+    admin.batch_execute("GRANT UPDATE ON outbox.events TO relay").await.unwrap();
+
+    // THEN every event is marked without a restart, readiness returns, and
+    // the broker holds each of the 20 events exactly once
+    wait_all_published_or(&admin, Duration::from_secs(60), || relay.log()).await;
+    let ready = wait_until(Duration::from_secs(20), || {
+        let (code, b) = http_get(&address, "/readyz");
+        body = b;
+        code == 200 && body.contains("\"needs_operator\":null")
+    });
+    assert!(ready, "{body}\n{}", relay.log());
+    let consumed = consume(&broker.bootstrap(), &[TOPIC], 20, Duration::from_secs(20));
+    let mut seqs: Vec<i64> = consumed
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["payload"]["seq"].as_i64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "each event once\n{}", relay.log());
 }

@@ -4,11 +4,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
 use super::{Identity, Resource};
-use crate::postgres::{describe, PostgresError};
+use crate::postgres::PostgresError;
 
 /// A live relay, as every relay reads them: oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,15 +32,17 @@ pub struct Acquired {
     pub other_layout: Option<i32>,
 }
 
+/// A failed lease statement. These statements touch only the lease
+/// tables, so a missing table or privilege (by SQLSTATE) is theirs.
 fn error(what: &str, e: &tokio_postgres::Error) -> PostgresError {
-    let text = describe(e);
-    if text.contains("relay_leases") || text.contains("relay_members") {
-        PostgresError::Query(format!(
-            "{what}: {text} (the lease tables are missing or not granted: run `outbox-relay migrate`, then the role script in sql/roles)"
-        ))
-    } else {
-        PostgresError::Query(format!("{what}: {text}"))
+    let missing = e.code().is_some_and(|c| *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INSUFFICIENT_PRIVILEGE);
+    if missing {
+        let what = format!(
+            "{what} (the lease tables are missing or not granted: run `outbox-relay migrate`, then the role script in sql/roles)"
+        );
+        return PostgresError::query(&what, e);
     }
+    PostgresError::query(what, e)
 }
 
 fn seconds(d: Duration) -> f64 {

@@ -35,6 +35,7 @@ use iri_string::types::UriReferenceStr;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::ser::{SerializeMap, Serializer as _};
 
+use super::template::{Field, Template};
 use super::{EnvelopeConfigError, EnvelopeError, Headers};
 use crate::config::{EnvelopeConfig, EnvelopeFormat, TypeVersion};
 use crate::event::OutboxEvent;
@@ -142,12 +143,8 @@ impl CloudEvents {
         Ok(CloudEvents { mode, source, type_version: config.type_version, dataschema, header_extensions })
     }
 
-    /// The content mode.
-    pub fn mode(&self) -> ContentMode {
-        self.mode
-    }
-
     /// The `source` attribute every event gets.
+    #[cfg(test)]
     pub fn source(&self) -> &str {
         &self.source
     }
@@ -348,42 +345,15 @@ fn uri_hint(text: &str) -> String {
 /// percent-encoded, so every rendering is a valid absolute URI.
 #[derive(Debug, Clone)]
 struct SchemaTemplate {
-    parts: Vec<SchemaPart>,
+    template: Template,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum SchemaPart {
-    Literal(String),
-    EventType,
-    EventVersion,
-    AggregateType,
-}
+/// The placeholders `envelope.dataschema` accepts.
+const SCHEMA_FIELDS: &[Field] = &[Field::EventType, Field::EventVersion, Field::AggregateType];
 
 impl SchemaTemplate {
     fn parse(template: &str) -> Result<SchemaTemplate, String> {
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(SchemaPart::Literal(rest[..open].to_owned()));
-            }
-            let close = rest[open..].find('}').ok_or_else(|| format!("{template:?} has an unclosed '{{'"))?;
-            parts.push(match &rest[open + 1..open + close] {
-                "event_type" => SchemaPart::EventType,
-                "event_version" => SchemaPart::EventVersion,
-                "aggregate_type" => SchemaPart::AggregateType,
-                other => {
-                    return Err(format!(
-                        "{template:?} uses unknown placeholder {{{other}}}: use {{event_type}}, {{event_version}} or {{aggregate_type}}"
-                    ))
-                }
-            });
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(SchemaPart::Literal(rest.to_owned()));
-        }
-        let schema = SchemaTemplate { parts };
+        let schema = SchemaTemplate { template: Template::parse(template, SCHEMA_FIELDS)? };
         let sample = schema.render_with("OrderPlaced", 1, "Order");
         match check_uri_reference(&sample) {
             Ok(true) if sample.contains('#') => Err(format!(
@@ -406,14 +376,11 @@ impl SchemaTemplate {
 
     fn render_with(&self, event_type: &str, event_version: i32, aggregate_type: &str) -> String {
         let mut out = String::with_capacity(96);
-        for part in &self.parts {
-            match part {
-                SchemaPart::Literal(text) => out.push_str(text),
-                SchemaPart::EventType => percent_encode_into(&mut out, event_type),
-                SchemaPart::EventVersion => out.push_str(&event_version.to_string()),
-                SchemaPart::AggregateType => percent_encode_into(&mut out, aggregate_type),
-            }
-        }
+        self.template.render_into(&mut out, |field, out| match field {
+            Field::EventType => percent_encode_into(out, event_type),
+            Field::EventVersion => out.push_str(&event_version.to_string()),
+            Field::AggregateType => percent_encode_into(out, aggregate_type),
+        });
         out
     }
 }

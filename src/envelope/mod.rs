@@ -21,6 +21,7 @@
 
 pub mod cloudevents;
 pub mod debezium;
+mod template;
 
 use std::borrow::Cow;
 
@@ -32,6 +33,7 @@ use uuid::Uuid;
 use crate::config::{EnvelopeConfig, EnvelopeFormat};
 use crate::event::{OutboxEvent, Payload};
 use crate::sink::OutgoingMessage;
+use template::{Field, Template};
 
 /// Version string written into every envelope and header.
 pub const ENVELOPE_VERSION: &str = "1";
@@ -88,15 +90,11 @@ pub enum EnvelopeError {
 /// A parsed `sink.topic` template such as `outbox.{aggregate_type}`.
 #[derive(Debug, Clone)]
 pub struct TopicTemplate {
-    parts: Vec<TemplatePart>,
+    template: Template,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum TemplatePart {
-    Literal(String),
-    AggregateType,
-    EventType,
-}
+/// The placeholders `sink.topic` accepts.
+const TOPIC_FIELDS: &[Field] = &[Field::AggregateType, Field::EventType];
 
 impl TopicTemplate {
     /// Parses a template; unknown placeholders are an error naming them.
@@ -104,29 +102,7 @@ impl TopicTemplate {
         if template.is_empty() {
             return Err("is empty: set a topic name or template such as \"outbox.{aggregate_type}\"".into());
         }
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(TemplatePart::Literal(rest[..open].to_owned()));
-            }
-            let close = rest[open..].find('}').ok_or_else(|| format!("{template:?} has an unclosed '{{'"))?;
-            let name = &rest[open + 1..open + close];
-            parts.push(match name {
-                "aggregate_type" => TemplatePart::AggregateType,
-                "event_type" => TemplatePart::EventType,
-                other => {
-                    return Err(format!(
-                        "{template:?} uses unknown placeholder {{{other}}}: use {{aggregate_type}} or {{event_type}}"
-                    ))
-                }
-            });
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(TemplatePart::Literal(rest.to_owned()));
-        }
-        let template = TopicTemplate { parts };
+        let template = TopicTemplate { template: Template::parse(template, TOPIC_FIELDS)? };
         let sample = template.render("Aggregate", "EventType");
         if !is_valid_topic_for_some_sink(&sample) {
             return Err(format!(
@@ -139,13 +115,12 @@ impl TopicTemplate {
     /// The topic for an event of this aggregate and event type.
     pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
         let mut out = String::with_capacity(64);
-        for part in &self.parts {
-            match part {
-                TemplatePart::Literal(text) => out.push_str(text),
-                TemplatePart::AggregateType => out.push_str(aggregate_type),
-                TemplatePart::EventType => out.push_str(event_type),
-            }
-        }
+        self.template.render_into(&mut out, |field, out| match field {
+            Field::AggregateType => out.push_str(aggregate_type),
+            Field::EventType => out.push_str(event_type),
+            // Not in TOPIC_FIELDS: parse refuses it.
+            Field::EventVersion => {}
+        });
         out
     }
 }
@@ -216,8 +191,9 @@ pub struct EnvelopeMapper {
 impl EnvelopeMapper {
     /// A mapper using the configured topic template and `[envelope]`
     /// section; `source_table` is `source.table`. The Debezium format's
-    /// column names resolve against the default mapping here; use
-    /// [`EnvelopeMapper::with_columns`] to give the configured one.
+    /// column names resolve against the default mapping here; the relay
+    /// uses [`EnvelopeMapper::with_columns`] to give the configured one.
+    #[cfg(test)]
     pub fn new(
         topic: TopicTemplate,
         envelope: &EnvelopeConfig,
@@ -226,7 +202,7 @@ impl EnvelopeMapper {
         Self::with_columns(topic, envelope, source_table, &crate::config::ColumnMapping::default())
     }
 
-    /// As [`EnvelopeMapper::new`], resolving the Debezium format's column
+    /// A mapper for the configured topic template and `[envelope]` section, resolving the Debezium format's column
     /// names (`route_by_field`, `additional_placement`) against `columns`.
     pub fn with_columns(
         topic: TopicTemplate,
@@ -253,6 +229,7 @@ impl EnvelopeMapper {
     }
 
     /// A mapper producing the native envelope v1 (the default format).
+    #[cfg(test)]
     pub fn native(topic: TopicTemplate) -> Self {
         Self { topic, encoding: Encoding::Native }
     }
@@ -295,33 +272,6 @@ impl EnvelopeMapper {
     }
 }
 
-/// `to_rfc3339_opts(SecondsFormat::Micros, true)`, without chrono's
-/// format-item machinery (about 1,000 instructions per event); years
-/// outside 0000-9999 go through chrono.
-pub fn rfc3339_micros(time: &chrono::DateTime<chrono::Utc>) -> String {
-    use chrono::{Datelike, Timelike};
-    let year = time.year();
-    if !(0..=9999).contains(&year) || time.nanosecond() >= 1_000_000_000 {
-        return time.to_rfc3339_opts(SecondsFormat::Micros, true);
-    }
-    // Digits written by hand: `write!` with widths costs more than chrono.
-    let mut out = *b"0000-00-00T00:00:00.000000Z";
-    let mut put = |at: usize, width: usize, mut value: u32| {
-        for digit in out[at..at + width].iter_mut().rev() {
-            *digit = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
-    };
-    put(0, 4, year as u32);
-    put(5, 2, time.month());
-    put(8, 2, time.day());
-    put(11, 2, time.hour());
-    put(14, 2, time.minute());
-    put(17, 2, time.second());
-    put(20, 6, time.nanosecond() / 1000);
-    out.iter().map(|&b| char::from(b)).collect()
-}
-
 /// Message headers: (name, value).
 pub type Headers = Vec<(Cow<'static, str>, Vec<u8>)>;
 
@@ -335,7 +285,7 @@ fn native_value_and_headers(event: &OutboxEvent) -> Result<(Vec<u8>, Headers), E
         event_version: event.event_version,
         aggregate_type: &event.aggregate_type,
         aggregate_id: &event.aggregate_id,
-        timestamp: rfc3339_micros(&event.created_at),
+        timestamp: event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
         actor: event.actor.as_deref(),
         headers: event.headers.as_deref().unwrap_or(empty_headers),
         payload: event.payload.as_json().ok_or(EnvelopeError::NotJson { kind: "text", format: "native" })?,
@@ -491,25 +441,5 @@ mod tests {
         e.aggregate_type = "Sales Order".into();
         let err = mapper().to_message(&e).unwrap_err();
         assert!(err.to_string().contains("\"outbox.Sales Order\""), "{err}");
-    }
-}
-
-#[cfg(test)]
-mod rfc3339_tests {
-    use chrono::{SecondsFormat, TimeZone, Utc};
-
-    #[test]
-    fn the_fast_timestamp_agrees_with_chrono() {
-        for micros in
-            [0i64, 1, 1_764_696_528_339_270, 946_684_799_999_999, -62_135_596_800_000_000, 253_402_300_799_999_999]
-        {
-            let time = Utc.timestamp_micros(micros).single().expect("valid");
-            assert_eq!(super::rfc3339_micros(&time), time.to_rfc3339_opts(SecondsFormat::Micros, true));
-        }
-        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
-            .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 1_500_000))
-            .expect("leap")
-            .and_utc();
-        assert_eq!(super::rfc3339_micros(&leap), leap.to_rfc3339_opts(SecondsFormat::Micros, true));
     }
 }

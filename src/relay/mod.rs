@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::sleep;
-use tracing::{error, Instrument};
+use tracing::Instrument;
 
 use crate::config::{Config, PublishedMode, SourceMode};
 use crate::coordination::{CoordinationError, Identity, Resource};
@@ -33,6 +33,7 @@ use crate::event::RawRow;
 use crate::failure::{self, DeadLetter, FailedRow};
 use crate::health::Health;
 use crate::holdback::Blocked;
+use crate::internal_events::{DeadLetterRefused, EventDeadLettered, InternalEvent, SessionFailed};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxTable;
 use crate::postgres::PostgresError;
@@ -76,6 +77,24 @@ pub enum RelayError {
     /// publishing and rejoins; another relay may have taken over.
     #[error("{0}")]
     Lease(String),
+}
+
+impl RelayError {
+    /// Whether only an operator can end this failure: a bad configuration,
+    /// a missing prerequisite or publication, an event that cannot be
+    /// published under `block`, or Postgres refusing with a SQLSTATE that
+    /// retrying cannot change (a privilege, a table, a password). Everything
+    /// else passes on its own: a restart, a lost connection, a lease.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            RelayError::Postgres(error) => error.needs_operator(),
+            RelayError::Config(_)
+            | RelayError::Prerequisite(_)
+            | RelayError::Publication(_)
+            | RelayError::Blocked(_) => true,
+            RelayError::StageStopped | RelayError::Stream(_) | RelayError::Broker(_) | RelayError::Lease(_) => false,
+        }
+    }
 }
 
 impl From<CoordinationError> for RelayError {
@@ -225,7 +244,11 @@ impl<S: Sink> Relay<S> {
                 }
                 Err(error) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                    error!(%error, retry_in = ?delay, "relay session failed; reconnecting");
+                    let needs_operator = error.needs_operator();
+                    SessionFailed { error: &error, needs_operator, retry_in: delay }.emit(&self.metrics);
+                    if needs_operator {
+                        self.health.set_needs_operator(Some(error.to_string()));
+                    }
                     self.health.beat();
                     tokio::select! {
                         _ = self.shutdown.wait() => return Ok(()),
@@ -252,19 +275,15 @@ impl<S: Sink> Relay<S> {
         let max_in_flight = self.config.source.max_in_flight_batches;
         let (batches, batch_rx) = tokio::sync::mpsc::channel(max_in_flight);
         let (outcome_tx, outcomes) = tokio::sync::mpsc::channel(max_in_flight + 1);
-        let task = tokio::spawn(
-            crate::pipeline::publish_stage(
-                self.sink.clone(),
-                self.mapper.clone(),
-                self.metrics.clone(),
-                batch_rx,
-                outcome_tx,
-                max_in_flight,
-                blocked,
-                fence,
-            )
-            .in_current_span(),
-        );
+        let setup = crate::pipeline::StageSetup {
+            sink: self.sink.clone(),
+            mapper: self.mapper.clone(),
+            metrics: self.metrics.clone(),
+            max_in_flight,
+            blocked,
+            fence,
+        };
+        let task = tokio::spawn(crate::pipeline::publish_stage(setup, batch_rx, outcome_tx).in_current_span());
         Stage { batches, outcomes, task }
     }
 }
@@ -302,24 +321,11 @@ impl<S: Sink> Relay<S> {
             .zip(results)
             .map(|(letter, result)| match result {
                 Ok(()) => {
-                    self.metrics.dead_lettered.inc();
-                    error!(
-                        position = letter.position,
-                        aggregate_id = letter.aggregate_id.as_deref().unwrap_or(""),
-                        reason = %letter.error,
-                        topic = %topic,
-                        "event dead-lettered: published to the dead-letter topic and not retried (re-drive it with `outbox-relay replay --dead-lettered`)"
-                    );
+                    EventDeadLettered { letter, topic }.emit(&self.metrics);
                     Ok(())
                 }
                 Err(error) => {
-                    error!(
-                        position = letter.position,
-                        reason = %letter.error,
-                        topic = %topic,
-                        dead_letter_error = %error.reason,
-                        "publishing to the dead-letter topic failed; the event stays unpublished and will be retried"
-                    );
+                    DeadLetterRefused { letter, topic, error: &error.reason }.emit(&self.metrics);
                     Err(format!("{} (dead-lettering failed: {})", letter.error, error.reason))
                 }
             })

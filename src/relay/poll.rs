@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::{reconnect_backoff, Relay, RelayError, SessionEnd};
 use crate::config::FailurePolicy;
@@ -26,41 +26,52 @@ use crate::coordination::{Assignment, Coordinator, Resource};
 use crate::event::Rejected;
 use crate::failure::FailureKind;
 use crate::holdback::Blocked;
+use crate::internal_events::{BatchSent, EventFailed, EventRetried, InternalEvent};
 use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
 use crate::settle::{self, Capture, End, EventKey, Rules};
 use crate::sink::Sink;
-use crate::source::poll::{Claim, Parked, PollSource};
+use crate::source::poll::{Claim, ClaimFilter, InFlightWindow, Parked, PollSource};
 use crate::source::table;
 
-/// Batches claimed and not yet acknowledged, oldest first:
-/// (sequence, first position, last position, rows).
+/// One claimed batch the broker has not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct ClaimedRange {
+    /// The batch's sequence number in this session.
+    sequence: u64,
+    /// Its lowest and highest outbox positions.
+    first_position: i64,
+    last_position: i64,
+    /// Events in it.
+    rows: usize,
+}
+
+/// Batches claimed and not yet acknowledged, oldest first.
 #[derive(Debug, Default)]
 struct InFlight {
-    batches: VecDeque<(u64, i64, i64, usize)>,
+    batches: VecDeque<ClaimedRange>,
     rows: usize,
 }
 
 impl InFlight {
-    fn push(&mut self, sequence: u64, first_position: i64, last_position: i64, rows: usize) {
-        self.batches.push_back((sequence, first_position, last_position, rows));
-        self.rows += rows;
+    fn push(&mut self, batch: ClaimedRange) {
+        self.rows += batch.rows;
+        self.batches.push_back(batch);
     }
 
     fn complete(&mut self, sequence: u64) {
-        if let Some((first, _, _, rows)) = self.batches.front().copied() {
-            debug_assert_eq!(first, sequence, "outcomes arrive in claim order");
-            self.batches.pop_front();
-            self.rows -= rows;
+        if let Some(oldest) = self.batches.pop_front() {
+            debug_assert_eq!(oldest.sequence, sequence, "outcomes arrive in claim order");
+            self.rows -= oldest.rows;
         }
     }
 
     fn top(&self) -> Option<i64> {
-        self.batches.back().map(|(_, _, last, _)| *last)
+        self.batches.back().map(|b| b.last_position)
     }
 
     fn bottom(&self) -> Option<i64> {
-        self.batches.front().map(|(_, first, _, _)| *first)
+        self.batches.front().map(|b| b.first_position)
     }
 
     fn len(&self) -> usize {
@@ -70,6 +81,13 @@ impl InFlight {
     fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
+}
+
+/// The claim loop's ends of its publish stage: batches go out on one,
+/// outcomes come back on the other. Dropping `batches` ends the stage.
+struct StageLink<'a> {
+    batches: mpsc::Sender<crate::source::ClaimedBatch>,
+    outcomes: &'a mut mpsc::Receiver<BatchOutcome>,
 }
 
 /// The lanes a claim loop claims from.
@@ -137,8 +155,8 @@ impl<S: Sink> Relay<S> {
         let super::Stage { batches: batch_tx, outcomes: mut outcome_rx, task: stage } =
             self.start_stage(policy_blocks.then(|| blocked.clone()), coordinator.fence());
 
-        let result =
-            self.claim_loop(&mut source, coordinator, batch_tx, &mut outcome_rx, until_caught_up, &blocked).await;
+        let link = StageLink { batches: batch_tx, outcomes: &mut outcome_rx };
+        let result = self.claim_loop(&mut source, coordinator, link, until_caught_up, &blocked).await;
 
         // Whatever is still enqueued finishes first, so the next session
         // cannot overtake it. Its acknowledgements are remembered (the rows
@@ -176,16 +194,15 @@ impl<S: Sink> Relay<S> {
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn claim_loop(
         &mut self,
         source: &mut PollSource,
         coordinator: &mut Coordinator,
-        batches: mpsc::Sender<crate::source::ClaimedBatch>,
-        outcomes: &mut mpsc::Receiver<BatchOutcome>,
+        link: StageLink<'_>,
         until_caught_up: bool,
         blocked: &Blocked,
     ) -> Result<SessionEnd, RelayError> {
+        let StageLink { batches, outcomes } = link;
         let max_in_flight = self.config.source.max_in_flight_batches;
         let batch_size = self.config.source.batch_size;
         let notify = source.notifications();
@@ -243,17 +260,10 @@ impl<S: Sink> Relay<S> {
             if can_claim && want_claim {
                 let top = if resync { None } else { in_flight.top() };
                 let claim_started = std::time::Instant::now();
-                let claim = source
-                    .claim(
-                        top,
-                        in_flight.rows,
-                        in_flight.bottom(),
-                        &parked.current(),
-                        blocked,
-                        &lanes.claiming,
-                        lanes.all,
-                    )
-                    .await?;
+                let window = InFlightWindow { top, rows: in_flight.rows, bottom: in_flight.bottom() };
+                let parked_now = parked.current();
+                let filter = ClaimFilter { parked: &parked_now, blocked, lanes: &lanes.claiming, all_lanes: lanes.all };
+                let claim = source.claim(window, filter).await?;
                 tracing::trace!(took_us = claim_started.elapsed().as_micros() as u64, "claim");
                 match claim {
                     Claim::Resync => {
@@ -269,12 +279,19 @@ impl<S: Sink> Relay<S> {
                             return Ok(SessionEnd::CaughtUp);
                         }
                         want_claim = batch.len() >= batch_size;
+                        if batch.is_empty() && in_flight.is_empty() && self.ledger.unsettled() == 0 {
+                            // Caught up with nothing owed: whatever needed an operator is fixed.
+                            self.health.set_needs_operator(None);
+                        }
                         if !batch.is_empty() {
-                            self.metrics.batches.inc();
-                            self.metrics.batch_size.observe(batch.len() as f64);
-                            self.metrics.events_in_flight.add(batch.len() as i64);
+                            BatchSent { events: batch.len() }.emit(&self.metrics);
                             let first = batch.first_position().unwrap_or(batch.last_position);
-                            in_flight.push(batch.sequence, first, batch.last_position, batch.len());
+                            in_flight.push(ClaimedRange {
+                                sequence: batch.sequence,
+                                first_position: first,
+                                last_position: batch.last_position,
+                                rows: batch.len(),
+                            });
                             batches.send(batch).await.map_err(|_| RelayError::StageStopped)?;
                         }
                     }
@@ -346,6 +363,7 @@ impl<S: Sink> Relay<S> {
         self.ledger.marked(&plan.mark);
         self.metrics.events_in_flight.sub((outcome.delivered.len() + outcome.failed.len() + outcome.held.len()) as i64);
         if !plan.mark.is_empty() {
+            self.health.set_needs_operator(None);
             self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
             if blocked.release(&plan.mark) > 0 {
                 info!(blocked = blocked.len(), "a failed event was published; its aggregate's held-back events follow");
@@ -355,7 +373,7 @@ impl<S: Sink> Relay<S> {
             debug!(events = outcome.held.len(), "events held back behind a failed event of their aggregate");
         }
         for failure in &outcome.failed {
-            self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
+            EventFailed { kind: failure.kind }.emit(&self.metrics);
         }
         let letters = self.dead_letter(&plan.dead_letter, |p| stored.get(&p).map(|(raw, _)| raw.clone())).await;
         let mut recorded: Vec<Rejected> = Vec::new();
@@ -374,28 +392,16 @@ impl<S: Sink> Relay<S> {
         }
         let retry_after = self.config.source.retry_failed_after;
         for row in &retry {
-            self.metrics.retries.inc();
-            match (
-                rules.policy,
-                row.aggregate_id.as_deref().or_else(|| {
-                    outcome.failed.iter().find(|f| f.row.position == row.position).and_then(|f| f.aggregate_id())
-                }),
-            ) {
-                (FailurePolicy::Block, Some(aggregate_id)) => error!(
-                    position = row.position,
-                    aggregate_id,
-                    reason = %row.reason,
-                    retry_in = ?retry_after,
-                    "event not published; it stays unpublished and will be retried, and its aggregate's later events wait for it \
-                     (fix the row, or set failures.policy = \"dead_letter\" to move on)"
-                ),
-                _ => error!(
-                    position = row.position,
-                    reason = %row.reason,
-                    retry_in = ?retry_after,
-                    "event not published; the row stays unpublished and will be retried"
-                ),
+            let aggregate_id = row.aggregate_id.as_deref().or_else(|| {
+                outcome.failed.iter().find(|f| f.row.position == row.position).and_then(|f| f.aggregate_id())
+            });
+            EventRetried {
+                position: row.position,
+                holds_back: aggregate_id.filter(|_| rules.policy == FailurePolicy::Block),
+                reason: &row.reason,
+                retry_in: retry_after,
             }
+            .emit(&self.metrics);
             parked.park(row.position, retry_after);
         }
         recorded.extend(retry);

@@ -14,6 +14,7 @@ use crate::config::{FailurePolicy, PublishedMode};
 use crate::coordination::{Coordinator, Fence, Resource};
 use crate::event::Rejected;
 use crate::holdback::Blocked;
+use crate::internal_events::{BatchSent, EventFailed, InternalEvent};
 use crate::outbox::OutboxTable;
 use crate::pipeline::BatchOutcome;
 use crate::postgres::{self, PostgresError};
@@ -43,6 +44,17 @@ fn describe_position(position: i64, row: bool) -> String {
     } else {
         format!("at LSN {}", format_lsn(position as u64))
     }
+}
+
+/// Where the stream loop's batches go, and those still waiting for the
+/// broker's answer, oldest first.
+struct Outbound {
+    /// To the publish stage.
+    batches: mpsc::Sender<ClaimedBatch>,
+    /// The next batch's sequence number in this session.
+    next_sequence: u64,
+    /// Sent and not yet answered.
+    pending: VecDeque<PendingBatch>,
 }
 
 /// A batch handed to the publish stage, with what settling it takes.
@@ -287,8 +299,14 @@ fn blocked_message(
 /// rare enough to cost the walsender nothing at 100k events/s.
 const PROMPT_STATUS_EVERY: Duration = Duration::from_millis(100);
 
+/// A replication-connection failure: one the server refused with a code
+/// only an operator can fix (a missing REPLICATION privilege, a wrong
+/// password) is a prerequisite, anything else a stream failure worth a retry.
 fn stream_error(error: WireError) -> RelayError {
-    RelayError::Stream(error.to_string())
+    match error.code().map(tokio_postgres::error::SqlState::from_code) {
+        Some(code) if postgres::needs_operator(&code) => RelayError::Prerequisite(error.to_string()),
+        _ => RelayError::Stream(error.to_string()),
+    }
 }
 
 fn lease_lapsed() -> RelayError {
@@ -517,9 +535,8 @@ impl<S: Sink> Relay<S> {
         // Nothing committed before the slot's position is streamed again.
         self.ledger.confirmed(confirmed);
         let mut progress = LsnProgress::new(confirmed);
-        let mut pending: VecDeque<PendingBatch> = VecDeque::new();
+        let mut out = Outbound { batches, next_sequence: 0, pending: VecDeque::new() };
         let mut building = Building::default();
-        let mut next_sequence = 0u64;
         let mut in_transaction = false;
         let mut txn = 0u64;
         // The transaction being read (pgoutput's 32-bit id).
@@ -551,7 +568,7 @@ impl<S: Sink> Relay<S> {
                 return Err(lease_lapsed());
             }
             let stopping = drain_deadline.is_some();
-            let settled = pending.is_empty() && progress.is_idle();
+            let settled = out.pending.is_empty() && progress.is_idle();
             if settled && (stopping || ending.is_some()) {
                 if fence.holds() {
                     let _ = stream.send_status(progress.confirmed(), false).await;
@@ -575,6 +592,8 @@ impl<S: Sink> Relay<S> {
                 reported = progress.confirmed();
                 last_report = Instant::now();
                 self.ledger.confirmed(reported);
+                // Work settled again: whatever needed an operator is fixed.
+                self.health.set_needs_operator(None);
                 if reported > self.blocked_behind_lsn && self.metrics.blocked_aggregates.get() > 0 {
                     info!("the stream moved past the event it was blocked on");
                     self.metrics.blocked_aggregates.set(0);
@@ -587,15 +606,15 @@ impl<S: Sink> Relay<S> {
             let can_read = !stopping
                 && ending.is_none()
                 && probe.is_none()
-                && (pending.len() < max_in_flight || building.batch.len() < batch_size);
+                && (out.pending.len() < max_in_flight || building.batch.len() < batch_size);
             tokio::select! {
                 biased;
                 _ = &mut shutdown_requested, if !stopping => {
                     drain_deadline = Some(Instant::now() + config.shutdown.drain_timeout);
                     if !building.batch.is_empty() && ending.is_none() {
-                        self.flush(&mut building, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
+                        self.flush(&mut building, &mut out, &mut progress).await?;
                     }
-                    info!(in_flight = pending.len(), "draining in-flight events");
+                    info!(in_flight = out.pending.len(), "draining in-flight events");
                 }
                 _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if stopping => {
                     warn!("drain timeout passed; unconfirmed events will be streamed again by the next relay");
@@ -604,7 +623,7 @@ impl<S: Sink> Relay<S> {
                 }
                 outcome = outcomes.recv() => {
                     let outcome = outcome.ok_or(RelayError::StageStopped)?;
-                    let batch = pending.pop_front().ok_or(RelayError::StageStopped)?;
+                    let batch = out.pending.pop_front().ok_or(RelayError::StageStopped)?;
                     debug_assert_eq!(batch.sequence, outcome.sequence);
                     if probe == Some(batch.sequence) {
                         probe = None;
@@ -622,7 +641,7 @@ impl<S: Sink> Relay<S> {
                             self.metrics.blocked_aggregates.set(1);
                             self.blocked_behind_lsn = self.blocked_behind_lsn.max(progress.confirmed());
                         }
-                        error!(%error, in_flight = pending.len(), "the stream stops here; settling what is in flight first");
+                        error!(%error, in_flight = out.pending.len(), "the stream stops here; settling what is in flight first");
                         ending.get_or_insert(error);
                     }
                     match &marker {
@@ -678,21 +697,21 @@ impl<S: Sink> Relay<S> {
                                 Logical::Relation { oid, namespace, name, columns } => decoder.relation(oid, &namespace, &name, &columns),
                                 Logical::Insert { oid, values } => {
                                     let decoded = decoder.insert(oid, &values, commit_time);
-                                    alone = self.push_change(&mut building, decoded, txn, true, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
+                                    alone = self.push_change(&mut building, decoded, txn, true, &mut out, &mut progress).await?;
                                     building.row_of(xid);
                                 }
                                 Logical::Message { prefix, content, lsn, transactional } => {
                                     let time = if transactional { commit_time } else { chrono::Utc::now() };
                                     let decoded = decoder.message(&prefix, &content, lsn, time);
                                     let at = if transactional { txn } else { lsn };
-                                    alone = self.push_change(&mut building, decoded, at, false, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
+                                    alone = self.push_change(&mut building, decoded, at, false, &mut out, &mut progress).await?;
                                 }
                                 Logical::Origin | Logical::Type | Logical::OtherChange => {}
                             }
-                            if alone || (building.batch.len() >= batch_size && pending.len() < max_in_flight) {
-                                self.flush(&mut building, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
+                            if alone || (building.batch.len() >= batch_size && out.pending.len() < max_in_flight) {
+                                self.flush(&mut building, &mut out, &mut progress).await?;
                                 if alone {
-                                    probe = pending.back().map(|b| b.sequence);
+                                    probe = out.pending.back().map(|b| b.sequence);
                                     debug!("an event that failed before travels alone; reading waits for the broker's answer");
                                 }
                             }
@@ -701,8 +720,8 @@ impl<S: Sink> Relay<S> {
                 }
                 // After the data branch (biased): a batch is sent when the socket has
                 // nothing more to give right now, or when it is full.
-                _ = sleep_until(building.send_by.unwrap_or_else(Instant::now)), if building.send_by.is_some() && pending.len() < max_in_flight && ending.is_none() => {
-                    self.flush(&mut building, &mut next_sequence, &mut pending, &mut progress, &batches).await?;
+                _ = sleep_until(building.send_by.unwrap_or_else(Instant::now)), if building.send_by.is_some() && out.pending.len() < max_in_flight && ending.is_none() => {
+                    self.flush(&mut building, &mut out, &mut progress).await?;
                 }
             }
         }
@@ -711,17 +730,14 @@ impl<S: Sink> Relay<S> {
     /// Adds one decoded change to the building batch. An event that failed
     /// in an earlier session starts a batch of its own (returns true: send it
     /// now and read nothing more until it is answered).
-    #[allow(clippy::too_many_arguments)]
     async fn push_change(
         &self,
         building: &mut Building,
         decoded: Decoded,
         txn: u64,
         row: bool,
-        next_sequence: &mut u64,
-        pending: &mut VecDeque<PendingBatch>,
+        out: &mut Outbound,
         progress: &mut LsnProgress,
-        batches: &mpsc::Sender<ClaimedBatch>,
     ) -> Result<bool, RelayError> {
         let position = match &decoded {
             Decoded::Event { event, .. } => event.position,
@@ -730,7 +746,7 @@ impl<S: Sink> Relay<S> {
         };
         let failed_before = self.ledger.failures(&EventKey { position, txn, message: !row }) > 0;
         if failed_before && !building.batch.is_empty() {
-            self.flush(building, next_sequence, pending, progress, batches).await?;
+            self.flush(building, out, progress).await?;
         }
         building.push(decoded, txn, &self.ledger);
         Ok(failed_before)
@@ -740,29 +756,25 @@ impl<S: Sink> Relay<S> {
     async fn flush(
         &self,
         building: &mut Building,
-        next_sequence: &mut u64,
-        pending: &mut VecDeque<PendingBatch>,
+        out: &mut Outbound,
         progress: &mut LsnProgress,
-        batches: &mpsc::Sender<ClaimedBatch>,
     ) -> Result<(), RelayError> {
         let mut done = std::mem::take(building);
-        done.batch.sequence = *next_sequence;
-        *next_sequence += 1;
-        self.metrics.batches.inc();
-        self.metrics.batch_size.observe(done.batch.len() as f64);
-        self.metrics.events_in_flight.add(done.batch.len() as i64);
+        done.batch.sequence = out.next_sequence;
+        out.next_sequence += 1;
+        BatchSent { events: done.batch.len() }.emit(&self.metrics);
         progress.open(done.batch.sequence, done.commit_lsn);
         let mut rows = done.rows;
         rows.sort_unstable();
         rows.dedup();
-        pending.push_back(PendingBatch {
+        out.pending.push_back(PendingBatch {
             sequence: done.batch.sequence,
             rows,
             keys: index_keys(done.keys),
             final_lsn: done.final_lsn,
             xids: done.xids,
         });
-        batches.send(done.batch).await.map_err(|_| RelayError::StageStopped)
+        out.batches.send(done.batch).await.map_err(|_| RelayError::StageStopped)
     }
 
     /// Settles one answered batch as the settlement core plans it: the mark
@@ -788,7 +800,7 @@ impl<S: Sink> Relay<S> {
             self.metrics.last_publish_timestamp.set(chrono::Utc::now().timestamp());
         }
         for failure in &outcome.failed {
-            self.metrics.publish_failures.with_label_values(&[failure.kind.label()]).inc();
+            EventFailed { kind: failure.kind }.emit(&self.metrics);
         }
         let rows = SortedPositions(&batch.rows);
         let mut job = MarkJob { sequence: batch.sequence, xids: batch.xids, ..MarkJob::default() };

@@ -197,16 +197,6 @@ impl Committed {
         (keys, confirmed)
     }
 
-    /// How many events are committed and not yet settled.
-    pub fn len(&self) -> usize {
-        self.with(|state| state.keys.len())
-    }
-
-    /// True when nothing committed waits to be settled.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn marked(&self, positions: &[i64]) {
         self.with(|state| {
             for position in positions {
@@ -509,11 +499,6 @@ impl LsnProgress {
     /// True when no step is open.
     pub fn is_idle(&self) -> bool {
         self.steps.is_empty()
-    }
-
-    /// Open steps (batches unacknowledged or unmarked).
-    pub fn open_steps(&self) -> usize {
-        self.steps.len()
     }
 
     /// A batch `id` was handed to the stage; it completes commit `lsn` if any.

@@ -3,7 +3,7 @@
 //! A source hands out [`ClaimedBatch`]es in outbox order and later learns,
 //! through the checkpoint, which of their events the broker acknowledged.
 
-pub mod poll;
+pub(crate) mod poll;
 pub mod replication;
 pub mod table;
 
@@ -12,7 +12,7 @@ use crate::settle::EventKey;
 
 /// Events read from the outbox in one go, in position order.
 #[derive(Debug, Default)]
-pub struct ClaimedBatch {
+pub(crate) struct ClaimedBatch {
     /// Monotonic per session; outcomes come back in this order.
     pub sequence: u64,
     /// Valid events to publish.

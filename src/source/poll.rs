@@ -42,6 +42,32 @@ use crate::postgres::{Connection, PostgresError};
 /// rows are simply retried sooner.
 const MAX_PARKED: usize = 10_000;
 
+/// The claimed batches still waiting for the broker, as the next claim
+/// must know them: it claims above `top`, and if fewer than `rows` rows
+/// remain at or below it, rows appeared behind the window (a resync).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InFlightWindow {
+    /// The highest position in flight (None: nothing, claim from the start).
+    pub top: Option<i64>,
+    /// Rows in flight.
+    pub rows: usize,
+    /// The lowest position in flight.
+    pub bottom: Option<i64>,
+}
+
+/// Which unpublished rows a claim may take.
+#[derive(Clone, Copy)]
+pub struct ClaimFilter<'a> {
+    /// Rows waiting for a retry, left out.
+    pub parked: &'a [i64],
+    /// Aggregates held back behind a failed event, left out.
+    pub blocked: &'a Blocked,
+    /// The lanes this relay holds (their leases are checked in the statement).
+    pub lanes: &'a [i32],
+    /// This relay holds every lane: the per-row lane test is skipped.
+    pub all_lanes: bool,
+}
+
 /// What one claim found.
 #[derive(Debug)]
 pub enum Claim {
@@ -55,8 +81,6 @@ pub enum Claim {
 #[derive(Debug, Default)]
 pub struct Parked {
     until: HashMap<i64, Instant>,
-    /// Failed attempts seen by this session, for tables without an attempts column.
-    attempts: HashMap<i64, i64>,
 }
 
 impl Parked {
@@ -67,19 +91,8 @@ impl Parked {
         }
     }
 
-    /// Counts one more failed attempt of `position` in this session; returns the count.
-    pub fn count_attempt(&mut self, position: i64) -> i64 {
-        if self.attempts.len() >= MAX_PARKED {
-            self.attempts.clear();
-        }
-        let n = self.attempts.entry(position).or_insert(0);
-        *n += 1;
-        *n
-    }
-
     /// Forgets `position` (it was dead-lettered).
     pub fn forget(&mut self, position: i64) {
-        self.attempts.remove(&position);
         self.until.remove(&position);
     }
 
@@ -223,22 +236,11 @@ impl PollSource {
         self.connection.notifications.clone()
     }
 
-    /// Claims the next rows above `in_flight_top` (None: from the start),
-    /// given that `in_flight_rows` rows at or below it are still in flight,
-    /// the lowest at `in_flight_bottom`. Only rows of `lanes` (`all`: this
-    /// relay holds every lane) while their leases hold; rows parked for a
-    /// retry and rows of `blocked` aggregates are left out.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn claim(
-        &mut self,
-        in_flight_top: Option<i64>,
-        in_flight_rows: usize,
-        in_flight_bottom: Option<i64>,
-        parked: &[i64],
-        blocked: &Blocked,
-        lanes: &[i32],
-        all: bool,
-    ) -> Result<Claim, PostgresError> {
+    /// Claims the next rows above what is in flight (`window.top`, None:
+    /// from the start), only of the lanes and rows `filter` lets through.
+    pub async fn claim(&mut self, window: InFlightWindow, filter: ClaimFilter<'_>) -> Result<Claim, PostgresError> {
+        let InFlightWindow { top: in_flight_top, rows: in_flight_rows, bottom: in_flight_bottom } = window;
+        let ClaimFilter { parked, blocked, lanes, all_lanes: all } = filter;
         let top = in_flight_top.unwrap_or(i64::MIN);
         if in_flight_top.is_none() {
             // A claim from the start (new lanes, or after a resync) settles nothing yet.

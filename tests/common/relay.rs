@@ -209,6 +209,21 @@ pub async fn connect(pg_url: &str) -> Client {
     client
 }
 
+/// Creates the login role `relay` with what a polling relay needs on the
+/// lease tables, and `privileges` (e.g. "SELECT, DELETE") on outbox.events:
+/// a least-privilege relay whose grants a test can then change.
+pub async fn create_relay_role(admin: &Client, privileges: &str) {
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE relay LOGIN; \
+             GRANT USAGE ON SCHEMA outbox TO relay; \
+             GRANT {privileges} ON outbox.events TO relay; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.relay_leases, outbox.relay_members TO relay;"
+        ))
+        .await
+        .expect("create the relay role");
+}
+
 /// Writes `per_aggregate` events for each of `aggregates` aggregates from
 /// `writers` concurrent connections. Writer `w` owns the aggregates whose
 /// number is `w` mod `writers`, so each aggregate's sequence numbers commit

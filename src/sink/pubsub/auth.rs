@@ -290,7 +290,8 @@ impl TokenSource {
         TokenSource { credentials, cached: Mutex::new(None) }
     }
 
-    /// The credentials, for logs.
+    /// The credentials, for tests.
+    #[cfg(test)]
     pub fn credentials(&self) -> &Credentials {
         &self.credentials
     }

@@ -31,25 +31,26 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::config::{ColumnMapping, Config, PublishedMode, ReplicationConfig};
 use crate::event::{OutboxEvent, RawRow, Rejected};
-use crate::postgres::{describe, PostgresError};
+use crate::postgres::PostgresError;
 use crate::source::table::{quote_ident, TableName};
 use pgoutput::{Column, Value};
 
 /// Prefix of the relay's own heartbeat messages (ignored when decoded).
-pub const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
+pub(crate) const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
 
 /// A prerequisite is missing; the message says exactly how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Prerequisite(pub String);
+pub(crate) struct Prerequisite(pub String);
 
 /// The slot as Postgres reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SlotState {
+pub(crate) enum SlotState {
     /// Exists and usable; `active_pid` is set while another session streams it.
     Ready {
         /// The backend streaming the slot, if any.
@@ -62,7 +63,7 @@ pub enum SlotState {
 }
 
 /// Checks wal_level, the REPLICATION attribute and the publication.
-pub async fn validate(client: &Client, config: &Config) -> Result<Result<(), Prerequisite>, PostgresError> {
+pub(crate) async fn validate(client: &Client, config: &Config) -> Result<Result<(), Prerequisite>, PostgresError> {
     let q = |e: tokio_postgres::Error| PostgresError::query("checking replication prerequisites", &e);
     let r = &config.source.replication;
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(q)?.get(0);
@@ -193,7 +194,7 @@ fn published_mode_name(mode: PublishedMode) -> &'static str {
 /// Whether `source.columns.position` is an integer column. Replication
 /// orders events by the WAL and needs it only to stamp or delete rows
 /// (`published.mode` mark/delete); with `none`, any column (a uuid) works.
-pub async fn position_is_integer(client: &Client, config: &Config) -> Result<bool, PostgresError> {
+pub(crate) async fn position_is_integer(client: &Client, config: &Config) -> Result<bool, PostgresError> {
     let row = client
         .query_opt(
             "SELECT a.atttypid = ANY('{int2,int4,int8}'::regtype[]) FROM pg_attribute a \
@@ -206,7 +207,7 @@ pub async fn position_is_integer(client: &Client, config: &Config) -> Result<boo
 }
 
 /// Reads the slot's state.
-pub async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, PostgresError> {
+pub(crate) async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, PostgresError> {
     let row = client
         .query_opt(
             "SELECT active_pid, coalesce(wal_status, 'reserved') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
@@ -222,7 +223,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, Postgr
 }
 
 /// Creates the slot (dropping a lost one first).
-pub async fn create_slot(client: &Client, slot: &str) -> Result<(), PostgresError> {
+pub(crate) async fn create_slot(client: &Client, slot: &str) -> Result<(), PostgresError> {
     let q = |e: tokio_postgres::Error| PostgresError::query("creating the replication slot", &e);
     if slot_state(client, slot).await? == SlotState::Lost {
         client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.map_err(q)?;
@@ -233,7 +234,7 @@ pub async fn create_slot(client: &Client, slot: &str) -> Result<(), PostgresErro
 
 /// Drops the slot (a stale one the relay is about to recreate), ending the
 /// connection that still streams it, if any.
-pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), PostgresError> {
+pub(crate) async fn drop_slot(client: &Client, slot: &str) -> Result<(), PostgresError> {
     let q = |e: tokio_postgres::Error| PostgresError::query("dropping the stale replication slot", &e);
     client
         .execute(
@@ -252,7 +253,7 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), PostgresError>
         {
             Ok(_) => return Ok(()),
             // The terminated walsender may still hold it for a moment.
-            Err(e) if e.code().map(|c| c.code()) == Some("55006") => {
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await
             }
             Err(e) => return Err(q(e)),
@@ -264,7 +265,7 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), PostgresError>
 }
 
 /// `migrate` in replication mode: the publication and the slot, if missing.
-pub async fn setup(client: &Client, config: &Config) -> Result<Vec<String>, PostgresError> {
+pub(crate) async fn setup(client: &Client, config: &Config) -> Result<Vec<String>, PostgresError> {
     let r = &config.source.replication;
     let table = TableName::parse(&config.source.table).map_err(PostgresError::Query)?;
     let mut done = Vec::new();
@@ -282,7 +283,7 @@ pub async fn setup(client: &Client, config: &Config) -> Result<Vec<String>, Post
                 quote_ident(&r.publication)
             ))
             .await
-            .map_err(|e| PostgresError::Query(format!("creating publication {}: {}", r.publication, describe(&e))))?;
+            .map_err(|e| PostgresError::query(&format!("creating publication {}", r.publication), &e))?;
         done.push(format!("created publication {} for {}", r.publication, config.source.table));
     }
     if !matches!(slot_state(client, &r.slot).await?, SlotState::Ready { .. }) {
@@ -305,7 +306,7 @@ const TRANSACTIONS_VISIBLE_SQL: &str = "\
 /// most `timeout`; false if they are still not. A commit is flushed to the
 /// WAL (and streamed) just before the committing backend makes it visible,
 /// so a statement on its rows can, for a moment, not see them.
-pub async fn wait_visible(client: &Client, xids: &[u32], timeout: Duration) -> Result<bool, PostgresError> {
+pub(crate) async fn wait_visible(client: &Client, xids: &[u32], timeout: Duration) -> Result<bool, PostgresError> {
     let ids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
@@ -327,7 +328,7 @@ pub async fn wait_visible(client: &Client, xids: &[u32], timeout: Duration) -> R
 }
 
 /// The START_REPLICATION command for this configuration.
-pub fn start_command(r: &ReplicationConfig) -> String {
+pub(crate) fn start_command(r: &ReplicationConfig) -> String {
     let publication = r.publication.replace('\'', "''").replace('"', "\"\"");
     format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names '\"{publication}\"', messages 'true')",
@@ -381,7 +382,7 @@ const BYTEA_OID: u32 = 17;
 
 /// What a decoded change means for the relay.
 #[derive(Debug)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     /// An outbox row or emitted message to publish; `row` is true for table
     /// rows (which mark/delete mode must stamp).
     Event {
@@ -402,7 +403,7 @@ pub enum Decoded {
 }
 
 /// Turns pgoutput inserts and messages into outbox events.
-pub struct EventDecoder {
+pub(crate) struct EventDecoder {
     /// `None` for an unqualified `source.table`: the table is matched by
     /// name, as `validate` checked the publication has only the one the
     /// search_path resolves to.
@@ -594,7 +595,7 @@ impl EventDecoder {
 /// Parses Postgres's ISO text output of a timestamptz (`2026-11-22
 /// 07:38:00.123456+00`) or of a `timestamp without time zone`, read as UTC
 /// (as polling reads it, see [`crate::outbox::utc_timestamp`]).
-pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
     // Every row carries one: chrono's format-string parser cost ~3,000
     // instructions per event, the ISO layout Postgres sends takes ~100.
     if let Some(time) = parse_iso_timestamp(text) {
@@ -662,7 +663,7 @@ fn parse_iso_timestamp(text: &str) -> Option<DateTime<Utc>> {
 }
 
 /// Bytes of a bytea's hex text output (`\x00ff`); None for another format.
-pub fn decode_bytea(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_bytea(text: &str) -> Option<Vec<u8>> {
     let hex = text.strip_prefix("\\x")?.as_bytes();
     if hex.len() % 2 != 0 {
         return None;
@@ -672,12 +673,12 @@ pub fn decode_bytea(text: &str) -> Option<Vec<u8>> {
 }
 
 /// A Postgres timestamp (microseconds since 2000-01-01) as UTC.
-pub fn pg_time(micros: i64) -> DateTime<Utc> {
+pub(crate) fn pg_time(micros: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(micros + wire::PG_EPOCH_OFFSET_MICROS).unwrap_or_else(Utc::now)
 }
 
 /// Whether this configuration keeps rows in the table after publishing.
-pub fn marks_rows(config: &Config) -> bool {
+pub(crate) fn marks_rows(config: &Config) -> bool {
     config.published.mode != PublishedMode::None
 }
 
