@@ -13,129 +13,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use common::relay::{
-    cli, connect, migrate_with, relay_env, verify, wait_all_published_or, wait_published_at_least, write_events,
-    RelayProcess,
-};
-use common::{consume, Consumed, TestBroker, ThrowawayPostgres};
+use chrono::Utc;
+use common::consume;
+use common::relay::{connect, verify, wait_all_published_or, wait_published_at_least, write_events, RelayProcess};
+use common::replicas::{copies_sent_within, lines_with, Cluster, TAKEOVER, TOPIC};
 
-const TOPIC: &str = "outbox.Order";
 const AGGREGATES: usize = 300;
 const PER_AGGREGATE: usize = 100;
-/// replicas.takeover_within in these tests (common::relay::relay_env).
-const TAKEOVER: Duration = Duration::from_secs(4);
-/// Lanes in these tests: few enough to read in a failure message.
-const LANES: usize = 12;
-
-struct Cluster {
-    pg: ThrowawayPostgres,
-    broker: TestBroker,
-    replication: bool,
-}
-
-impl Cluster {
-    fn start(replication: bool) -> Cluster {
-        let pg = ThrowawayPostgres::start().expect("start throwaway postgres");
-        let broker = TestBroker::start();
-        broker.create_topic(TOPIC, 6);
-        let cluster = Cluster { pg, broker, replication };
-        migrate_with(&cluster.env("migrate"));
-        cluster
-    }
-
-    fn env(&self, relay_id: &str) -> Vec<(&'static str, String)> {
-        let mut env = relay_env(&self.pg.url(), &self.broker.bootstrap());
-        env.push(("OUTBOX_RELAY_REPLICAS__RELAY_ID", relay_id.to_owned()));
-        env.push(("OUTBOX_RELAY_REPLICAS__LANES", LANES.to_string()));
-        if self.replication {
-            env.push(("OUTBOX_RELAY_SOURCE__MODE", "replication".into()));
-            env.push(("OUTBOX_RELAY_PUBLISHED__MODE", "mark".into()));
-        }
-        env
-    }
-
-    fn relay(&self, relay_id: &str) -> RelayProcess {
-        RelayProcess::start(&["run"], &self.env(relay_id))
-    }
-
-    /// `outbox-relay status --json`.
-    fn status(&self) -> serde_json::Value {
-        let (code, out, err) = cli(&["status", "--json"], &self.env("status"));
-        assert_eq!(code, 0, "status: {err}");
-        serde_json::from_str(&out).expect("status --json")
-    }
-
-    /// relay_id -> lanes held, from `status` (replication: 1 for the relay streaming the slot).
-    fn holdings(&self) -> Vec<(String, usize)> {
-        let status = self.status();
-        status["relays"]
-            .as_array()
-            .expect("relays")
-            .iter()
-            .map(|r| {
-                let held = r["lanes"].as_array().map_or(usize::from(r["role"] == "streaming"), Vec::len);
-                (r["relay_id"].as_str().unwrap_or_default().to_owned(), held)
-            })
-            .collect()
-    }
-
-    /// Waits until exactly `relays` relays are live and every lane is held,
-    /// spread evenly (counts differ by at most one); returns the spread.
-    fn wait_evenly_spread(&self, relays: &[&str], timeout: Duration) -> Vec<(String, usize)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let holdings = self.holdings();
-            let total: usize = holdings.iter().map(|(_, n)| n).sum();
-            let counts: Vec<usize> = holdings.iter().map(|(_, n)| *n).collect();
-            let names: Vec<&str> = holdings.iter().map(|(id, _)| id.as_str()).collect();
-            let even = counts.iter().max().zip(counts.iter().min()).is_some_and(|(max, min)| max - min <= 1);
-            let mut sorted = names.clone();
-            sorted.sort_unstable();
-            let mut want = relays.to_vec();
-            want.sort_unstable();
-            if total == LANES && even && sorted == want {
-                return holdings;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lanes not evenly spread over {relays:?} after {timeout:?}: {holdings:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-/// Log lines (with their timestamps) that contain `needle`.
-fn lines_with(log: &str, needle: &str) -> Vec<DateTime<Utc>> {
-    log.lines()
-        .filter(|l| l.contains(needle))
-        .filter_map(|l| l.split_whitespace().next())
-        .filter_map(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .collect()
-}
-
-/// Copies of an event sent again (by the producer's clock) within
-/// `window`: every copy of an event but its first. Once a takeover is
-/// over, the relays that hold the work send each event once, so a copy in
-/// a window after the takeover can only come from a relay that lost its
-/// lease and sent anyway. Returns `event_id @ time` for the failure message.
-fn copies_sent_within(consumed: &[Consumed], from: DateTime<Utc>, until: Option<DateTime<Utc>>) -> Vec<String> {
-    let mut sent: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
-    for message in consumed {
-        let value: serde_json::Value = serde_json::from_slice(&message.value).expect("envelope is JSON");
-        let id = value["event_id"].as_str().expect("event_id").to_owned();
-        sent.entry(id).or_default().push(message.timestamp_ms.expect("every message has a timestamp"));
-    }
-    let inside = |ms: i64| ms > from.timestamp_millis() && until.is_none_or(|until| ms < until.timestamp_millis());
-    let mut late = Vec::new();
-    for (id, mut times) in sent {
-        times.sort_unstable();
-        late.extend(times.into_iter().skip(1).filter(|ms| inside(*ms)).map(|ms| format!("{id} @ {ms}")));
-    }
-    late
-}
 
 /// Steady writes for the whole scenario: about 20 s of load.
 fn steady_writes(url: String) -> tokio::task::JoinHandle<()> {
@@ -156,7 +40,7 @@ fn report(mode: &str, verdict: &common::relay::Verdict, spread: &[(String, usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_polling_relays_share_lanes_and_survive_kill_join_and_freeze() {
     // GIVEN three relays on one outbox, the lanes spread evenly, writers running
-    let c = Cluster::start(false);
+    let c = Cluster::start(false, Vec::new());
     let mut a = c.relay("relay-a");
     let b = c.relay("relay-b");
     let _r3 = c.relay("relay-c");
@@ -207,10 +91,10 @@ async fn three_polling_relays_share_lanes_and_survive_kill_join_and_freeze() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
     // GIVEN three relays on one slot: one streams, two stand by
-    let c = Cluster::start(true);
+    let c = Cluster::start(true, Vec::new());
     let mut relays: Vec<(String, RelayProcess)> =
         ["relay-a", "relay-b", "relay-c"].iter().map(|id| (id.to_string(), c.relay(id))).collect();
-    let leader = wait_leader(&c, &relays, None, Duration::from_secs(30));
+    let leader = c.wait_leader(&relays, None, Duration::from_secs(30));
     let writers = steady_writes(c.pg.url());
     let client = connect(&c.pg.url()).await;
     wait_published_at_least(&client, 1000, Duration::from_secs(60), || relays[leader].1.log()).await;
@@ -219,7 +103,7 @@ async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
     let killed_at = Instant::now();
     relays[leader].1.kill();
     let killed = relays.remove(leader).0;
-    let leader = wait_leader(&c, &relays, Some(&killed), TAKEOVER * 3);
+    let leader = c.wait_leader(&relays, Some(&killed), TAKEOVER * 3);
     let takeover = killed_at.elapsed();
     println!("leader {killed} killed; {} streams after {takeover:?}", relays[leader].0);
     assert!(takeover < TAKEOVER + Duration::from_secs(4), "takeover took {takeover:?}");
@@ -230,7 +114,7 @@ async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
     let frozen_id = relays[leader].0.clone();
     relays[leader].1.signal(libc::SIGSTOP);
     let frozen_at = Instant::now();
-    let new_leader = wait_leader(&c, &relays, Some(&frozen_id), TAKEOVER * 3);
+    let new_leader = c.wait_leader(&relays, Some(&frozen_id), TAKEOVER * 3);
     println!("leader {frozen_id} frozen; {} streams after {:?}", relays[new_leader].0, frozen_at.elapsed());
     // The frozen leader's walsender still held the slot: the new leader cut it off.
     assert!(relays[new_leader].1.log().contains("terminated it"), "{}", relays[new_leader].1.log());
@@ -250,15 +134,8 @@ async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
         deposed.contains("lapsed") || deposed.contains("lost the lease"),
         "the deposed leader says why it stopped:\n{deposed}"
     );
-    let status = c.status();
-    let streaming: Vec<&str> = status["relays"]
-        .as_array()
-        .expect("relays")
-        .iter()
-        .filter(|r| r["role"] == "streaming")
-        .filter_map(|r| r["relay_id"].as_str())
-        .collect();
-    assert_eq!(streaming, vec![relays[new_leader].0.as_str()], "exactly one relay streams: {status}");
+    let streaming = c.streaming();
+    assert_eq!(streaming, vec![relays[new_leader].0.clone()], "exactly one relay streams: {}", c.status());
 
     let total = AGGREGATES * PER_AGGREGATE;
     let consumed = consume(&c.broker.bootstrap(), &[TOPIC], total, Duration::from_secs(60));
@@ -271,25 +148,4 @@ async fn three_replication_relays_fail_over_and_fence_the_deposed_leader() {
     assert_eq!(verdict.order_violations, 0, "{verdict:?}");
     // Each failover re-streams what the slot had not confirmed yet.
     assert!(verdict.duplicates <= 2 * 5 * 1000, "{verdict:?}");
-}
-
-/// Index of the relay that streams the slot (per `status` and its log), not `not`.
-fn wait_leader(c: &Cluster, relays: &[(String, RelayProcess)], not: Option<&str>, timeout: Duration) -> usize {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let holdings = c.holdings();
-        let leaders: Vec<&String> =
-            holdings.iter().filter(|(id, n)| *n > 0 && Some(id.as_str()) != not).map(|(id, _)| id).collect();
-        if let [leader] = leaders.as_slice() {
-            if let Some(index) = relays.iter().position(|(id, _)| id == *leader) {
-                if relays[index].1.log().lines().filter(|l| l.contains("streaming from the replication slot")).count()
-                    > 0
-                {
-                    return index;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no single leader after {timeout:?}: {holdings:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

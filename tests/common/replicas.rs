@@ -3,9 +3,8 @@
 //! `replicas.relay_id`, who holds what (from `outbox-relay status`), and
 //! waits for the lanes or the slot to settle.
 //!
-//! The same steps as `tests/replicas.rs` (which keeps its own copy), with
-//! extra relay settings, so a scenario can run in another delivery mode
-//! (`tests/exactly_once.rs`).
+//! Used by `tests/replicas.rs` and, with extra relay settings (another
+//! delivery mode), by `tests/exactly_once.rs`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
