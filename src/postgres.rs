@@ -76,8 +76,8 @@ impl PostgresError {
 /// not listed, so an unknown error is retried as before.
 pub fn needs_operator(code: &SqlState) -> bool {
     let code = code.code();
-    let class = &code[..2.min(code.len())];
-    match class {
+    // The server sends the code: never slice it blindly.
+    match code.get(..2).unwrap_or(code) {
         // Invalid authorization (wrong password, no pg_hba entry, TLS required).
         "28" => true,
         // The database does not exist; the schema does not exist.
@@ -471,6 +471,14 @@ mod tests {
             .contains("INSERT, UPDATE and DELETE on outbox.relay_leases"));
         assert!(privilege_fix("permission denied for table events").contains("on table events"));
         assert!(privilege_fix("permission denied for schema outbox").contains("USAGE on schema outbox"));
+    }
+
+    #[test]
+    fn sqlstates_are_classified_by_class_and_odd_codes_never_panic() {
+        let needs = |code: &str| needs_operator(&SqlState::from_code(code));
+        assert!(needs("42501") && needs("42P01") && needs("28P01") && needs("3D000") && needs("55000"));
+        assert!(!needs("08006") && !needs("57P01") && !needs("40001") && !needs("55006") && !needs("53300"));
+        assert!(!needs("") && !needs("4") && !needs("aé123") && !needs("XX000"));
     }
 
     #[test]

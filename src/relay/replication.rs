@@ -673,6 +673,11 @@ impl<S: Sink> Relay<S> {
                     match WalMessage::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
                         WalMessage::Keepalive { wal_end, reply } => {
                             last_keepalive = last_keepalive.max(wal_end);
+                            if out.pending.is_empty() && progress.is_idle() && building.batch.is_empty() && !in_transaction && ending.is_none() {
+                                // Streaming with nothing owed: whatever needed an operator is
+                                // fixed, even when no WAL flows to confirm (an idle database).
+                                self.health.set_needs_operator(None);
+                            }
                             if reply {
                                 confirm(&mut stream, &fence, progress.confirmed()).await?;
                             }
