@@ -22,8 +22,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
+use super::acks::{Ack, Acks};
 use super::transactions::Transactions;
 use super::{OutgoingMessage, PendingDelivery, Position, PublishError, Sink};
 use crate::config::{Delivery, KafkaConfig};
@@ -55,8 +56,9 @@ pub enum KafkaSinkError {
 }
 
 /// The relay's producer type: librdkafka's log and error callbacks go
-/// through [`QuietContext`].
-pub type RelayProducer = FutureProducer<QuietContext>;
+/// through [`QuietContext`], and its delivery reports to each batch's
+/// [`Acks`] (one wake-up per batch, not a future per message).
+pub type RelayProducer = ThreadedProducer<QuietContext>;
 
 /// Publishes to Kafka.
 pub struct KafkaSink {
@@ -150,25 +152,25 @@ impl Sink for KafkaSink {
             return async move { results }.boxed();
         }
         let producer = self.producer();
-        let mut slots = Vec::with_capacity(messages.len());
-        for message in &messages {
-            slots.push(Self::enqueue_one(&producer, message).await);
+        let (acks, answered) = Acks::new();
+        let mut results: Vec<Result<(), PublishError>> = vec![Ok(()); messages.len()];
+        for (index, message) in messages.iter().enumerate() {
+            if let Err(failure) = Self::enqueue_one(&producer, message, acks.ack(index)).await {
+                results[index] = Err(failure);
+            }
         }
+        acks.seal();
         async move {
-            let mut results = Vec::with_capacity(slots.len());
-            // Deliveries complete roughly in order, so awaiting them in order costs nothing.
-            for slot in slots {
-                results.push(match slot {
-                    Ok(delivery) => match delivery.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((error, _))) => Err(classify(&error)),
-                        Err(_canceled) => Err(PublishError {
-                            reason: "the Kafka producer was shut down before the broker answered".into(),
-                            permanent: false,
-                        }),
-                    },
-                    Err(failure) => Err(failure),
-                });
+            match answered.await {
+                Ok(answers) => {
+                    for (index, answer) in answers {
+                        if let (Err(error), Some(slot)) = (answer, results.get_mut(index)) {
+                            *slot = Err(delivery_failure(&error));
+                        }
+                    }
+                }
+                // Unreachable while every Ack answers on drop; failing the batch is the safe reading.
+                Err(_) => results.fill(Err(delivery_failure(&KafkaError::Canceled))),
             }
             results
         }
@@ -223,16 +225,16 @@ impl Sink for KafkaSink {
 }
 
 impl KafkaSink {
-    /// Enqueues one message, waiting while librdkafka's queue is full.
+    /// Enqueues one message, waiting while librdkafka's queue is full; the
+    /// broker's answer goes to `ack`. A message that could not be enqueued
+    /// withdraws its ack and returns why.
     pub(super) async fn enqueue_one(
         producer: &RelayProducer,
         message: &OutgoingMessage,
-    ) -> Result<DeliveryFuture, PublishError> {
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-        for (name, value) in &message.headers {
-            headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
-        }
+        ack: Box<Ack>,
+    ) -> Result<(), PublishError> {
         if !crate::envelope::is_valid_topic(&message.topic) {
+            ack.withdraw();
             return Err(PublishError {
                 reason: format!(
                     "topic {:?} is not a valid Kafka topic name ({})",
@@ -242,7 +244,11 @@ impl KafkaSink {
                 permanent: true,
             });
         }
-        let mut record = FutureRecord::to(&message.topic).key(message.key.as_bytes()).headers(headers);
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+        for (name, value) in &message.headers {
+            headers = headers.insert(Header { key: name.as_ref(), value: Some(value.as_slice()) });
+        }
+        let mut record = BaseRecord::with_opaque_to(&message.topic, ack).key(message.key.as_bytes()).headers(headers);
         if !message.tombstone {
             record = record.payload(message.value.as_slice());
         }
@@ -251,17 +257,31 @@ impl KafkaSink {
         }
         let mut backoff = Duration::from_millis(1);
         loop {
-            match producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     // Backpressure: librdkafka's queue is full until deliveries complete.
                     record = returned;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
-                Err((error, _)) => return Err(classify(&error)),
+                Err((error, returned)) => {
+                    returned.delivery_opaque.withdraw();
+                    return Err(classify(&error));
+                }
             }
         }
+    }
+}
+
+/// A broker's (or librdkafka's) answer that a message was not delivered.
+fn delivery_failure(error: &KafkaError) -> PublishError {
+    match error {
+        KafkaError::Canceled => PublishError {
+            reason: "the Kafka producer was shut down before the broker answered".into(),
+            permanent: false,
+        },
+        error => classify(error),
     }
 }
 
@@ -370,6 +390,15 @@ impl ClientContext for QuietContext {
             String::new()
         };
         tracing::error!(target: "librdkafka", "librdkafka: {text}{suffix}");
+    }
+}
+
+/// Each delivery report goes to the batch its message belongs to.
+impl ProducerContext for QuietContext {
+    type DeliveryOpaque = Box<Ack>;
+
+    fn delivery(&self, delivery: &DeliveryResult<'_>, ack: Box<Ack>) {
+        ack.answer(delivery.as_ref().map(|_| ()).map_err(|(error, _)| error.clone()));
     }
 }
 

@@ -2,6 +2,7 @@
 //! acknowledged it. Nothing downstream of a sink may treat an event as
 //! published until that report says so.
 
+pub mod acks;
 pub mod kafka;
 pub mod pubsub;
 pub mod transactions;

@@ -38,10 +38,11 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use super::acks::Acks;
 use super::kafka::{KafkaSink, QuietContext, RelayProducer};
 use super::{OutgoingMessage, PublishError};
 use crate::metrics::Metrics;
@@ -427,25 +428,32 @@ impl Transactions {
         if let Err(error) = producer.begin_transaction() {
             return judge("begin_transaction", error);
         }
-        let mut deliveries = Vec::with_capacity(messages.len());
+        let (acks, answered) = Acks::new();
         let mut now_refused = Vec::new();
         for (index, message) in messages.iter().enumerate() {
             if refused[index].is_some() {
                 continue;
             }
-            match KafkaSink::enqueue_one(producer, message).await {
-                Ok(delivery) => deliveries.push((index, delivery)),
+            match KafkaSink::enqueue_one(producer, message, acks.ack(index)).await {
+                Ok(()) => {}
                 Err(error) if error.permanent => now_refused.push((index, error)),
                 Err(error) => return Attempt::Abortable(error.reason),
             }
         }
+        acks.seal();
         if !now_refused.is_empty() {
             return Attempt::Refused(now_refused);
         }
-        for (index, delivery) in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => {
+        let Ok(mut answers) = answered.await else {
+            return Attempt::Abortable("the producer was shut down".into());
+        };
+        // The first failure in the batch's order decides, as the batch was sent.
+        answers.sort_unstable_by_key(|(index, _)| *index);
+        for (index, answer) in answers {
+            match answer {
+                Ok(()) => {}
+                Err(KafkaError::Canceled) => return Attempt::Abortable("the producer was shut down".into()),
+                Err(error) => {
                     let failure = super::kafka::classify(&error);
                     if failure.permanent {
                         now_refused.push((index, failure));
@@ -453,7 +461,6 @@ impl Transactions {
                         return judge("producing", error);
                     }
                 }
-                Err(_) => return Attempt::Abortable("the producer was shut down".into()),
             }
         }
         if !now_refused.is_empty() {
@@ -475,15 +482,19 @@ impl Transactions {
             Ok(value) => value,
             Err(error) => return Attempt::Abortable(format!("encoding the position: {error}")),
         };
-        let record = FutureRecord::to(&self.topic).key(id.as_bytes()).payload(value.as_slice());
-        let position = match producer.send_result(record) {
-            Ok(delivery) => delivery,
-            Err((error, _)) => return Attempt::Abortable(format!("writing the position to {}: {error}", self.topic)),
-        };
-        match position.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((error, _))) => return judge(&format!("writing the position to {}", self.topic), error),
-            Err(_) => return Attempt::Abortable("the producer was shut down".into()),
+        let (acks, answered) = Acks::new();
+        let record = BaseRecord::with_opaque_to(&self.topic, acks.ack(0)).key(id.as_bytes()).payload(value.as_slice());
+        if let Err((error, returned)) = producer.send(record) {
+            returned.delivery_opaque.withdraw();
+            return Attempt::Abortable(format!("writing the position to {}: {error}", self.topic));
+        }
+        acks.seal();
+        match answered.await.map(|mut answers| answers.pop()) {
+            Ok(Some((_, Ok(())))) => {}
+            Ok(Some((_, Err(KafkaError::Canceled)))) | Ok(None) | Err(_) => {
+                return Attempt::Abortable("the producer was shut down".into())
+            }
+            Ok(Some((_, Err(error)))) => return judge(&format!("writing the position to {}", self.topic), error),
         }
         let started = Instant::now();
         let p = producer.clone();
