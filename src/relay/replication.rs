@@ -667,59 +667,74 @@ impl<S: Sink> Relay<S> {
                     }
                 }
                 data = stream.reader.next_copy_data(), if can_read => {
-                    let Some(data) = data.map_err(|e| self.stream_failed(e))? else {
+                    let Some(mut data) = data.map_err(|e| self.stream_failed(e))? else {
                         return Err(RelayError::Stream("the server ended the replication stream".into()));
                     };
-                    match WalMessage::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
-                        WalMessage::Keepalive { wal_end, reply } => {
-                            last_keepalive = last_keepalive.max(wal_end);
-                            if out.pending.is_empty() && progress.is_idle() && building.batch.is_empty() && !in_transaction && ending.is_none() {
-                                // Streaming with nothing owed: whatever needed an operator is
-                                // fixed, even when no WAL flows to confirm (an idle database).
-                                self.health.set_needs_operator(None);
-                            }
-                            if reply {
-                                confirm(&mut stream, &fence, progress.confirmed()).await?;
-                            }
-                        }
-                        WalMessage::XLogData { data, .. } => {
-                            let mut alone = false;
-                            match Logical::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
-                                Logical::Begin { final_lsn, commit_time: time, xid: begun } => {
-                                    in_transaction = true;
-                                    txn = final_lsn;
-                                    xid = begun;
-                                    commit_time = pg_time(time);
+                    // Frames already buffered are handled in this pass: one trip
+                    // through the select! per socket read, not per frame.
+                    loop {
+                        match WalMessage::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
+                            WalMessage::Keepalive { wal_end, reply } => {
+                                last_keepalive = last_keepalive.max(wal_end);
+                                if out.pending.is_empty() && progress.is_idle() && building.batch.is_empty() && !in_transaction && ending.is_none() {
+                                    // Streaming with nothing owed: whatever needed an operator is
+                                    // fixed, even when no WAL flows to confirm (an idle database).
+                                    self.health.set_needs_operator(None);
                                 }
-                                Logical::Commit { end_lsn, .. } => {
-                                    in_transaction = false;
-                                    if building.batch.is_empty() {
-                                        progress.commit(end_lsn);
-                                    } else {
-                                        building.commit_lsn = Some(end_lsn);
+                                if reply {
+                                    confirm(&mut stream, &fence, progress.confirmed()).await?;
+                                }
+                            }
+                            WalMessage::XLogData { data, .. } => {
+                                let mut alone = false;
+                                match Logical::parse(data).map_err(|e| RelayError::Stream(e.to_string()))? {
+                                    Logical::Begin { final_lsn, commit_time: time, xid: begun } => {
+                                        in_transaction = true;
+                                        txn = final_lsn;
+                                        xid = begun;
+                                        commit_time = pg_time(time);
+                                    }
+                                    Logical::Commit { end_lsn, .. } => {
+                                        in_transaction = false;
+                                        if building.batch.is_empty() {
+                                            progress.commit(end_lsn);
+                                        } else {
+                                            building.commit_lsn = Some(end_lsn);
+                                        }
+                                    }
+                                    Logical::Relation { oid, namespace, name, columns } => decoder.relation(oid, &namespace, &name, &columns),
+                                    Logical::Insert { oid, values } => {
+                                        let decoded = decoder.insert(oid, &values, commit_time);
+                                        alone = self.push_change(&mut building, decoded, txn, true, &mut out, &mut progress).await?;
+                                        building.row_of(xid);
+                                    }
+                                    Logical::Message { prefix, content, lsn, transactional } => {
+                                        let time = if transactional { commit_time } else { chrono::Utc::now() };
+                                        let decoded = decoder.message(&prefix, &content, lsn, time);
+                                        let at = if transactional { txn } else { lsn };
+                                        alone = self.push_change(&mut building, decoded, at, false, &mut out, &mut progress).await?;
+                                    }
+                                    Logical::Origin | Logical::Type | Logical::OtherChange => {}
+                                }
+                                if alone || (building.batch.len() >= batch_size && out.pending.len() < max_in_flight) {
+                                    self.flush(&mut building, &mut out, &mut progress).await?;
+                                    if alone {
+                                        probe = out.pending.back().map(|b| b.sequence);
+                                        debug!("an event that failed before travels alone; reading waits for the broker's answer");
                                     }
                                 }
-                                Logical::Relation { oid, namespace, name, columns } => decoder.relation(oid, &namespace, &name, &columns),
-                                Logical::Insert { oid, values } => {
-                                    let decoded = decoder.insert(oid, &values, commit_time);
-                                    alone = self.push_change(&mut building, decoded, txn, true, &mut out, &mut progress).await?;
-                                    building.row_of(xid);
-                                }
-                                Logical::Message { prefix, content, lsn, transactional } => {
-                                    let time = if transactional { commit_time } else { chrono::Utc::now() };
-                                    let decoded = decoder.message(&prefix, &content, lsn, time);
-                                    let at = if transactional { txn } else { lsn };
-                                    alone = self.push_change(&mut building, decoded, at, false, &mut out, &mut progress).await?;
-                                }
-                                Logical::Origin | Logical::Type | Logical::OtherChange => {}
                             }
-                            if alone || (building.batch.len() >= batch_size && out.pending.len() < max_in_flight) {
-                                self.flush(&mut building, &mut out, &mut progress).await?;
-                                if alone {
-                                    probe = out.pending.back().map(|b| b.sequence);
-                                    debug!("an event that failed before travels alone; reading waits for the broker's answer");
-                                }
-                            }
+                        }
+                        let more = probe.is_none()
+                            && ending.is_none()
+                            && fence.holds()
+                            && (out.pending.len() < max_in_flight || building.batch.len() < batch_size);
+                        if !more {
+                            break;
+                        }
+                        match stream.reader.buffered_copy_data().map_err(|e| self.stream_failed(e))? {
+                            Some(next) => data = next,
+                            None => break,
                         }
                     }
                 }

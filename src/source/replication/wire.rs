@@ -579,6 +579,17 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// The next CopyData payload if it is already buffered whole, without
+    /// touching the socket, so a burst the server sent together is handled
+    /// in one pass of the caller's loop. Anything else (the end of the copy,
+    /// an error, a partial frame) is left for [`next_copy_data`](Self::next_copy_data).
+    pub fn buffered_copy_data(&mut self) -> Result<Option<Bytes>, WireError> {
+        if self.buffer.first() != Some(&b'd') {
+            return Ok(None);
+        }
+        Ok(next_frame(&mut self.buffer)?.map(|frame| frame.body))
+    }
+
     /// The next CopyData payload; None when the server ended the copy.
     /// Cancel-safe: a partially read frame stays buffered.
     pub async fn next_copy_data(&mut self) -> Result<Option<Bytes>, WireError> {
