@@ -221,6 +221,9 @@ async fn run(opts: Options) {
                 samples.add(&format!("{name} drain (events/s)"), rate);
                 samples
                     .add(&format!("{name} drain relay CPU µs per event"), drain.cpu_seconds * 1e6 / opts.events as f64);
+                if let Some((cpu, events)) = drain.steady {
+                    samples.add(&format!("{name} drain relay CPU µs per event, start-up excluded"), cpu * 1e6 / events);
+                }
                 samples.add(&format!("{name} drain events per batch"), drain.events_per_batch);
                 samples.add(&format!("{name} drain peak RSS (MiB)"), drain.peak_rss_mib);
                 let db_limit = if scenario.replication() { read_rate } else { select_rate };
@@ -553,11 +556,20 @@ impl RelayRun {
     /// Mean events per batch handed to the broker, from the relay's
     /// `outbox_relay_batch_size` histogram (NaN when unknown).
     fn events_per_batch(&self) -> f64 {
+        match self.batches() {
+            Some((batches, events)) if batches > 0.0 => events / batches,
+            _ => f64::NAN,
+        }
+    }
+
+    /// Batches handed to the broker so far and the events in them, from
+    /// the relay's `outbox_relay_batch_size` histogram.
+    fn batches(&self) -> Option<(f64, f64)> {
         use std::io::{Read, Write};
-        let Some(port) = self.http else { return f64::NAN };
-        let Ok(mut socket) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return f64::NAN };
+        let port = self.http?;
+        let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = socket.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        socket.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
         let mut text = String::new();
         let _ = socket.read_to_string(&mut text);
         let metric = |name: &str| {
@@ -566,10 +578,7 @@ impl RelayRun {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<f64>().ok())
         };
-        match (metric("outbox_relay_batch_size_sum"), metric("outbox_relay_batch_size_count")) {
-            (Some(sum), Some(count)) if count > 0.0 => sum / count,
-            _ => f64::NAN,
-        }
+        Some((metric("outbox_relay_batch_size_count")?, metric("outbox_relay_batch_size_sum")?))
     }
 
     /// Peak RSS in MiB (VmHWM).
@@ -604,6 +613,9 @@ struct Drain {
     seconds: f64,
     peak_rss_mib: f64,
     cpu_seconds: f64,
+    /// CPU seconds from the first batch sent to the end, and the events
+    /// sent in that time: the drain without the relay's start-up.
+    steady: Option<(f64, f64)>,
     events_per_batch: f64,
 }
 
@@ -792,15 +804,30 @@ async fn drain_backlog(url: &str, bootstrap: &str, client: &Client, scenario: &S
     let target = current_lsn(client).await;
     let started = Instant::now();
     let relay = RelayRun::start(url, bootstrap, scenario);
+    // The first batch: CPU and events so far (start-up is what came before it).
+    let mut first_batch: Option<(f64, f64)> = None;
     while remaining(client, scenario, &target).await {
+        if first_batch.is_none() {
+            let cpu = relay.cpu_seconds();
+            if let Some((_, events)) = relay.batches().filter(|(batches, _)| *batches > 0.0) {
+                first_batch = Some((cpu, events));
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(started.elapsed() < Duration::from_secs(900), "drain took over 15 minutes");
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = relay.cpu_seconds();
+    let sent = relay.batches().map(|(_, events)| events);
+    let steady = match (first_batch, sent) {
+        (Some((cpu0, events0)), Some(events1)) if events1 > events0 => Some((cpu_seconds - cpu0, events1 - events0)),
+        _ => None,
+    };
     let drain = Drain {
         seconds,
         peak_rss_mib: relay.peak_rss_mib(),
-        cpu_seconds: relay.cpu_seconds(),
+        cpu_seconds,
+        steady,
         events_per_batch: relay.events_per_batch(),
     };
     relay.stop();
@@ -896,6 +923,8 @@ fn now_us() -> i64 {
 async fn live(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario, rate: Option<u64>, secs: u64) -> Live {
     let relay = RelayRun::start(url, bootstrap, scenario);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Start-up is not live traffic: CPU counts from here.
+    let cpu_at_start = relay.cpu_seconds();
     let stop_consumer = Arc::new(AtomicBool::new(false));
     let consumer = {
         let bootstrap = bootstrap.to_owned();
@@ -978,7 +1007,7 @@ async fn live(url: &str, bootstrap: &str, client: &Client, scenario: &Scenario, 
         p999_ms: pct(0.999),
         backlog_after,
         peak_rss_mib: relay.peak_rss_mib(),
-        cpu_seconds: relay.cpu_seconds(),
+        cpu_seconds: relay.cpu_seconds() - cpu_at_start,
         events_per_batch: relay.events_per_batch(),
     };
     relay.stop();
