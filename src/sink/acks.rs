@@ -79,12 +79,12 @@ impl Acks {
 
 impl Ack {
     /// Records the broker's answer for this message.
-    pub fn answer(mut self: Box<Self>, result: Result<(), KafkaError>) {
+    pub fn answer(mut self, result: Result<(), KafkaError>) {
         self.settle(Some(result));
     }
 
     /// The message was never handed to librdkafka (the caller reports why).
-    pub fn withdraw(mut self: Box<Self>) {
+    pub fn withdraw(mut self) {
         self.settle(None);
     }
 
