@@ -24,9 +24,9 @@ pub mod debezium;
 mod template;
 
 use std::borrow::Cow;
+use std::io::Write as _;
 
 use chrono::SecondsFormat;
-use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
@@ -43,21 +43,6 @@ const MAX_TOPIC_LEN: usize = 249;
 
 /// Longest topic name any sink accepts (Pub/Sub: 255).
 const MAX_ANY_TOPIC_LEN: usize = 255;
-
-/// The JSON value of one message, borrowed from the event.
-#[derive(Serialize)]
-struct EnvelopeV1<'a> {
-    envelope_version: &'static str,
-    event_id: Uuid,
-    event_type: &'a str,
-    event_version: i32,
-    aggregate_type: &'a str,
-    aggregate_id: &'a str,
-    timestamp: String,
-    actor: Option<&'a str>,
-    headers: &'a RawValue,
-    payload: &'a RawValue,
-}
 
 /// Why an event could not become a message.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -277,21 +262,10 @@ pub type Headers = Vec<(Cow<'static, str>, Vec<u8>)>;
 
 /// Envelope v1: the JSON value and the routing headers.
 fn native_value_and_headers(event: &OutboxEvent) -> Result<(Vec<u8>, Headers), EnvelopeError> {
-    let empty_headers = empty_object();
-    let envelope = EnvelopeV1 {
-        envelope_version: ENVELOPE_VERSION,
-        event_id: event.event_id,
-        event_type: &event.event_type,
-        event_version: event.event_version,
-        aggregate_type: &event.aggregate_type,
-        aggregate_id: &event.aggregate_id,
-        timestamp: event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        actor: event.actor.as_deref(),
-        headers: event.headers.as_deref().unwrap_or(empty_headers),
-        payload: event.payload.as_json().ok_or(EnvelopeError::NotJson { kind: "text", format: "native" })?,
-    };
-    let mut value = Vec::with_capacity(event.payload.get().len() + 320);
-    serde_json::to_writer(&mut value, &envelope).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+    let payload = event.payload.as_json().ok_or(EnvelopeError::NotJson { kind: "text", format: "native" })?;
+    let headers = event.headers.as_deref().unwrap_or(empty_object());
+    let mut value = Vec::with_capacity(payload.get().len() + headers.get().len() + 320);
+    write_native(&mut value, event, headers, payload);
     let mut headers: Headers = Vec::with_capacity(5);
     headers.push((Cow::Borrowed("event_id"), event.event_id.hyphenated().to_string().into_bytes()));
     headers.push((Cow::Borrowed("event_type"), event.event_type.as_bytes().to_vec()));
@@ -301,6 +275,52 @@ fn native_value_and_headers(event: &OutboxEvent) -> Result<(Vec<u8>, Headers), E
         headers.push((Cow::Borrowed("traceparent"), traceparent.as_bytes().to_vec()));
     }
     Ok((value, headers))
+}
+
+/// Writes envelope v1, field for field and byte for byte what the relay
+/// always wrote (`docs/envelope-v1.schema.json`). Written by hand rather than through a `#[derive(Serialize)]`
+/// struct: the derived serializer ran serde_json's per-byte escape loop over
+/// every field name and value, the largest single cost per event in the
+/// relay's profile. The unit tests hold it to serde_json's output.
+fn write_native(out: &mut Vec<u8>, event: &OutboxEvent, headers: &RawValue, payload: &RawValue) {
+    out.extend_from_slice(b"{\"envelope_version\":\"");
+    out.extend_from_slice(ENVELOPE_VERSION.as_bytes());
+    out.extend_from_slice(b"\",\"event_id\":\"");
+    out.extend_from_slice(event.event_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+    out.extend_from_slice(b"\",\"event_type\":");
+    write_json_str(out, &event.event_type);
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, ",\"event_version\":{}", event.event_version);
+    out.extend_from_slice(b",\"aggregate_type\":");
+    write_json_str(out, &event.aggregate_type);
+    out.extend_from_slice(b",\"aggregate_id\":");
+    write_json_str(out, &event.aggregate_id);
+    out.extend_from_slice(b",\"timestamp\":\"");
+    out.extend_from_slice(event.created_at.to_rfc3339_opts(SecondsFormat::Micros, true).as_bytes());
+    out.extend_from_slice(b"\",\"actor\":");
+    match event.actor.as_deref() {
+        Some(actor) => write_json_str(out, actor),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"headers\":");
+    out.extend_from_slice(headers.get().as_bytes());
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(payload.get().as_bytes());
+    out.push(b'}');
+}
+
+/// A JSON string literal, escaped exactly as serde_json escapes it: text
+/// with no quote, backslash or control character is copied as it is, and
+/// anything else goes through serde_json.
+fn write_json_str(out: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing into a Vec cannot fail, and a &str always serializes.
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
 }
 
 fn empty_object() -> &'static RawValue {
@@ -363,6 +383,67 @@ mod tests {
                 ]
             );
             assert_eq!(msg.key, "42");
+        }
+    }
+
+    /// What the envelope was before it was written by hand: serde_json's
+    /// serialization of this struct is the reference `write_native` must match.
+    #[derive(serde::Serialize)]
+    struct EnvelopeV1<'a> {
+        envelope_version: &'static str,
+        event_id: Uuid,
+        event_type: &'a str,
+        event_version: i32,
+        aggregate_type: &'a str,
+        aggregate_id: &'a str,
+        timestamp: String,
+        actor: Option<&'a str>,
+        headers: &'a RawValue,
+        payload: &'a RawValue,
+    }
+
+    #[test]
+    fn the_hand_written_envelope_matches_serde_json_for_hostile_strings() {
+        let hostile = [
+            "plain",
+            "",
+            "quote \" inside",
+            "back\\slash",
+            "tab\tnewline\ncarriage\r",
+            "nul \u{0} bell \u{7} unit \u{1f}",
+            "del \u{7f} stays",
+            "slash / stays",
+            "ünïcödé ✓ 😀",
+            "</script>",
+        ];
+        for (i, text) in hostile.iter().enumerate() {
+            let mut e = event();
+            e.event_type = (*text).into();
+            e.aggregate_type = hostile[(i + 1) % hostile.len()].into();
+            e.aggregate_id = hostile[(i + 2) % hostile.len()].into();
+            e.actor = (i % 2 == 0).then(|| hostile[(i + 3) % hostile.len()].into());
+            e.event_version = [i32::MIN, -1, 0, 7, i32::MAX][i % 5];
+            if i % 3 == 0 {
+                e.headers = Some(RawValue::from_string(r#"{"k": "v\"x"}"#.into()).unwrap());
+            }
+            let headers = e.headers.as_deref().unwrap_or(empty_object());
+            let payload = e.payload.as_json().unwrap();
+            let reference = serde_json::to_vec(&EnvelopeV1 {
+                envelope_version: ENVELOPE_VERSION,
+                event_id: e.event_id,
+                event_type: &e.event_type,
+                event_version: e.event_version,
+                aggregate_type: &e.aggregate_type,
+                aggregate_id: &e.aggregate_id,
+                timestamp: e.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                actor: e.actor.as_deref(),
+                headers,
+                payload,
+            })
+            .unwrap();
+            let mut written = Vec::new();
+            write_native(&mut written, &e, headers, payload);
+            assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(reference).unwrap(), "case {i}");
         }
     }
 
