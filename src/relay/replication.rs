@@ -603,10 +603,10 @@ impl<S: Sink> Relay<S> {
             // With every batch in flight, reading goes on into the next batch
             // until it is full: under load batches grow instead of being sent
             // at each linger tick and then waiting, a few dozen events each.
-            let can_read = !stopping
-                && ending.is_none()
-                && probe.is_none()
-                && (out.pending.len() < max_in_flight || building.batch.len() < batch_size);
+            let room = |out: &Outbound, building: &Building| {
+                out.pending.len() < max_in_flight || building.batch.len() < batch_size
+            };
+            let can_read = !stopping && ending.is_none() && probe.is_none() && room(&out, &building);
             tokio::select! {
                 biased;
                 _ = &mut shutdown_requested, if !stopping => {
@@ -725,11 +725,8 @@ impl<S: Sink> Relay<S> {
                                 }
                             }
                         }
-                        let more = probe.is_none()
-                            && ending.is_none()
-                            && fence.holds()
-                            && (out.pending.len() < max_in_flight || building.batch.len() < batch_size);
-                        if !more {
+                        // The same rule as `can_read`, re-judged after this frame.
+                        if !(probe.is_none() && ending.is_none() && fence.holds() && room(&out, &building)) {
                             break;
                         }
                         match stream.reader.buffered_copy_data().map_err(|e| self.stream_failed(e))? {
